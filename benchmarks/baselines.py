@@ -1,0 +1,70 @@
+"""Baseline PTQ table in the shape of seed 004's TF-Lite rows.
+
+zoo model x {W8..W3 weights only, WnAn both} x {minmax, mse, aciq} x {per-layer, per-channel},
+top-1 on the Fashion-MNIST test set, 1024 calibration images, standard protocol (first conv and
+last FC at 8 bit). Writes the "baselines" section of benchmarks/RESULTS.md.
+
+    python benchmarks/baselines.py [--models resnet20 mobilenetv2] [--bits 8 6 4 3] [--eval-size N]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import lowbit
+from lowbit.data import load_fashion_mnist, sample_calibration
+from lowbit.evaluate import accuracy
+
+from common import table, write_section
+
+METHODS = ["minmax", "mse", "aciq"]
+GRANULARITY = {"tensor": "per-layer", "channel": "per-channel"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv2"])
+    ap.add_argument("--bits", nargs="+", type=int, default=[8, 6, 4, 3])
+    ap.add_argument("--calib-size", type=int, default=1024)
+    ap.add_argument("--eval-size", type=int, default=None, help="first N test images (default all 10k)")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    x_train, _ = load_fashion_mnist("train")
+    x_test, y_test = load_fashion_mnist("test")
+    if args.eval_size:
+        x_test, y_test = x_test[:args.eval_size], y_test[:args.eval_size]
+    calib = sample_calibration(x_train, args.calib_size, seed=0)
+    sections = []
+    for name in args.models:
+        fp = lowbit.load_pretrained(name)
+        fp_acc = accuracy(fp, x_test, y_test)
+        header = ["method", "scales"] + [f"W{b}" for b in args.bits] + [f"W{b}A{b}" for b in args.bits] + ["s/config"]
+        rows = []
+        for method in METHODS:
+            for gran, label in GRANULARITY.items():
+                accs, secs = [], []
+                for a_on in (False, True):
+                    for b in args.bits:
+                        t = time.perf_counter()
+                        q = lowbit.quantize(fp, calib, w_bits=b, a_bits=b if a_on else None, method=method,
+                                            granularity=gran)
+                        secs.append(time.perf_counter() - t)
+                        accs.append(accuracy(q, x_test, y_test))
+                        print(f"{name} {method} {label} W{b}{'A%d' % b if a_on else ''}: {accs[-1]:.2f}", flush=True)
+                rows.append([method, label] + accs + [sum(secs) / len(secs)])
+        sections.append(f"### {name} (FP top-1 {fp_acc:.2f}%, {len(x_test)} test images)\n\n" + table(header, rows))
+    body = ("## Baselines: TF-Lite min/max, MSE clipping, ACIQ (seed 004 table shape)\n\n"
+            f"Fashion-MNIST top-1 (%), {args.calib_size} calibration images, BN folded, first conv and last FC "
+            "at 8-bit weights, last FC input at 8 bit, network input unquantized. `W4` = 4-bit weights with FP "
+            "activations; `W4A4` = both. `s/config` = mean quantization wall-clock seconds.\n\n"
+            + "\n\n".join(sections))
+    if not args.no_write:
+        write_section("baselines", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()

@@ -1,0 +1,103 @@
+"""The public API: quantize, export, load, methods."""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .config import CONFIG_FIELDS, QuantConfig
+from .data.calib import as_calibration_tensor, sample_calibration
+from .errors import LowbitError
+from .graph.surgery import prepare
+from .ptq.registry import get_method
+from .ptq.registry import methods as _methods
+
+
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LowbitError(f"unknown device {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LowbitError(f"device {device!r} requested but CUDA is not available")
+
+
+def build_config(w_bits: int, a_bits: int | None, options: dict[str, Any]) -> tuple[QuantConfig, dict[str, Any]]:
+    """Split ``options`` into a QuantConfig and the method's own options."""
+    options = dict(options)
+    base = options.pop("config", None) or QuantConfig()
+    if not isinstance(base, QuantConfig):
+        raise LowbitError("config= must be a lowbit.QuantConfig")
+    common = {k: options.pop(k) for k in list(options) if k in CONFIG_FIELDS}
+    if options.pop("quantize_all", False):
+        common.update(first_last_bits=None, quantize_input=True)
+    cfg = base.with_(w_bits=w_bits, a_bits=a_bits, **common)
+    _check_device(cfg.device)
+    return cfg, options
+
+
+def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = 4, a_bits: int | None = 4,
+             method: str = "minmax", **options: Any) -> nn.Module:
+    """Quantize ``model`` post-training and return a new module that simulates it.
+
+    Args:
+        model: any FP CNN (left unchanged).
+        calib: N x C x H x W normalized inputs, or an iterable of batches (tensors or (input, label)).
+        w_bits: weight bits of body layers (1..16).
+        a_bits: activation bits of body-layer inputs (1..16), None for weights only.
+        method: a name from ``lowbit.methods()``.
+        **options: ``QuantConfig`` fields (granularity, groups, calib_size, device, ...),
+            ``quantize_all=True`` (no 8-bit first/last layers, quantized input), ``config=``
+            a QuantConfig, and the method's own options.
+
+    Returns:
+        The quantized simulation, in eval mode, on ``device``.
+    """
+    spec = get_method(method)
+    cfg, method_options = build_config(w_bits, a_bits, options)
+    opts = spec.make_options(method_options)
+    x = as_calibration_tensor(calib)
+    if len(x) > cfg.calib_size:
+        x = sample_calibration(x, cfg.calib_size, cfg.seed)
+    try:
+        qmodel, record = prepare(model, cfg, x[:2])
+    except LowbitError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise LowbitError(f"calibration data of shape {tuple(x.shape[1:])} does not fit the model: {exc}") from None
+    torch.manual_seed(cfg.seed)
+    spec.handler(qmodel, x, cfg, opts)
+    arch = getattr(model, "lowbit_arch", None)
+    qmodel.lowbit_info = {
+        "arch": arch, "method": method, "config": cfg.to_dict(),
+        "options": asdict(opts) if is_dataclass(opts) else {}, **record,
+    }
+    return qmodel.eval()
+
+
+def export(qmodel: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the deployable artifact of a quantized model (packed integer weights, safetensors)."""
+    from .export.artifact import save_artifact
+
+    path = Path(path)
+    if path.suffix == ".onnx":
+        from .export.onnx_qdq import export_onnx
+        return export_onnx(qmodel, path)
+    return save_artifact(qmodel, path)
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None, device: str = "cpu") -> nn.Module:
+    """Rebuild a quantized model from an artifact; ``model`` gives the architecture (zoo models may omit it)."""
+    from .export.artifact import load_artifact
+
+    _check_device(device)
+    return load_artifact(path, model, device)
+
+
+def methods() -> list[str]:
+    """Names of the registered quantization methods."""
+    return _methods()

@@ -1,0 +1,78 @@
+"""BatchNorm folding: find conv -> BN pairs by tracing and fold them exactly."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from .modules import get_submodule, set_submodule
+
+
+def trace(model: nn.Module):
+    """``torch.fx`` graph of ``model``, or None (with a warning) when it cannot be traced."""
+    try:
+        return torch.fx.symbolic_trace(model).graph
+    except Exception as exc:  # any tracing failure just means "no graph-level rewrites"
+        warnings.warn(f"lowbit: model cannot be traced by torch.fx ({type(exc).__name__}: {exc}); "
+                      "BatchNorm stays unfolded and equalization is skipped", stacklevel=3)
+        return None
+
+
+def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """``(conv_name, bn_name)`` for each BatchNorm2d fed only by a Conv2d used exactly once."""
+    graph = trace(model)
+    if graph is None:
+        return []
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+            continue
+        src = node.args[0] if node.args else None
+        if (isinstance(src, torch.fx.Node) and src.op == "call_module"
+                and isinstance(modules.get(src.target), nn.Conv2d) and len(src.users) == 1
+                and calls[src.target] == 1 and calls[node.target] == 1):
+            pairs.append((src.target, node.target))
+    return pairs
+
+
+@torch.no_grad()
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Fold ``bn`` into ``conv`` in place: W' = W * g / sigma, b' = beta + (b - mu) * g / sigma."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("cannot fold a BatchNorm without running statistics")
+    std = torch.sqrt(bn.running_var.double() + bn.eps)
+    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(std)
+    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(std)
+    factor = gamma / std
+    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(std)
+    conv.weight.copy_((conv.weight.double() * factor.view(-1, 1, 1, 1)).to(conv.weight.dtype))
+    new_bias = (beta + (bias - bn.running_mean.double()) * factor).to(conv.weight.dtype)
+    if conv.bias is None:
+        conv.bias = nn.Parameter(new_bias)
+    else:
+        conv.bias.copy_(new_bias)
+
+
+def apply_fold_structure(model: nn.Module, pairs: list[tuple[str, str]]) -> None:
+    """Replace each paired BN by Identity and give its conv a bias (values are set elsewhere)."""
+    for conv_name, bn_name in pairs:
+        conv = get_submodule(model, conv_name)
+        if conv.bias is None:
+            conv.bias = nn.Parameter(torch.zeros(conv.out_channels, device=conv.weight.device,
+                                                 dtype=conv.weight.dtype))
+        set_submodule(model, bn_name, nn.Identity())
+
+
+def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
+    """Fold every foldable conv -> BN pair of ``model`` in place; returns the pairs folded."""
+    pairs = find_conv_bn_pairs(model)
+    for conv_name, bn_name in pairs:
+        fold_conv_bn(get_submodule(model, conv_name), get_submodule(model, bn_name))
+    apply_fold_structure(model, pairs)
+    return pairs

@@ -1,0 +1,100 @@
+"""Turn any CNN into its quantized simulation: fold, equalize, wrap layers, assign roles."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from ..config import QuantConfig
+from ..errors import LowbitError
+from ..quant.layers import FLOAT_LAYERS, QUANT_LAYERS, QuantConv2d, QuantLinear, quant_layers
+from ..quant.quantizer import ActQuantizer, WeightQuantizer
+from .equalize import equalize
+from .fold import apply_fold_structure, fold_batchnorm
+from .modules import set_submodule
+
+
+def count_float_layers(model: nn.Module) -> int:
+    return sum(isinstance(m, FLOAT_LAYERS) for m in model.modules())
+
+
+def wrap_layers(model: nn.Module, cfg: QuantConfig) -> None:
+    """Replace every Conv2d / Linear by its quantized twin, in place."""
+    targets = [(n, m) for n, m in model.named_modules()
+               if isinstance(m, FLOAT_LAYERS) and not isinstance(m, QUANT_LAYERS)]
+    for name, layer in targets:
+        wq = WeightQuantizer(cfg.w_bits, layer.weight.shape[0], cfg.granularity, cfg.groups,
+                             cfg.w_symmetric, cfg.w_narrow)
+        aq = ActQuantizer(cfg.a_bits, cfg.a_symmetric)
+        wq.to(layer.weight.device)
+        aq.to(layer.weight.device)
+        cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
+        set_submodule(model, name, cls.from_float(layer, wq, aq))
+
+
+@torch.no_grad()
+def execution_order(model: nn.Module, example: Tensor) -> list[str]:
+    """Names of quantized layers in the order a forward pass calls them."""
+    order: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda mod, inp, name=n: order.append(name))
+               for n, m in quant_layers(model)]
+    try:
+        model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    seen: dict[str, None] = {}
+    for n in order:
+        seen.setdefault(n, None)
+    return list(seen)
+
+
+def assign_roles(model: nn.Module, order: list[str], cfg: QuantConfig) -> None:
+    """Apply the protocol: first layer input FP (unless asked), first/last weights and last input at 8 bit."""
+    layers = dict(quant_layers(model))
+    if not order:
+        return
+    first, last = layers[order[0]], layers[order[-1]]
+    first.role, last.role = "first", "last"
+    if len(order) == 1:
+        first.role = "only"
+    if not cfg.quantize_input:
+        first.input_quant.enabled = False
+    if cfg.first_last_bits is not None:
+        first.weight_quant.bits = cfg.first_last_bits
+        last.weight_quant.bits = cfg.first_last_bits
+        if last is not first and last.input_quant.bits is not None:
+            last.input_quant.bits = cfg.first_last_bits
+    for name, layer in layers.items():
+        if name not in order:  # never called: leave it in float
+            layer.role = "unused"
+            layer.weight_quant.enabled = False
+            layer.input_quant.enabled = False
+
+
+def prepare(model: nn.Module, cfg: QuantConfig, example: Tensor,
+            fold_pairs: list[tuple[str, str]] | None = None) -> tuple[nn.Module, dict]:
+    """A quantization-ready deep copy of ``model`` (the original is not touched).
+
+    With ``fold_pairs`` given (when rebuilding from an artifact) only the structure of those
+    folds is applied; otherwise pairs are found by tracing and folded with their values.
+    Returns the model and a record of the graph changes.
+    """
+    if not isinstance(model, nn.Module):
+        raise LowbitError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if count_float_layers(model) == 0:
+        raise LowbitError("model has no Conv2d or Linear layer to quantize")
+    qmodel = copy.deepcopy(model).eval()
+    qmodel.to(cfg.device)
+    if fold_pairs is not None:
+        apply_fold_structure(qmodel, fold_pairs)
+        pairs, eq_pairs = fold_pairs, []
+    else:
+        pairs = fold_batchnorm(qmodel) if cfg.fold_bn else []
+        eq_pairs = equalize(qmodel) if cfg.equalize else []
+    wrap_layers(qmodel, cfg)
+    order = execution_order(qmodel, example.to(cfg.device))
+    assign_roles(qmodel, order, cfg)
+    return qmodel, {"fold_pairs": [list(p) for p in pairs], "equalized_pairs": [list(p) for p in eq_pairs],
+                    "layer_order": order}

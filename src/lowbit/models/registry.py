@@ -1,0 +1,34 @@
+"""Model registry: ``@register_model`` and ``create_model`` by name (timm style)."""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from ..errors import LowbitError
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register a model constructor under its function name."""
+    _MODELS[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    """Names of all registered models."""
+    return sorted(_MODELS)
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Build a registered model; ``kwargs`` go to its constructor.
+
+    The constructor arguments are remembered on the module as ``lowbit_arch`` so that an
+    exported artifact can rebuild the architecture without the caller passing a model.
+    """
+    if name not in _MODELS:
+        raise LowbitError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    model = _MODELS[name](**kwargs)
+    model.lowbit_arch = {"name": name, "kwargs": dict(kwargs)}
+    return model

@@ -1,0 +1,67 @@
+"""Baseline PTQ methods: TF-Lite min/max, Lp-error clipping search, ACIQ analytic clipping."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from ..config import QuantConfig
+from ..errors import LowbitError
+from ..quant.ranges import aciq_range, lp_search_range, minmax_range
+from .common import calibrate_inputs, calibrate_weights, observe_fp_inputs
+from .registry import register_method
+
+
+@register_method("minmax", description="TF-Lite style: scale from max|w| and observed activation min/max")
+def minmax(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: None) -> None:
+    calibrate_weights(qmodel, minmax_range)
+    calibrate_inputs(qmodel, observe_fp_inputs(qmodel, calib, cfg), minmax_range)
+
+
+@dataclass(frozen=True)
+class MseOptions:
+    """Lp clipping search (LAPQ / BRECQ style).
+
+    Attributes:
+        p_weight: norm of the weight error (2 = MSE).
+        p_act: norm of the activation error (2.4 as in LAPQ, BRECQ, QDrop).
+        candidates: clip ratios tried, shrinking the min/max range by ``shrink`` each.
+        shrink: step of the clip ratio.
+    """
+
+    p_weight: float = 2.0
+    p_act: float = 2.4
+    candidates: int = 100
+    shrink: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.p_weight <= 0 or self.p_act <= 0 or self.candidates < 1 or not 0 < self.shrink < 1:
+            raise LowbitError("mse options: p_weight, p_act > 0, candidates >= 1 and 0 < shrink < 1")
+
+
+@register_method("mse", MseOptions, description="Lp-error clipping search (p=2 weights, p=2.4 activations)")
+def mse(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: MseOptions) -> None:
+    calibrate_weights(qmodel, lp_search_range, p=opts.p_weight, candidates=opts.candidates, shrink=opts.shrink)
+    calibrate_inputs(qmodel, observe_fp_inputs(qmodel, calib, cfg), lp_search_range, p=opts.p_act,
+                     candidates=opts.candidates, shrink=opts.shrink)
+
+
+@dataclass(frozen=True)
+class AciqOptions:
+    """ACIQ analytic clipping.
+
+    Attributes:
+        dist: assumed distribution, "laplace" (b = mean |x - mean|) or "gauss" (sigma).
+    """
+
+    dist: str = "laplace"
+
+    def __post_init__(self) -> None:
+        if self.dist not in ("laplace", "gauss"):
+            raise LowbitError(f"aciq dist must be 'laplace' or 'gauss', got {self.dist!r}")
+
+
+@register_method("aciq", AciqOptions, description="ACIQ analytic clipping (Laplace or Gaussian prior)")
+def aciq(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: AciqOptions) -> None:
+    calibrate_weights(qmodel, aciq_range, dist=opts.dist)
+    calibrate_inputs(qmodel, observe_fp_inputs(qmodel, calib, cfg), aciq_range, dist=opts.dist)

@@ -1,0 +1,200 @@
+"""Stateful quantizer modules: one for weights (per tensor / channel / group), one for activations."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import LowbitError
+from .uniform import QuantResult, check_bits, fake_quantize, int_range, qparams_from_range, to_int
+
+GRANULARITIES = ("tensor", "channel", "group")
+
+
+def effective_groups(channels: int, granularity: str, groups: int | None) -> int:
+    """Number of scale groups for a layer with ``channels`` outputs.
+
+    Groups are consecutive output channels of equal size; when ``groups`` does not divide the
+    channel count, the largest divisor of ``channels`` not above ``groups`` is used.
+    """
+    if granularity == "tensor":
+        return 1
+    if granularity == "channel":
+        return channels
+    if granularity != "group":
+        raise LowbitError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if not groups or groups < 1:
+        raise LowbitError("granularity 'group' needs groups >= 1")
+    g = min(groups, channels)
+    while channels % g:
+        g -= 1
+    return g
+
+
+class WeightQuantizer(nn.Module):
+    """Signed weight quantizer with one scale (and zero point) per group of output channels."""
+
+    def __init__(self, bits: int, channels: int, granularity: str = "channel", groups: int | None = None,
+                 symmetric: bool = True, narrow: bool = True) -> None:
+        super().__init__()
+        self.bits = check_bits(bits, "weight bits")
+        self.channels = channels
+        self.symmetric = symmetric
+        self.narrow = narrow
+        self.granularity = granularity
+        self.num_groups = effective_groups(channels, granularity, groups)
+        self.register_buffer("scale", torch.ones(self.num_groups))
+        self.register_buffer("zero_point", torch.zeros(self.num_groups))
+        self.enabled = True
+
+    @property
+    def signed(self) -> bool:
+        return self.symmetric
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return int_range(self.bits, self.signed, self.narrow)
+
+    @property
+    def binary(self) -> bool:
+        return self.signed and self.bits == 1
+
+    def grouped(self, w: Tensor) -> Tensor:
+        """``w`` as ``G x n`` rows, one per scale group."""
+        return w.reshape(self.num_groups, -1)
+
+    def channel_params(self, ndim: int) -> tuple[Tensor, Tensor]:
+        """Scale and zero point broadcast to a weight of ``ndim`` dims (output channels first)."""
+        rep = self.channels // self.num_groups
+        shape = (-1,) + (1,) * (ndim - 1)
+        return (self.scale.repeat_interleave(rep).view(shape), self.zero_point.repeat_interleave(rep).view(shape))
+
+    def set_range(self, lo: Tensor, hi: Tensor) -> None:
+        """Set scale/zero point from per-group clipping bounds."""
+        scale, zp = qparams_from_range(lo, hi, self.bits, self.signed, self.symmetric, self.narrow)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zp)
+
+    @torch.no_grad()
+    def calibrate(self, w: Tensor, range_fn: Callable[..., tuple[Tensor, Tensor]], **kwargs) -> None:
+        """Fit scales to ``w`` with a range estimator (binary codes always use mean |w|)."""
+        rows = self.grouped(w.detach().float())
+        if self.binary:
+            self.scale.copy_(rows.abs().mean(1).clamp_min(1e-8))
+            self.zero_point.zero_()
+            return
+        lo, hi = range_fn(rows, bits=self.bits, signed=self.signed, symmetric=self.symmetric,
+                          narrow=self.narrow, **kwargs)
+        self.set_range(lo, hi)
+
+    def forward(self, w: Tensor) -> Tensor:
+        if not self.enabled:
+            return w
+        s, z = self.channel_params(w.dim())
+        qmin, qmax = self.qrange
+        return fake_quantize(w, s, z, qmin, qmax, self.binary)
+
+    def quantize(self, w: Tensor) -> QuantResult:
+        """Integers, simulated values, scale and zero point for ``w``."""
+        s, z = self.channel_params(w.dim())
+        qmin, qmax = self.qrange
+        q = to_int(w, s, z, qmin, qmax, self.binary)
+        return QuantResult(self.dequantize(q.to(w.dtype)), q, self.scale, self.zero_point, self.bits)
+
+    def dequantize(self, q: Tensor) -> Tensor:
+        """Real values of integer codes ``q`` (same shape as the weight)."""
+        s, z = self.channel_params(q.dim())
+        return q * s if self.binary else (q - z) * s
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, groups={self.num_groups}, symmetric={self.symmetric}, enabled={self.enabled}"
+
+
+class ActObserver:
+    """Running min/max plus a bounded random sample of the values a quantizer saw."""
+
+    def __init__(self, sample_per_batch: int = 65536, seed: int = 0) -> None:
+        self.lo = float("inf")
+        self.hi = float("-inf")
+        self.samples: list[Tensor] = []
+        self.sample_per_batch = sample_per_batch
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def update(self, x: Tensor) -> None:
+        flat = x.detach().reshape(-1).float()
+        self.lo = min(self.lo, flat.min().item())
+        self.hi = max(self.hi, flat.max().item())
+        if flat.numel() > self.sample_per_batch:
+            idx = torch.randint(0, flat.numel(), (self.sample_per_batch,), generator=self.gen).to(flat.device)
+            flat = flat[idx]
+        self.samples.append(flat.cpu())
+
+    def values(self) -> Tensor:
+        """Sampled values with the exact extremes included (so min/max stays exact)."""
+        return torch.cat(self.samples + [torch.tensor([self.lo, self.hi])])
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor activation quantizer: unsigned after ReLU, asymmetric (or symmetric) otherwise."""
+
+    def __init__(self, bits: int | None, symmetric: bool = False) -> None:
+        super().__init__()
+        self.bits = None if bits is None else check_bits(bits, "activation bits")
+        self.symmetric = symmetric
+        self.signed = False
+        self.register_buffer("scale", torch.ones(1))
+        self.register_buffer("zero_point", torch.zeros(1))
+        self.enabled = bits is not None
+        self.observer: ActObserver | None = None
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return int_range(self.bits, self.signed, narrow=False)
+
+    def start_observing(self, seed: int = 0) -> None:
+        self.observer = ActObserver(seed=seed)
+
+    def stop_observing(self) -> ActObserver:
+        obs, self.observer = self.observer, None
+        if obs is None or not obs.samples:
+            raise LowbitError("an activation quantizer saw no data during calibration")
+        return obs
+
+    def _codes_signed(self, lo: float) -> bool:
+        # signed codes only for symmetric quantizers of inputs that go negative (1 bit stays affine)
+        return lo < 0 and self.symmetric and self.bits > 1
+
+    def set_range(self, lo: float | Tensor, hi: float | Tensor) -> None:
+        """Set scale/zero point so that ``[lo, hi]`` is covered."""
+        lo_t = torch.as_tensor(lo, dtype=torch.float32).reshape(1)
+        hi_t = torch.as_tensor(hi, dtype=torch.float32).reshape(1)
+        self.signed = self._codes_signed(lo_t.item())
+        scale, zp = qparams_from_range(lo_t, hi_t, self.bits, self.signed, self.signed)
+        self.scale.copy_(scale.to(self.scale.device))
+        self.zero_point.copy_(zp.to(self.zero_point.device))
+
+    @torch.no_grad()
+    def calibrate(self, values: Tensor, range_fn: Callable[..., tuple[Tensor, Tensor]], **kwargs) -> None:
+        """Fit the range to sampled ``values`` with an estimator."""
+        row = values.reshape(1, -1).float()
+        signed = self._codes_signed(row.min().item())
+        lo, hi = range_fn(row, bits=self.bits, signed=signed, symmetric=signed, narrow=False, **kwargs)
+        self.set_range(lo, hi)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observer is not None:
+            self.observer.update(x)
+            return x
+        if not self.enabled:
+            return x
+        qmin, qmax = self.qrange
+        return fake_quantize(x, self.scale, self.zero_point, qmin, qmax)
+
+    def quantize(self, x: Tensor) -> QuantResult:
+        qmin, qmax = self.qrange
+        q = to_int(x, self.scale, self.zero_point, qmin, qmax)
+        return QuantResult((q.to(x.dtype) - self.zero_point) * self.scale, q, self.scale, self.zero_point, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={self.signed}, enabled={self.enabled}"
