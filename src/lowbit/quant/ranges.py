@@ -82,3 +82,32 @@ def aciq_range(x: Tensor, bits: int, signed: bool, symmetric: bool, narrow: bool
 
 RangeFn = Callable[..., tuple[Tensor, Tensor]]
 RANGE_ESTIMATORS: dict[str, RangeFn] = {"minmax": minmax_range, "mse": lp_search_range, "aciq": aciq_range}
+
+
+def lloyd_range(x: Tensor, bits: int, signed: bool, symmetric: bool, narrow: bool = False,
+                iters: int = 30, **_) -> tuple[Tensor, Tensor]:
+    """Alternating (Lloyd-style) scale fit: codes = clip(round(x / s)), s = <x, q> / <q, q>.
+
+    This is Bit-Split's activation / weight-init fit. Rows that go negative under an
+    asymmetric quantizer have no single-scale Lloyd fit, so they fall back to the MSE search.
+    """
+    lo0, hi0 = x.amin(1), x.amax(1)
+    one_sided = bool((lo0 >= 0).all())
+    if not one_sided and not (signed and symmetric):
+        return lp_search_range(x, bits, signed, symmetric, narrow, p=2.0)
+    qmin, qmax = (0, 2 ** bits - 1) if one_sided else int_range(bits, True, narrow)
+    top = torch.maximum(hi0, -lo0) if not one_sided else hi0
+    scale = (top / max(qmax, 1)).clamp_min(1e-8)
+    for _ in range(iters):
+        q = torch.clamp(torch.round(x / scale.unsqueeze(1)), qmin, qmax)
+        new = (x * q).sum(1) / (q * q).sum(1).clamp_min(1e-12)
+        new = torch.where(new > 0, new, scale)
+        if torch.allclose(new, scale, rtol=1e-7, atol=0):
+            scale = new
+            break
+        scale = new
+    hi = scale * qmax
+    return (torch.zeros_like(hi) if one_sided else -hi), hi
+
+
+RANGE_ESTIMATORS["lloyd"] = lloyd_range

@@ -1,0 +1,552 @@
+"""ONNX QDQ export: integer weight initializers at their real width, Q/DQ on quantized inputs.
+
+The graph is built in two steps. ``torch.onnx.export`` (the TorchScript exporter) traces a copy of
+the quantized model in which every quantizer is a marker (a custom ``lowbit::Mark`` node that
+carries the layer name); the markers are then rewritten with ``onnx.helper``:
+
+* weight marker -> ``DequantizeLinear(codes, scale, zero_point, axis=0)`` where ``codes`` is an
+  INT2/INT4/INT8/INT16 initializer (UINT* with zero points for asymmetric weights) holding exactly
+  the simulation's integer codes; 3-bit codes live in an INT4 container, 1-bit binary codes
+  {-1, +1} in INT2 (zero point 0);
+* input marker -> ``[Clip] -> QuantizeLinear -> DequantizeLinear`` with the input quantizer's
+  scale and zero point; widths with no ONNX type (3, 5, 6, 7 bit, 1-bit unsigned) are clipped
+  in float to the code range first, so the wider container holds exactly the simulated codes.
+
+Markers make the mapping from ONNX nodes to lowbit layers independent of the exporter's naming
+and keep it from fusing a BatchNorm into a quantized weight. Group scales are exported per
+output channel (each group's scale repeated), which ONNX Runtime runs for every width.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..errors import LowbitError
+from ..quant.layers import QUANT_LAYERS, quant_layers
+from ..quant.quantizer import ActQuantizer, WeightQuantizer
+from ..quant.uniform import fake_quantize
+from .artifact import atomic_write, require_quantized
+
+try:  # onnx is a hard dependency, but keep the import error readable
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+except ImportError as exc:  # pragma: no cover
+    raise ImportError("lowbit ONNX export needs the 'onnx' package") from exc
+
+MARK_DOMAIN = "lowbit"
+MIN_OPSET = 13               # per-axis DequantizeLinear
+TORCH_MAX_OPSET = 20         # highest opset of torch's TorchScript exporter; newer ones are converted
+DEFAULT_IMAGE_SIZE = 28      # Fashion-MNIST, when neither the model record nor the caller gives a shape
+
+# ONNX integer types: (bits, signed) -> (TensorProto type, first opset where Q/DQ accept it)
+_TYPES: dict[tuple[int, bool], tuple[int, int]] = {
+    (2, True): (TensorProto.INT2, 25), (2, False): (TensorProto.UINT2, 25),
+    (4, True): (TensorProto.INT4, 21), (4, False): (TensorProto.UINT4, 21),
+    (8, True): (TensorProto.INT8, 13), (8, False): (TensorProto.UINT8, 13),
+    (16, True): (TensorProto.INT16, 21), (16, False): (TensorProto.UINT16, 21),
+}
+_GUARDED_TYPES = (TensorProto.INT2, TensorProto.UINT2)
+_NP_TYPES = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.INT16: np.int16,
+             TensorProto.UINT16: np.uint16}
+
+
+def container_bits(bits: int) -> int:
+    """Width of the smallest ONNX integer type that holds ``bits``-wide codes."""
+    for width in (2, 4, 8, 16):
+        if bits <= width:
+            return width
+    raise LowbitError(f"{bits}-bit codes have no ONNX integer type")
+
+
+def weight_type(bits: int, signed: bool) -> tuple[int, int]:
+    """``(TensorProto type, minimum opset)`` of a weight stored at its real width."""
+    return _TYPES[(container_bits(bits), signed)]
+
+
+def activation_type(bits: int, signed: bool) -> tuple[int, bool]:
+    """``(TensorProto type, needs_clip)`` of an activation quantizer's codes.
+
+    Activation codes travel in 8-bit (up to 8 bit) or 16-bit containers: ONNX Runtime 1.32's
+    QDQ optimizers mishandle sub-byte activations (ClipQuantFusion raises on a UINT4 zero point
+    and the QLinearConv fusion accepts UINT4 inputs it has no kernel for). Narrower codes get a
+    float Clip to their range in front of the QuantizeLinear.
+    """
+    width = 8 if bits <= 8 else 16
+    return _TYPES[(width, signed)][0], bits != width
+
+
+def _type_name(dtype: int) -> str:
+    return TensorProto.DataType.Name(dtype)
+
+
+def int_initializer(name: str, codes: np.ndarray, dtype: int) -> TensorProto:
+    """An integer initializer of ``dtype`` (sub-byte types packed low bits first, as ONNX specifies)."""
+    codes = np.asarray(codes, dtype=np.int64)
+    tensor = TensorProto()
+    tensor.name = name
+    tensor.data_type = dtype
+    tensor.dims.extend(codes.shape)
+    flat = codes.reshape(-1)
+    if dtype in (TensorProto.INT4, TensorProto.UINT4, TensorProto.INT2, TensorProto.UINT2):
+        width = 4 if dtype in (TensorProto.INT4, TensorProto.UINT4) else 2
+        per_byte = 8 // width
+        nibbles = (flat & (2 ** width - 1)).astype(np.uint8)
+        nibbles = np.pad(nibbles, (0, -len(nibbles) % per_byte)).reshape(-1, per_byte)
+        packed = np.zeros(len(nibbles), dtype=np.uint8)
+        for i in range(per_byte):
+            packed |= nibbles[:, i] << np.uint8(width * i)
+        tensor.raw_data = packed.tobytes()
+    else:
+        tensor.raw_data = flat.astype(_NP_TYPES[dtype]).astype(np.dtype(_NP_TYPES[dtype]).newbyteorder("<")).tobytes()
+    return tensor
+
+
+# --------------------------------------------------------------------------------------- markers
+class _Mark(torch.autograd.Function):
+    """Identity in PyTorch; a ``lowbit::Mark`` node tagged with the layer in the traced graph."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, tag: str) -> Tensor:  # noqa: ARG004
+        return x.clone()
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, tag: str) -> Any:
+        return g.op(f"{MARK_DOMAIN}::Mark", x, tag_s=tag).setType(x.type())
+
+
+class _Marker(nn.Module):
+    """Stands in for a quantizer during tracing."""
+
+    def __init__(self, tag: str) -> None:
+        super().__init__()
+        self.tag = tag
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _Mark.apply(x, self.tag)
+
+
+# ------------------------------------------------------------------------------- quantizer specs
+@dataclass
+class WeightSpec:
+    """What one quantized weight becomes: codes in a container type plus per-channel DQ params."""
+
+    codes: np.ndarray        # integers, weight shape
+    scale: np.ndarray        # float32, one per output channel (or one)
+    zero_point: np.ndarray   # integers, same shape as scale
+    bits: int
+    signed: bool
+    dtype: int
+    min_opset: int
+
+
+@dataclass
+class InputSpec:
+    """What one quantized input becomes: [Clip] -> Q -> DQ with scalar params."""
+
+    scale: float
+    zero_point: int
+    qmin: int
+    qmax: int
+    bits: int
+    signed: bool
+
+
+@torch.no_grad()
+def weight_spec(name: str, layer: nn.Module) -> WeightSpec:
+    """Integer codes of a layer's simulated weight, checked to reproduce it exactly."""
+    wq = layer.weight_quant
+    if not isinstance(wq, WeightQuantizer):
+        raise LowbitError(f"layer {name}: weight quantizer {type(wq).__name__} has no ONNX export "
+                          "(only uniform integer quantizers are exportable)")
+    w = layer.weight.detach()
+    simulated = wq(w).float().cpu()
+    s, z = (t.detach().float().cpu() for t in wq.channel_params(w.dim()))
+    qmin, qmax = wq.qrange
+    # codes come from the simulated values themselves, so any quantizer whose forward is uniform
+    # (learned rounding, binary signs) exports its exact result
+    codes = torch.round(simulated.double() / s.double() + z.double())
+    if wq.binary:
+        codes = torch.where(codes >= 0, 1.0, -1.0).double()
+    rebuilt = ((codes - z.double()) * s.double()).float()
+    tol = 1e-4 * s.abs().expand_as(simulated)
+    if codes.min() < qmin or codes.max() > qmax or ((rebuilt - simulated).abs() > tol).any():
+        raise LowbitError(f"layer {name}: weight quantizer {type(wq).__name__} does not produce uniform "
+                          f"{wq.bits}-bit codes; it has no integer ONNX equivalent")
+    signed = wq.signed
+    dtype, min_opset = weight_type(wq.bits, signed)
+    codes = codes.to(torch.int64)
+    if dtype in _GUARDED_TYPES:
+        # ORT 1.32 fuses DQ(2-bit weight) -> Conv/Gemm -> Q into QLinearConv/QGemm, which have no
+        # 2-bit kernels; a trailing unit dim plus a Reshape keeps the DQ out of that fusion
+        codes = codes.unsqueeze(-1)
+    scale = wq.scale.detach().float().cpu().repeat_interleave(wq.channels // wq.num_groups)
+    zero = wq.zero_point.detach().cpu().repeat_interleave(wq.channels // wq.num_groups)
+    if wq.num_groups == 1:
+        scale, zero = scale[:1], zero[:1]
+    return WeightSpec(codes.numpy(), scale.numpy().astype(np.float32),
+                      zero.round().to(torch.int64).numpy(), wq.bits, signed, dtype, min_opset)
+
+
+@torch.no_grad()
+def input_spec(name: str, layer: nn.Module) -> InputSpec:
+    """Scalar Q/DQ parameters of a layer's input quantizer, checked to be plain uniform."""
+    aq = layer.input_quant
+    if not isinstance(aq, ActQuantizer) or aq.scale.numel() != 1 or aq.observer is not None:
+        raise LowbitError(f"layer {name}: input quantizer {type(aq).__name__} is not a calibrated per-tensor "
+                          "uniform quantizer; it has no ONNX QuantizeLinear equivalent")
+    scale, zero = aq.scale.detach().float().cpu(), aq.zero_point.detach().float().cpu()
+    qmin, qmax = aq.qrange
+    # a quantizer subclass (e.g. with a learned range) must still be the plain uniform function
+    probe = torch.linspace((qmin - zero.item() - 3) * scale.item(), (qmax - zero.item() + 3) * scale.item(), 1001)
+    expected = fake_quantize(probe, scale, zero, qmin, qmax)
+    try:
+        got = aq(probe.to(aq.scale.device)).cpu()
+    except Exception as exc:  # any failure here means "not exportable"
+        raise LowbitError(f"layer {name}: input quantizer cannot be evaluated for export ({exc})") from None
+    if not torch.allclose(got.float(), expected, atol=1e-5 * scale.item(), rtol=0):
+        raise LowbitError(f"layer {name}: input quantizer {type(aq).__name__} is not uniform affine "
+                          f"quantization; it has no ONNX QuantizeLinear equivalent")
+    return InputSpec(scale.item(), int(round(zero.item())), qmin, qmax, aq.bits, aq.signed)
+
+
+def collect_specs(qmodel: nn.Module) -> tuple[dict[str, WeightSpec], dict[str, InputSpec]]:
+    """Export specs of every enabled quantizer; LowbitError for layers lowbit cannot export."""
+    for name, module in qmodel.named_modules():
+        if (hasattr(module, "weight_quant") or hasattr(module, "input_quant")) and not isinstance(module, QUANT_LAYERS):
+            raise LowbitError(f"layer {name} ({type(module).__name__}) is a quantized layer type that ONNX export "
+                              "does not support (only QuantConv2d and QuantLinear)")
+    weights, inputs = {}, {}
+    for name, layer in quant_layers(qmodel):
+        if layer.weight_quant.enabled:
+            weights[name] = weight_spec(name, layer)
+        if layer.input_quant.enabled:
+            inputs[name] = input_spec(name, layer)
+    return weights, inputs
+
+
+def required_opset(weights: dict[str, WeightSpec]) -> int:
+    """Lowest opset that stores every weight at its real width."""
+    return max([MIN_OPSET] + [w.min_opset for w in weights.values()])
+
+
+def default_opset(weights: dict[str, WeightSpec], inputs: dict[str, InputSpec]) -> int:
+    """Lowest opset that stores every weight at its real width and runs 16-bit activation codes."""
+    opset = required_opset(weights)
+    if any(spec.bits > 8 for spec in inputs.values()):
+        opset = max(opset, _TYPES[(16, False)][1])
+    return opset
+
+
+def check_opset(opset: int, weights: dict[str, WeightSpec], inputs: dict[str, InputSpec]) -> None:
+    """LowbitError when ``opset`` cannot hold some weight at its bit width (or 16-bit activations)."""
+    newest = onnx.defs.onnx_opset_version()
+    if not isinstance(opset, int) or isinstance(opset, bool) or not MIN_OPSET <= opset <= newest:
+        raise LowbitError(f"opset must be an integer from {MIN_OPSET} to {newest}, got {opset!r}")
+    for name, spec in weights.items():
+        if spec.min_opset > opset:
+            raise LowbitError(f"layer {name}: {spec.bits}-bit weights are stored as {_type_name(spec.dtype)}, "
+                              f"which needs opset >= {spec.min_opset} (got opset {opset})")
+    for name, spec in inputs.items():
+        dtype, _ = activation_type(spec.bits, spec.signed)
+        if _TYPES[(16, spec.signed)][0] == dtype and opset < 21:
+            raise LowbitError(f"layer {name}: {spec.bits}-bit activations need 16-bit QuantizeLinear, "
+                              f"opset >= 21 (got opset {opset})")
+
+
+# --------------------------------------------------------------------------------------- tracing
+def example_input(qmodel: nn.Module, input_shape: Sequence[int] | None) -> Tensor:
+    """A one-image example input: given shape, the recorded one, or the first layer's channels at 28x28."""
+    if input_shape is None:
+        input_shape = (qmodel.lowbit_info or {}).get("input_shape")
+    if input_shape is None:
+        order = (qmodel.lowbit_info or {}).get("layer_order") or [n for n, _ in quant_layers(qmodel)]
+        first = dict(quant_layers(qmodel))[order[0]]
+        channels = first.in_channels if hasattr(first, "in_channels") else first.in_features
+        input_shape = (channels, DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE) if hasattr(first, "in_channels") \
+            else (channels,)
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) in (1, 3):  # without the batch dimension
+        shape = (1,) + shape
+    return torch.zeros(shape)
+
+
+def _marked_copy(qmodel: nn.Module, weights: dict[str, WeightSpec], inputs: dict[str, InputSpec]) -> nn.Module:
+    """A CPU copy of ``qmodel`` whose enabled quantizers are markers (disabled ones do nothing)."""
+    marked = copy.deepcopy(qmodel).cpu().eval()
+    for name, layer in quant_layers(marked):
+        if name in weights:  # the traced values are dropped later; keep them equal to the DQ output anyway
+            spec, ndim = weights[name], layer.weight.dim()
+            codes = spec.codes.reshape(layer.weight.shape)
+            value = (codes - _per_channel(spec.zero_point, ndim)) * _per_channel(spec.scale, ndim)
+            with torch.no_grad():
+                layer.weight.copy_(torch.from_numpy(value).float())
+        layer.weight_quant = _Marker(f"w:{name}") if name in weights else nn.Identity()
+        layer.input_quant = _Marker(f"in:{name}") if name in inputs else nn.Identity()
+    return marked
+
+
+def _per_channel(values: np.ndarray, ndim: int) -> np.ndarray:
+    return values.reshape((-1,) + (1,) * (ndim - 1))
+
+
+def trace_to_onnx(model: nn.Module, example: Tensor, opset: int) -> onnx.ModelProto:
+    """``torch.onnx.export`` (TorchScript exporter) to an in-memory ModelProto at ``opset``."""
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the legacy exporter's deprecation notices
+            torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=opset,
+                              input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                              do_constant_folding=True)
+    except LowbitError:
+        raise
+    except Exception as exc:  # the exporter raises many types; all mean "this model cannot be traced"
+        raise LowbitError(f"torch.onnx.export could not trace the model with input {tuple(example.shape)}: "
+                          f"{type(exc).__name__}: {str(exc)[:300]} (pass input_shape= if the shape is wrong)") from None
+    return onnx.load_from_string(buffer.getvalue())
+
+
+# --------------------------------------------------------------------------------------- rewrite
+def _scalar_initializer(name: str, value: float | int, dtype: int) -> TensorProto:
+    if dtype == TensorProto.FLOAT:
+        return numpy_helper.from_array(np.array(value, dtype=np.float32), name)
+    return int_initializer(name, np.array(value), dtype)
+
+
+def _rewrite_markers(model: onnx.ModelProto, weights: dict[str, WeightSpec], inputs: dict[str, InputSpec],
+                     opset: int) -> dict[str, Any]:
+    """Replace every ``lowbit::Mark`` node by DQ (weights) or [Clip] Q DQ (inputs); returns layer metadata."""
+    graph = model.graph
+    new_nodes: list[onnx.NodeProto] = []
+    added: dict[str, TensorProto] = {}
+    seen: Counter = Counter()
+    layers_meta: dict[str, dict] = {}
+
+    def add(tensor: TensorProto) -> str:
+        added.setdefault(tensor.name, tensor)
+        return tensor.name
+
+    for node in graph.node:
+        if node.domain != MARK_DOMAIN:
+            new_nodes.append(node)
+            continue
+        tag = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "tag")
+        tag = tag.decode() if isinstance(tag, bytes) else tag
+        kind, name = tag.split(":", 1)
+        seen[tag] += 1
+        out = node.output[0]
+        if kind == "w":
+            spec = weights[name]
+            codes = add(int_initializer(f"{name}.weight_q", spec.codes, spec.dtype))
+            scale = add(numpy_helper.from_array(spec.scale if len(spec.scale) > 1 else spec.scale.reshape(()),
+                                                f"{name}.weight_scale"))
+            zp_values = spec.zero_point if len(spec.zero_point) > 1 else spec.zero_point.reshape(())
+            zero = add(int_initializer(f"{name}.weight_zero_point", zp_values, spec.dtype))
+            attrs = {"axis": 0} if len(spec.scale) > 1 else {}
+            dq_out = out
+            if spec.dtype in _GUARDED_TYPES:
+                dq_out = f"{name}.weight_dq_out#{seen[tag]}"
+            new_nodes.append(helper.make_node("DequantizeLinear", [codes, scale, zero], [dq_out],
+                                              name=f"{name}.weight_dq#{seen[tag]}", **attrs))
+            if dq_out != out:
+                shape = add(numpy_helper.from_array(np.array(spec.codes.shape[:-1], dtype=np.int64),
+                                                    f"{name}.weight_shape"))
+                new_nodes.append(helper.make_node("Reshape", [dq_out, shape], [out],
+                                                  name=f"{name}.weight_reshape#{seen[tag]}"))
+            layers_meta.setdefault(name, {})["weight"] = {"bits": spec.bits, "type": _type_name(spec.dtype),
+                                                          "signed": spec.signed, "channels_scaled": len(spec.scale)}
+        else:
+            spec = inputs[name]
+            dtype, clip = activation_type(spec.bits, spec.signed)
+            scale = add(_scalar_initializer(f"{name}.input_scale", spec.scale, TensorProto.FLOAT))
+            zero = add(_scalar_initializer(f"{name}.input_zero_point", spec.zero_point, dtype))
+            src = node.input[0]
+            suffix = f"#{seen[tag]}"
+            if clip:
+                # codes narrower than the container: clamp in float to the code range, which is the
+                # simulation's clamp after rounding (rounding is monotone), so the codes match exactly
+                lo = add(_scalar_initializer(f"{name}.input_clip_min", np.float32((spec.qmin - spec.zero_point)
+                                                                                   * np.float32(spec.scale)),
+                                             TensorProto.FLOAT))
+                hi = add(_scalar_initializer(f"{name}.input_clip_max", np.float32((spec.qmax - spec.zero_point)
+                                                                                   * np.float32(spec.scale)),
+                                             TensorProto.FLOAT))
+                clipped = f"{name}.input_clipped{suffix}"
+                new_nodes.append(helper.make_node("Clip", [src, lo, hi], [clipped], name=f"{name}.input_clip{suffix}"))
+                src = clipped
+            q = f"{name}.input_q{suffix}"
+            new_nodes.append(helper.make_node("QuantizeLinear", [src, scale, zero], [q], name=f"{name}.input_ql{suffix}"))
+            new_nodes.append(helper.make_node("DequantizeLinear", [q, scale, zero], [out],
+                                              name=f"{name}.input_dq{suffix}"))
+            layers_meta.setdefault(name, {})["input"] = {"bits": spec.bits, "type": _type_name(dtype),
+                                                         "signed": spec.signed, "clipped": clip}
+    missing = sorted(({f"w:{n}" for n in weights} | {f"in:{n}" for n in inputs}) - set(seen))
+    if missing:
+        raise LowbitError(f"quantizers not reached by the exported graph: {missing[:5]} (a layer whose forward "
+                          "does not call its quantizers cannot be exported)")
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    graph.initializer.extend(added.values())
+    return layers_meta
+
+
+def _prune(graph: onnx.GraphProto) -> None:
+    """Drop nodes whose outputs nothing uses, then unused initializers (the markers' float weights)."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {i for n in graph.node for i in n.input} | outputs
+        keep = [n for n in graph.node if any(o in used for o in n.output)]
+        if len(keep) == len(graph.node):
+            break
+        del graph.node[:]
+        graph.node.extend(keep)
+    used = {i for n in graph.node for i in n.input} | outputs
+    keep_init = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep_init)
+    del graph.value_info[:]  # stale shapes of removed marker outputs; checker re-infers
+
+
+def build_onnx(qmodel: nn.Module, opset: int | None = None,
+               input_shape: Sequence[int] | None = None) -> onnx.ModelProto:
+    """The QDQ ModelProto of a quantized model (checked, not written); see ``export_onnx``."""
+    info = require_quantized(qmodel)
+    weights, inputs = collect_specs(qmodel)
+    if opset is None:
+        opset = default_opset(weights, inputs)
+    check_opset(opset, weights, inputs)
+    example = example_input(qmodel, input_shape)
+    model = trace_to_onnx(_marked_copy(qmodel, weights, inputs), example, min(opset, TORCH_MAX_OPSET))
+    if opset > TORCH_MAX_OPSET:
+        from onnx import version_converter
+        try:
+            model = version_converter.convert_version(model, opset)
+        except Exception as exc:  # converter failures name an op without an adapter
+            raise LowbitError(f"could not convert the traced graph to opset {opset}: {exc}") from None
+    layers_meta = _rewrite_markers(model, weights, inputs, opset)
+    _prune(model.graph)
+    del model.opset_import[:]
+    model.opset_import.extend([helper.make_opsetid("", opset)])
+    model.producer_name = "lowbit"
+    from .. import __version__
+    model.producer_version = __version__
+    meta = {"arch": info.get("arch"), "method": info.get("method"), "config": info.get("config"),
+            "layers": layers_meta}
+    helper.set_model_props(model, {"lowbit": json.dumps(meta)})
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise LowbitError(f"the exported ONNX graph does not pass onnx.checker: {str(exc)[:500]}") from None
+    return model
+
+
+def export_onnx(qmodel: nn.Module, path: str | os.PathLike, opset: int | None = None,
+                input_shape: Sequence[int] | None = None) -> Path:
+    """Write the QDQ ONNX graph of a quantized model, atomically.
+
+    Args:
+        qmodel: a model returned by ``lowbit.quantize`` (or ``lowbit.load``).
+        path: destination file (any suffix; ``lowbit.export`` sends ``*.onnx`` here).
+        opset: ONNX opset; default the lowest that keeps every weight and activation at its real
+            width (13 for 5..8 bit, 21 for 3/4 or 16 bit, 25 for 1/2 bit). Weights below the
+            opset's narrowest type raise LowbitError; activations fall back to a wider type + Clip.
+        input_shape: ``(C, H, W)`` or ``(N, C, H, W)`` used for tracing (batch stays dynamic);
+            default the recorded calibration shape, else the first layer's channels at 28x28.
+
+    Returns:
+        ``path`` as a Path.
+    """
+    model = build_onnx(qmodel, opset, input_shape)
+    path = Path(path)
+    atomic_write(path, lambda tmp: onnx.save_model(model, tmp))
+    return path
+
+
+def export_float_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence[int] = (1, 28, 28),
+                      opset: int = 17) -> Path:
+    """Write an FP32 ONNX graph of any (unquantized) model, e.g. the baseline of a latency benchmark."""
+    example = torch.zeros((1,) + tuple(input_shape) if len(input_shape) == 3 else tuple(input_shape))
+    onnx_model = trace_to_onnx(copy.deepcopy(model).cpu().eval(), example, opset)
+    path = Path(path)
+    atomic_write(path, lambda tmp: onnx.save_model(onnx_model, tmp))
+    return path
+
+
+# ------------------------------------------------------------------------------ running in ORT
+def onnx_session(path: str | os.PathLike | bytes, threads: int = 1, optimize: bool = True):
+    """An ONNX Runtime CPU session (``threads`` intra-op threads)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:  # pragma: no cover
+        raise LowbitError("running ONNX models needs the 'onnxruntime' package") from None
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    source = path if isinstance(path, bytes) else str(path)
+    if not isinstance(path, bytes) and not Path(path).is_file():
+        raise LowbitError(f"no ONNX file at {path}")
+    try:
+        return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception classes
+        raise LowbitError(f"ONNX Runtime cannot load {path if not isinstance(path, bytes) else 'the model'}: "
+                          f"{str(exc)[:300]}") from None
+
+
+def onnx_predict(session_or_path: Any, images: Tensor, batch_size: int = 500, threads: int = 1) -> Tensor:
+    """Logits of an ONNX model (path or session) on ``images``, in batches."""
+    session = session_or_path if hasattr(session_or_path, "run") else onnx_session(session_or_path, threads)
+    name = session.get_inputs()[0].name
+    outs = [session.run(None, {name: images[i:i + batch_size].float().cpu().numpy()})[0]
+            for i in range(0, len(images), batch_size)]
+    return torch.from_numpy(np.concatenate(outs))
+
+
+@torch.no_grad()
+def onnx_parity(qmodel: nn.Module, session_or_path: Any, images: Tensor, labels: Tensor | None = None,
+                batch_size: int = 500) -> dict[str, float]:
+    """ONNX Runtime versus the PyTorch simulation on the same images.
+
+    Returns:
+        ``max_abs_diff`` and ``mean_abs_diff`` of the logits, ``argmax_agreement`` (% of images
+        whose predicted class matches) and, with ``labels``, both top-1 accuracies (%).
+    """
+    from ..evaluate import predict
+
+    device = next(qmodel.parameters()).device
+    sim = predict(qmodel, images, batch_size, device)
+    ort_logits = onnx_predict(session_or_path, images, batch_size)
+    diff = (sim - ort_logits).abs()
+    result = {"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(),
+              "argmax_agreement": 100.0 * (sim.argmax(1) == ort_logits.argmax(1)).float().mean().item()}
+    if labels is not None:
+        result["sim_top1"] = 100.0 * (sim.argmax(1) == labels).float().mean().item()
+        result["onnx_top1"] = 100.0 * (ort_logits.argmax(1) == labels).float().mean().item()
+    return result
+
+
+def onnx_weight_report(path: str | os.PathLike | onnx.ModelProto) -> list[dict[str, Any]]:
+    """Every DequantizeLinear weight initializer: name, ONNX type, shape, min and max code."""
+    model = path if isinstance(path, onnx.ModelProto) else onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    rows = []
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            values = numpy_helper.to_array(inits[node.input[0]]).astype(np.int64)
+            rows.append({"name": node.input[0], "type": _type_name(inits[node.input[0]].data_type),
+                         "shape": list(values.shape), "min": int(values.min()), "max": int(values.max())})
+    return rows

@@ -1,0 +1,354 @@
+"""Bit-Split and Stitching PTQ (Wang et al., ICML 2020), vectorised and error-compensated.
+
+For each layer (in execution order) the weights are written as ``alpha * sum_m 2^(m-1) t_m``
+with ternary planes ``t_m`` and fitted to the FP layer output on calibration patches:
+min ||Y - X W_q^T||^2, alternating a closed-form per-channel (or per-group) scale with exact
+ternary coordinate descent on each plane, using only the Gram matrices A = X^T X and
+B = Y^T X. The planes are stitched back into ordinary b-bit integers.
+
+With error compensation (default) X is the *quantized* input produced by the already
+quantized preceding layers, while Y stays the FP network's output of this layer, so each
+layer also undoes the error that reaches it. Activation scales are fitted the same way:
+on the input the quantized network actually produces.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import QuantConfig
+from ..errors import LowbitError
+from ..progress import progress_bar
+from ..quant.bitplanes import num_planes, split_planes, stitch_planes
+from ..quant.layers import QuantConv2d, quant_layers
+from ..quant.ranges import RANGE_ESTIMATORS
+from .common import quantizers_disabled
+from .registry import register_method
+
+
+@dataclass(frozen=True)
+class BitSplitOptions:
+    """Options of ``method="bitsplit"``.
+
+    Attributes:
+        iters: outer rounds of (scale update, one sweep over every plane).
+        samples: patch rows drawn from the calibration set per layer (0 = every position).
+        error_compensation: fit each layer (weights and input scale) on the input produced by
+            the already-quantized preceding layers; False fits on FP inputs like the official code.
+        act_method: input-scale fit: "lloyd" (Bit-Split's alternating fit), "mse" or "minmax".
+        bias_correction: shift each bias so the mean output matches the FP layer's.
+        bn_reestimate: re-estimate the statistics of BatchNorm layers that were not folded on
+            the calibration set (needs fold_bn=False; the official code does this on 12.8k images).
+        fit_dtype: "float64" (default, exact and stable) or "float32" for the coordinate descent.
+    """
+
+    iters: int = 4
+    samples: int = 32768
+    error_compensation: bool = True
+    act_method: str = "lloyd"
+    bias_correction: bool = True
+    bn_reestimate: bool = False
+    fit_dtype: str = "float64"
+
+    def __post_init__(self) -> None:
+        if self.act_method not in ("lloyd", "mse", "minmax"):
+            raise LowbitError(f"bitsplit act_method must be lloyd, mse or minmax, got {self.act_method!r}")
+        if self.iters < 1 or self.samples < 0:
+            raise LowbitError("bitsplit needs iters >= 1 and samples >= 0")
+        if self.fit_dtype not in ("float64", "float32"):
+            raise LowbitError("bitsplit fit_dtype must be 'float64' or 'float32'")
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimisation, on Gram matrices (pure functions)
+# ---------------------------------------------------------------------------------------------
+
+def lloyd_weight_scale(w: Tensor, qmax: int, iters: int = 30) -> Tensor:
+    """Per-row scale from alternating q = clip(round(w / a)), a = <w, q> / <q, q> (Bit-Split init)."""
+    a = (w.abs().amax(-1) / qmax).clamp_min(1e-12)
+    for _ in range(iters):
+        q = torch.clamp(torch.round(w / a.unsqueeze(-1)), -qmax, qmax)
+        new = (w * q).sum(-1) / (q * q).sum(-1).clamp_min(1e-30)
+        new = torch.where(new > 0, new, a)
+        if torch.allclose(new, a, rtol=1e-10, atol=0):
+            return new
+        a = new
+    return a
+
+
+def _scale_groups(alpha_num: Tensor, alpha_den: Tensor, group_of: Tensor, n_groups: int) -> Tensor:
+    """Closed-form scale per scale group: sum q^T b / sum q^T A q over the group's channels."""
+    num = torch.zeros(n_groups, dtype=alpha_num.dtype, device=alpha_num.device).index_add_(0, group_of, alpha_num)
+    den = torch.zeros(n_groups, dtype=alpha_den.dtype, device=alpha_den.device).index_add_(0, group_of, alpha_den)
+    return num / den.clamp_min(1e-30)
+
+
+def bitsplit_fit(A: Tensor, B: Tensor, w: Tensor, bits: int, group_of: Tensor, n_groups: int,
+                 iters: int = 4, binary: bool = False) -> tuple[Tensor, Tensor]:
+    """Fit integer weights and scales to min_{a, t} a^2 q^T A q - 2 a q^T b for every channel.
+
+    Args:
+        A: ``K x D x D`` Gram matrix X^T X of each conv group (K conv groups).
+        B: ``K x C x D`` rows b_c = X^T y_c for the C output channels of each conv group.
+        w: ``K x C x D`` FP weights (initialisation).
+        bits: weight bit width (b - 1 ternary planes; 1 bit = binary codes {-1, +1}).
+        group_of: scale-group index of each of the K*C channels (flattened K-major).
+        n_groups: number of scale groups.
+        iters: outer rounds.
+        binary: 1-bit codes in {-1, +1} (coordinate updates pick the sign).
+
+    Returns:
+        ``(q, alpha)``: integers ``K x C x D`` and per-scale-group scales.
+    """
+    K, C, D = w.shape
+    flat = lambda t: t.reshape(K * C)  # noqa: E731
+    if binary:
+        planes_n, qmax = 1, 1
+    else:
+        planes_n, qmax = num_planes(bits), 2 ** (bits - 1) - 1
+    # initial scale (per scale group) and integers by the alternating weight fit
+    rows = w.reshape(K * C, D)
+    order = torch.argsort(group_of, stable=True)
+    grouped = rows[order].reshape(n_groups, -1)
+    if binary:
+        alpha_g = grouped.abs().mean(1).clamp_min(1e-12)
+    else:
+        alpha_g = lloyd_weight_scale(grouped, qmax)
+    alpha = alpha_g[group_of].reshape(K, C)
+    if binary:
+        planes = torch.where(w >= 0, 1.0, -1.0).to(w.dtype).unsqueeze(0)
+    else:
+        planes = split_planes(torch.clamp(torch.round(w / alpha.unsqueeze(-1)), -qmax, qmax), bits)
+    diag = torch.diagonal(A, dim1=1, dim2=2)  # K x D
+    for _ in range(iters):
+        q = stitch_planes(planes)
+        Aq = torch.bmm(q, A)  # K x C x D (A symmetric)
+        alpha_g = _scale_groups(flat((q * B).sum(-1)), flat((q * Aq).sum(-1)), group_of, n_groups)
+        alpha_g = torch.where(alpha_g > 0, alpha_g, torch.full_like(alpha_g, 1e-12))
+        alpha = alpha_g[group_of].reshape(K, C)
+        b_scaled = B / alpha.unsqueeze(-1)
+        for m in reversed(range(planes_n)):  # most significant plane first
+            sweep_plane(planes[m], float(2 ** m), A, diag, Aq, b_scaled, binary)
+    q = stitch_planes(planes)
+    num, den = (q * B).sum(-1), (q * torch.bmm(q, A)).sum(-1)
+    alpha_g = _scale_groups(flat(num), flat(den), group_of, n_groups)
+    alpha_g = torch.where(alpha_g > 0, alpha_g, torch.full_like(alpha_g, 1e-12))
+    return q, alpha_g
+
+
+def sweep_plane(t: Tensor, c: float, A: Tensor, diag: Tensor, Aq: Tensor, b_scaled: Tensor, binary: bool) -> None:
+    """One Gauss-Seidel sweep over the coordinates of plane ``t`` (``K x C x D``), in place.
+
+    With everything else fixed, the objective in coordinate n is quadratic in t_n with
+    minimiser t* = (b_n / a - u_n) / (c A_nn), u_n = (A q)_n without this coordinate; the
+    exact ternary minimiser is t* rounded to {-1, 0, 1} (ties to 0), the binary one its sign.
+    ``Aq`` (= q A) is kept up to date. All output channels and conv groups move together.
+    """
+    inv = torch.where(diag > 0, 1.0 / (c * diag).clamp_min(1e-300), torch.zeros_like(diag)).unsqueeze(-1)  # K x D x 1
+    A_rows = A.unsqueeze(1)  # K x 1 x D x D
+    for n in range(t.shape[-1]):
+        t_old = t[:, :, n]
+        target = (b_scaled[:, :, n] - Aq[:, :, n]) * inv[:, n] + t_old
+        if binary:
+            t_new = torch.where(target >= 0, 1.0, -1.0).to(t.dtype)
+        else:
+            t_new = target.clamp(-1.0, 1.0).round()
+        delta = (t_new - t_old).mul_(c)
+        Aq.addcmul_(delta.unsqueeze(-1), A_rows[:, :, n, :])
+        t[:, :, n] = t_new
+
+
+# ---------------------------------------------------------------------------------------------
+# Gathering the statistics of one layer
+# ---------------------------------------------------------------------------------------------
+
+class _Captured(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, layers: dict[str, nn.Module], calib: Tensor, cfg: QuantConfig,
+                   last: str | None = None) -> dict[str, Tensor]:
+    """Inputs reaching each of ``layers`` (before their own quantizers) over the calibration set.
+
+    The forward pass is cut short once ``last`` has been reached. Tensors are kept on CPU.
+    """
+    chunks: dict[str, list[Tensor]] = {n: [] for n in layers}
+
+    def make_hook(name: str):
+        def hook(_mod, inputs):
+            chunks[name].append(inputs[0].detach().cpu())
+            if name == last:
+                raise _Captured
+        return hook
+
+    handles = [layer.register_forward_pre_hook(make_hook(n)) for n, layer in layers.items()]
+    try:
+        for i in range(0, len(calib), cfg.batch_size):
+            try:
+                model(calib[i:i + cfg.batch_size].to(cfg.device))
+            except _Captured:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n, c in chunks.items() if not c]
+    if missing:
+        raise LowbitError(f"quantized layers {missing[:3]} were not reached by the calibration forward pass")
+    return {n: torch.cat(c) for n, c in chunks.items()}
+
+
+def patch_rows(layer: nn.Module, x: Tensor, positions: Tensor | None) -> Tensor:
+    """``K x N x D`` rows of inputs per conv group (unfolded patches for convs)."""
+    if isinstance(layer, QuantConv2d):
+        if layer.padding_mode != "zeros":
+            x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+            padding = 0
+        else:
+            padding = layer.padding
+        cols = F.unfold(x, layer.kernel_size, layer.dilation, padding, layer.stride)  # N x (Cin k k) x L
+        if positions is not None:
+            cols = cols.gather(2, positions.unsqueeze(1).expand(-1, cols.shape[1], -1))
+        rows = cols.permute(0, 2, 1).reshape(-1, cols.shape[1])
+        k = layer.groups
+        return rows.reshape(rows.shape[0], k, -1).permute(1, 0, 2)
+    return x.reshape(-1, x.shape[-1]).unsqueeze(0)
+
+
+def output_positions(layer: nn.Module, x: Tensor) -> int:
+    if isinstance(layer, QuantConv2d):
+        h, w = x.shape[-2:]
+        kh, kw = layer.kernel_size
+        sh, sw = layer.stride
+        dh, dw = layer.dilation
+        ph, pw = layer.padding if isinstance(layer.padding, tuple) else (0, 0)
+        return ((h + 2 * ph - dh * (kh - 1) - 1) // sh + 1) * ((w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+    return 1
+
+
+@torch.no_grad()
+def layer_statistics(layer: nn.Module, x_fp: Tensor, x_q: Tensor, samples: int, seed: int, device: torch.device,
+                     dtype: torch.dtype, chunk: int = 64) -> dict[str, Tensor]:
+    """Gram matrices A = Xq^T Xq, cross term Xfp^T Xq and column means over sampled patch rows."""
+    n = len(x_fp)
+    gen = torch.Generator().manual_seed(seed)
+    total_pos = output_positions(layer, x_fp[:1])
+    per_image = total_pos if samples == 0 else max(1, min(total_pos, -(-samples // n)))
+    A = cross = sum_fp = sum_q = None
+    rows_seen = 0
+    for i in range(0, n, chunk):
+        xf = x_fp[i:i + chunk].to(device)
+        xq = xf if x_q is x_fp else x_q[i:i + chunk].to(device)
+        pos = None
+        if isinstance(layer, QuantConv2d) and per_image < total_pos:
+            pos = torch.rand(len(xf), total_pos, generator=gen).argsort(1)[:, :per_image].to(device)
+        rf = patch_rows(layer, xf, pos).float()
+        rq = rf if xq is xf else patch_rows(layer, xq, pos).float()
+        # float32 products summed in float64: fast, and accurate enough for the exact fit after
+        a = torch.bmm(rq.transpose(1, 2), rq).to(dtype)
+        c = a if rq is rf else torch.bmm(rf.transpose(1, 2), rq).to(dtype)
+        sf, sq = rf.sum(1).to(dtype), rq.sum(1).to(dtype)
+        A = a if A is None else A + a
+        cross = c if cross is None else cross + c
+        sum_fp = sf if sum_fp is None else sum_fp + sf
+        sum_q = sq if sum_q is None else sum_q + sq
+        rows_seen += rf.shape[1]
+    return {"A": A, "cross": cross, "mean_fp": sum_fp / rows_seen, "mean_q": sum_q / rows_seen}
+
+
+# ---------------------------------------------------------------------------------------------
+# The method
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def quantize_layer_weights(layer: nn.Module, stats: dict[str, Tensor], opts: BitSplitOptions) -> None:
+    """Fit, stitch and install the integer weights and scales of one layer (+ bias correction)."""
+    wq = layer.weight_quant
+    if not wq.symmetric:
+        raise LowbitError("bitsplit produces symmetric (zero-point free) weights: use w_symmetric=True")
+    dtype = stats["A"].dtype
+    K = stats["A"].shape[0]
+    C_total = layer.weight.shape[0]
+    W = layer.weight.detach().to(dtype).reshape(K, C_total // K, -1)
+    B = torch.bmm(W, stats["cross"])  # rows X_q^T y_c with y_c = X_fp w_c
+    rep = C_total // wq.num_groups
+    group_of = torch.arange(wq.num_groups, device=W.device).repeat_interleave(rep)
+    q, alpha_g = bitsplit_fit(stats["A"], B, W, wq.bits, group_of, wq.num_groups, opts.iters, wq.binary)
+    alpha = alpha_g[group_of].reshape(K, -1, 1)
+    new_w = (q * alpha).reshape_as(layer.weight)
+    if opts.bias_correction:
+        target = torch.bmm(W, stats["mean_fp"].unsqueeze(-1)).reshape(-1)
+        got = torch.bmm(new_w.to(dtype).reshape(K, C_total // K, -1), stats["mean_q"].unsqueeze(-1)).reshape(-1)
+        shift = (target - got).to(layer.weight.dtype)
+        if layer.bias is None:
+            layer.bias = nn.Parameter(shift)
+        else:
+            layer.bias.add_(shift)
+    wq.scale.copy_(alpha_g.to(wq.scale.dtype))
+    wq.zero_point.zero_()
+    layer.weight.copy_(new_w.to(layer.weight.dtype))
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, calib: Tensor, cfg: QuantConfig) -> int:
+    """Recompute running statistics of remaining BatchNorm layers on ``calib``; returns their count."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over all calibration batches
+        bn.train()
+    for i in range(0, len(calib), cfg.batch_size):
+        model(calib[i:i + cfg.batch_size].to(cfg.device))
+    for bn in bns:
+        bn.eval()
+    return len(bns)
+
+
+@register_method("bitsplit", BitSplitOptions,
+                 description="Bit-Split and Stitching: ternary bit planes fitted to layer outputs, error-compensated")
+def bitsplit(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: BitSplitOptions) -> None:
+    if opts.bn_reestimate and cfg.fold_bn:
+        raise LowbitError("bn_reestimate needs fold_bn=False (folded BatchNorm has no statistics left)")
+    from ..graph.surgery import execution_order
+
+    device = torch.device(cfg.device)
+    dtype = torch.float64 if opts.fit_dtype == "float64" else torch.float32
+    layers = dict(quant_layers(qmodel))
+    order = [n for n in execution_order(qmodel, calib[:1].to(device)) if layers[n].weight_quant.enabled
+             or layers[n].input_quant.enabled]
+    act_range = RANGE_ESTIMATORS[opts.act_method]
+    # Everything starts in float; layers are switched to quantized as they are fitted.
+    saved = {n: (l.weight_quant.enabled, l.input_quant.enabled) for n, l in layers.items()}
+    for l in layers.values():
+        l.weight_quant.enabled = l.input_quant.enabled = False
+    with quantizers_disabled(qmodel):
+        fp_inputs = capture_inputs(qmodel, {n: layers[n] for n in order}, calib, cfg)
+    for idx, name in enumerate(progress_bar(order, desc="bit-split", enable=cfg.progress)):
+        layer = layers[name]
+        w_on, a_on = saved[name]
+        x_fp = fp_inputs.pop(name)
+        x_in = capture_inputs(qmodel, {name: layer}, calib, cfg, last=name)[name] if opts.error_compensation else x_fp
+        if a_on:
+            layer.input_quant.calibrate(x_in.reshape(-1)[_sample_index(x_in.numel(), cfg.seed + idx)], act_range)
+            layer.input_quant.enabled = True
+            x_in = torch.cat([layer.input_quant(x_in[i:i + cfg.batch_size].to(device)).cpu()
+                              for i in range(0, len(x_in), cfg.batch_size)])
+        if w_on:
+            stats = layer_statistics(layer, x_fp, x_in, opts.samples, cfg.seed + idx, device, dtype)
+            quantize_layer_weights(layer, stats, opts)
+            layer.weight_quant.enabled = True
+        del x_fp, x_in
+    if opts.bn_reestimate:
+        reestimate_bn(qmodel, calib, cfg)
+
+
+def _sample_index(numel: int, seed: int, limit: int = 1 << 20) -> Tensor:
+    """A fixed random subset of positions (all of them when small) for scale fitting."""
+    if numel <= limit:
+        return torch.arange(numel)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, numel, (limit,), generator=gen)
+    return idx
