@@ -26,21 +26,35 @@ def _check_device(device: str) -> None:
         raise LowbitError(f"device {device!r} requested but CUDA is not available")
 
 
+class _DefaultBits(int):
+    """The default bit width (4), distinguishable from an explicit 4 so that config= can win."""
+
+
+DEFAULT_BITS = _DefaultBits(4)
+
+
 def build_config(w_bits: int, a_bits: int | None, options: dict[str, Any]) -> tuple[QuantConfig, dict[str, Any]]:
-    """Split ``options`` into a QuantConfig and the method's own options."""
+    """Split ``options`` into a QuantConfig and the method's own options.
+
+    Bits passed explicitly override those of a ``config=`` object; the defaults do not.
+    """
     options = dict(options)
-    base = options.pop("config", None) or QuantConfig()
-    if not isinstance(base, QuantConfig):
+    base = options.pop("config", None)
+    if base is not None and not isinstance(base, QuantConfig):
         raise LowbitError("config= must be a lowbit.QuantConfig")
     common = {k: options.pop(k) for k in list(options) if k in CONFIG_FIELDS}
     if options.pop("quantize_all", False):
         common.update(first_last_bits=None, quantize_input=True)
-    cfg = base.with_(w_bits=w_bits, a_bits=a_bits, **common)
+    if base is None:
+        base = QuantConfig()
+    bits = {name: value for name, value in (("w_bits", w_bits), ("a_bits", a_bits))
+            if type(value) is not _DefaultBits}
+    cfg = base.with_(**bits, **common)
     _check_device(cfg.device)
     return cfg, options
 
 
-def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = 4, a_bits: int | None = 4,
+def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = DEFAULT_BITS, a_bits: int | None = DEFAULT_BITS,
              method: str = "minmax", **options: Any) -> nn.Module:
     """Quantize ``model`` post-training and return a new module that simulates it.
 
@@ -69,8 +83,9 @@ def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = 4, a_bits
         raise
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         raise LowbitError(f"calibration data of shape {tuple(x.shape[1:])} does not fit the model: {exc}") from None
-    torch.manual_seed(cfg.seed)
-    spec.handler(qmodel, x, cfg, opts)
+    with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's RNG state
+        torch.manual_seed(cfg.seed)
+        spec.handler(qmodel, x, cfg, opts)
     arch = getattr(model, "lowbit_arch", None)
     qmodel.lowbit_info = {
         "arch": arch, "method": method, "config": cfg.to_dict(),

@@ -32,18 +32,21 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         raise LowbitError(f"{path}: unknown IDX element type {data[2]:#x}")
     ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=dtype, offset=4 + 4 * ndim).reshape(shape)
+    expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if len(data) - 4 - 4 * ndim < expected:
+        raise LowbitError(f"{path} is truncated: header says {shape}, file holds fewer bytes")
+    return np.frombuffer(data, dtype=dtype, offset=4 + 4 * ndim, count=int(np.prod(shape))).reshape(shape)
 
 
-def find_root(root: str | os.PathLike | None = None) -> Path:
-    """Locate the Fashion-MNIST folder: argument, then $LOWBIT_FASHION_MNIST, then Debian's path."""
+def find_root(root: str | os.PathLike | None = None, split: str = "test") -> Path:
+    """Locate the folder holding ``split``: argument, then $LOWBIT_FASHION_MNIST, then Debian's path."""
     candidates = [root, os.environ.get(ENV_VAR), DEBIAN_DIR]
     for cand in candidates:
-        if cand and (Path(cand) / _FILES["test"][0]).exists():
+        if cand and all((Path(cand) / f).exists() for f in _FILES[split]):
             return Path(cand)
     raise LowbitError(
-        "Fashion-MNIST not found: install Debian's package (apt-get install dataset-fashion-mnist), "
-        f"or point ${ENV_VAR} / --data at a folder holding {_FILES['test'][0]} and friends"
+        f"Fashion-MNIST not found ({split} split): install Debian's package (apt-get install "
+        f"dataset-fashion-mnist), or point ${ENV_VAR} / --data at a folder holding {' and '.join(_FILES[split])}"
     )
 
 
@@ -52,9 +55,12 @@ def load_fashion_mnist(split: str = "test", root: str | os.PathLike | None = Non
     """Return ``(images N x 1 x 28 x 28 float32, labels N int64)`` for ``split`` in train/test."""
     if split not in _FILES:
         raise LowbitError(f"split must be 'train' or 'test', got {split!r}")
-    base = find_root(root)
+    base = find_root(root, split)
     images = read_idx(base / _FILES[split][0])
     labels = read_idx(base / _FILES[split][1])
+    if len(images) != len(labels) or images.ndim != 3:
+        raise LowbitError(f"Fashion-MNIST {split}: {len(images)} images of shape {images.shape[1:]} "
+                          f"but {len(labels)} labels")
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
     if normalize:
         x = (x - MEAN) / STD

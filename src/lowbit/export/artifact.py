@@ -103,7 +103,12 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
         raise LowbitError(f"{path} is not a lowbit artifact (format tag {meta.get('format')!r})")
     if meta.get("version") != VERSION:
         raise LowbitError(f"{path}: artifact version {meta.get('version')!r} is not supported (need {VERSION})")
-    return json.loads(meta["manifest"]), tensors
+    try:
+        manifest = json.loads(meta["manifest"])
+        manifest["layers"], manifest["config"], manifest["fold_pairs"]  # noqa: B018  (required keys)
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise LowbitError(f"{path}: the artifact's manifest is missing or damaged") from None
+    return manifest, tensors
 
 
 @torch.no_grad()
@@ -119,6 +124,11 @@ def load_artifact(path: str | os.PathLike, model: nn.Module | None = None, devic
     if not isinstance(model, nn.Module) or count_float_layers(model) == 0:
         raise LowbitError("model= must be the FP architecture the artifact was made from")
     cfg = QuantConfig.from_dict(manifest["config"]).with_(device=device)
+    names = {n for n, _ in model.named_modules()}
+    wanted = {n for pair in manifest["fold_pairs"] for n in pair} | set(manifest["layers"])
+    if not wanted <= names:
+        raise LowbitError(f"the model's layers do not match the artifact's (missing e.g. "
+                          f"{sorted(wanted - names)[:3]}): pass the architecture it was made from")
     qmodel = copy.deepcopy(model).eval().to(device)
     apply_fold_structure(qmodel, [tuple(p) for p in manifest["fold_pairs"]])
     wrap_layers(qmodel, cfg)

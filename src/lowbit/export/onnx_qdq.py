@@ -4,17 +4,32 @@ The graph is built in two steps. ``torch.onnx.export`` (the TorchScript exporter
 the quantized model in which every quantizer is a marker (a custom ``lowbit::Mark`` node that
 carries the layer name); the markers are then rewritten with ``onnx.helper``:
 
-* weight marker -> ``DequantizeLinear(codes, scale, zero_point, axis=0)`` where ``codes`` is an
-  INT2/INT4/INT8/INT16 initializer (UINT* with zero points for asymmetric weights) holding exactly
-  the simulation's integer codes; 3-bit codes live in an INT4 container, 1-bit binary codes
-  {-1, +1} in INT2 (zero point 0);
+* weight marker -> ``DequantizeLinear(codes, scale, zero_point, axis=0)``; ``codes`` is an
+  INT2 / INT4 / INT8 / INT16 initializer (UINT* with per-channel zero points for asymmetric
+  weights) holding exactly the simulation's integer codes: 3-bit codes in an INT4 container,
+  binary {-1, +1} codes in INT2 with zero point 0. Group scales are written per output channel
+  (each group's scale repeated), per-tensor scales as a scalar.
 * input marker -> ``[Clip] -> QuantizeLinear -> DequantizeLinear`` with the input quantizer's
-  scale and zero point; widths with no ONNX type (3, 5, 6, 7 bit, 1-bit unsigned) are clipped
-  in float to the code range first, so the wider container holds exactly the simulated codes.
+  scale and zero point. Codes travel in UINT8/INT8 (16-bit types above 8 bit); narrower codes
+  are first clipped in float to their code range, which equals the simulation's clamp after
+  rounding, so ONNX Runtime reproduces the simulated codes exactly.
 
-Markers make the mapping from ONNX nodes to lowbit layers independent of the exporter's naming
-and keep it from fusing a BatchNorm into a quantized weight. Group scales are exported per
-output channel (each group's scale repeated), which ONNX Runtime runs for every width.
+Three choices keep ONNX Runtime 1.32's optimizer from changing the arithmetic (each was seen to
+fail or to move top-1 by more than a point otherwise):
+
+* activations never use UINT4/UINT2: ClipQuantFusion raises on them and the QLinearConv fusion
+  accepts them without having a kernel;
+* 2-bit weights get a trailing unit dimension and a Reshape: the QLinearConv/QGemm fusion
+  accepts INT2 weights it has no kernel for;
+* the float bias of a layer with a quantized input is added after the Conv (or given to Gemm as
+  a 1 x N tensor): WeightBiasQuantization would round it to int32 at ``s_x * s_w``, which the
+  simulation does not do.
+
+Opsets: the default is the lowest that stores every weight at its width (13 for 5..8 bit, 21
+for 3..4 and 9..16 bit, 25 for 1..2 bit); an explicit older one raises LowbitError. The tracer
+runs at opset <= 20 and ``onnx.version_converter`` lifts the graph to newer opsets. Markers make
+the node-to-layer mapping independent of the exporter's naming and keep it from fusing an
+unfolded BatchNorm into a quantized weight.
 """
 from __future__ import annotations
 
@@ -22,6 +37,7 @@ import copy
 import io
 import json
 import os
+import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -304,17 +320,19 @@ def trace_to_onnx(model: nn.Module, example: Tensor, opset: int) -> onnx.ModelPr
     """``torch.onnx.export`` (TorchScript exporter) to an in-memory ModelProto at ``opset``."""
     buffer = io.BytesIO()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the legacy exporter's deprecation notices
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # recorded: the legacy exporter's deprecation notices are noise
             torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=opset,
                               input_names=["input"], output_names=["logits"],
                               dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
                               do_constant_folding=True)
-    except LowbitError:
-        raise
     except Exception as exc:  # the exporter raises many types; all mean "this model cannot be traced"
         raise LowbitError(f"torch.onnx.export could not trace the model with input {tuple(example.shape)}: "
                           f"{type(exc).__name__}: {str(exc)[:300]} (pass input_shape= if the shape is wrong)") from None
+    # tracing records one path through Python control flow; say so instead of hiding it
+    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, torch.jit.TracerWarning)):
+        warnings.warn(f"lowbit ONNX export: the traced graph may only be valid for inputs like the example "
+                      f"({message.splitlines()[0][:200]})", UserWarning, stacklevel=4)
     return onnx.load_from_string(buffer.getvalue())
 
 
@@ -333,6 +351,7 @@ def _rewrite_markers(model: onnx.ModelProto, weights: dict[str, WeightSpec], inp
     added: dict[str, TensorProto] = {}
     seen: Counter = Counter()
     layers_meta: dict[str, dict] = {}
+    weight_outputs: dict[str, str] = {}
 
     def add(tensor: TensorProto) -> str:
         added.setdefault(tensor.name, tensor)
@@ -367,6 +386,7 @@ def _rewrite_markers(model: onnx.ModelProto, weights: dict[str, WeightSpec], inp
                                                   name=f"{name}.weight_reshape#{seen[tag]}"))
             layers_meta.setdefault(name, {})["weight"] = {"bits": spec.bits, "type": _type_name(spec.dtype),
                                                           "signed": spec.signed, "channels_scaled": len(spec.scale)}
+            weight_outputs[out] = name
         else:
             spec = inputs[name]
             dtype, clip = activation_type(spec.bits, spec.signed)
@@ -399,7 +419,42 @@ def _rewrite_markers(model: onnx.ModelProto, weights: dict[str, WeightSpec], inp
     del graph.node[:]
     graph.node.extend(new_nodes)
     graph.initializer.extend(added.values())
+    _detach_biases(graph, weight_outputs, inputs)
     return layers_meta
+
+
+def _detach_biases(graph: onnx.GraphProto, weight_outputs: dict[str, str], inputs: dict[str, InputSpec]) -> None:
+    """Move the float bias of quantized-input Conv/Gemm nodes into a following Add.
+
+    ONNX Runtime's WeightBiasQuantization rounds a float bias initializer of a Conv/Gemm whose
+    input comes from a DequantizeLinear to int32 at scale s_x * s_w, which the simulation does not
+    do (at 4 bit that alone moves top-1 by over a point); a bias added after the layer, or a 2-D
+    Gemm bias, is left alone.
+    """
+    inits = {t.name: t for t in graph.initializer}
+    new_nodes = []
+    for node in graph.node:
+        name = weight_outputs.get(node.input[1]) if len(node.input) > 1 else None
+        if (name is None or name not in inputs or node.op_type not in ("Conv", "Gemm") or len(node.input) < 3
+                or not node.input[2] or node.input[2] not in inits):
+            new_nodes.append(node)
+            continue
+        bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
+        if node.op_type == "Gemm":
+            if bias.ndim == 1:
+                graph.initializer.append(numpy_helper.from_array(bias.reshape(1, -1), f"{name}.bias_2d"))
+                node.input[2] = f"{name}.bias_2d"
+            new_nodes.append(node)
+            continue
+        bias_name = graph_bias = f"{name}.bias_nchw"
+        graph.initializer.append(numpy_helper.from_array(bias.reshape(1, -1, 1, 1), graph_bias))
+        conv_out = node.output[0]
+        node.output[0] = f"{name}.conv_out"
+        del node.input[2]
+        new_nodes.append(node)
+        new_nodes.append(helper.make_node("Add", [node.output[0], bias_name], [conv_out], name=f"{name}.bias_add"))
+    del graph.node[:]
+    graph.node.extend(new_nodes)
 
 
 def _prune(graph: onnx.GraphProto) -> None:
@@ -514,6 +569,14 @@ def onnx_predict(session_or_path: Any, images: Tensor, batch_size: int = 500, th
     outs = [session.run(None, {name: images[i:i + batch_size].float().cpu().numpy()})[0]
             for i in range(0, len(images), batch_size)]
     return torch.from_numpy(np.concatenate(outs))
+
+
+def onnx_accuracy(session_or_path: Any, images: Tensor, labels: Tensor, batch_size: int = 500,
+                  threads: int = 1) -> tuple[float, float]:
+    """``(top-1 %, seconds)`` of an ONNX model in ONNX Runtime (session creation included)."""
+    start = time.perf_counter()
+    logits = onnx_predict(session_or_path, images, batch_size, threads)
+    return 100.0 * (logits.argmax(1) == labels).float().mean().item(), time.perf_counter() - start
 
 
 @torch.no_grad()

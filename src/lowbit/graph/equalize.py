@@ -25,9 +25,13 @@ def find_equalization_pairs(model: nn.Module) -> list[tuple[str, str]]:
     if graph is None:
         return []
     modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.Conv2d):
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.Conv2d) or calls[node.target] != 1:
             continue
         cur = node
         while len(cur.users) == 1:
@@ -38,7 +42,8 @@ def find_equalization_pairs(model: nn.Module) -> list[tuple[str, str]]:
             if nxt.op == "call_function" and nxt.target in _PASS_THROUGH_FUNCTIONS:
                 cur = nxt
                 continue
-            if nxt.op == "call_module" and isinstance(modules.get(nxt.target), nn.Conv2d) and nxt.args[0] is cur:
+            if (nxt.op == "call_module" and isinstance(modules.get(nxt.target), nn.Conv2d) and nxt.args[0] is cur
+                    and calls[nxt.target] == 1):
                 first, second = modules[node.target], modules[nxt.target]
                 if _is_plain_or_depthwise(first) and _is_plain_or_depthwise(second) \
                         and first.out_channels == second.in_channels:

@@ -33,6 +33,8 @@ def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
             continue
+        if modules[node.target].running_var is None:  # batch statistics at inference: not foldable
+            continue
         src = node.args[0] if node.args else None
         if (isinstance(src, torch.fx.Node) and src.op == "call_module"
                 and isinstance(modules.get(src.target), nn.Conv2d) and len(src.users) == 1

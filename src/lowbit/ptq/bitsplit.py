@@ -21,11 +21,10 @@ from torch import Tensor, nn
 
 from ..config import QuantConfig
 from ..errors import LowbitError
-from ..progress import progress_bar
 from ..quant.bitplanes import num_planes, split_planes, stitch_planes
-from ..quant.layers import QuantConv2d, quant_layers
+from ..quant.layers import QuantConv2d
 from ..quant.ranges import RANGE_ESTIMATORS
-from .common import quantizers_disabled
+from .sequential import walk_layers
 from .registry import register_method
 
 
@@ -165,73 +164,55 @@ def sweep_plane(t: Tensor, c: float, A: Tensor, diag: Tensor, Aq: Tensor, b_scal
 # Gathering the statistics of one layer
 # ---------------------------------------------------------------------------------------------
 
-class _Captured(Exception):
-    pass
+def _out_hw(layer: QuantConv2d, h: int, w: int, ph: int, pw: int) -> tuple[int, int]:
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
 
-@torch.no_grad()
-def capture_inputs(model: nn.Module, layers: dict[str, nn.Module], calib: Tensor, cfg: QuantConfig,
-                   last: str | None = None) -> dict[str, Tensor]:
-    """Inputs reaching each of ``layers`` (before their own quantizers) over the calibration set.
-
-    The forward pass is cut short once ``last`` has been reached. Tensors are kept on CPU.
-    """
-    chunks: dict[str, list[Tensor]] = {n: [] for n in layers}
-
-    def make_hook(name: str):
-        def hook(_mod, inputs):
-            chunks[name].append(inputs[0].detach().cpu())
-            if name == last:
-                raise _Captured
-        return hook
-
-    handles = [layer.register_forward_pre_hook(make_hook(n)) for n, layer in layers.items()]
-    try:
-        for i in range(0, len(calib), cfg.batch_size):
-            try:
-                model(calib[i:i + cfg.batch_size].to(cfg.device))
-            except _Captured:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [n for n, c in chunks.items() if not c]
-    if missing:
-        raise LowbitError(f"quantized layers {missing[:3]} were not reached by the calibration forward pass")
-    return {n: torch.cat(c) for n, c in chunks.items()}
-
-
-def patch_rows(layer: nn.Module, x: Tensor, positions: Tensor | None) -> Tensor:
-    """``K x N x D`` rows of inputs per conv group (unfolded patches for convs)."""
-    if isinstance(layer, QuantConv2d):
-        if layer.padding_mode != "zeros":
-            x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
-            padding = 0
-        else:
-            padding = layer.padding
-        cols = F.unfold(x, layer.kernel_size, layer.dilation, padding, layer.stride)  # N x (Cin k k) x L
-        if positions is not None:
-            cols = cols.gather(2, positions.unsqueeze(1).expand(-1, cols.shape[1], -1))
-        rows = cols.permute(0, 2, 1).reshape(-1, cols.shape[1])
-        k = layer.groups
-        return rows.reshape(rows.shape[0], k, -1).permute(1, 0, 2)
-    return x.reshape(-1, x.shape[-1]).unsqueeze(0)
+def _padding(layer: QuantConv2d, x: Tensor) -> tuple[int, int]:
+    if isinstance(layer.padding, str):  # "same" / "valid"
+        if layer.padding == "valid":
+            return 0, 0
+        (kh, kw), (dh, dw) = layer.kernel_size, layer.dilation
+        return dh * (kh - 1) // 2, dw * (kw - 1) // 2
+    return layer.padding
 
 
 def output_positions(layer: nn.Module, x: Tensor) -> int:
-    if isinstance(layer, QuantConv2d):
-        h, w = x.shape[-2:]
-        kh, kw = layer.kernel_size
-        sh, sw = layer.stride
-        dh, dw = layer.dilation
-        ph, pw = layer.padding if isinstance(layer.padding, tuple) else (0, 0)
-        return ((h + 2 * ph - dh * (kh - 1) - 1) // sh + 1) * ((w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
-    return 1
+    """Number of output positions per image (1 for linear layers)."""
+    if not isinstance(layer, QuantConv2d):
+        return 1
+    ph, pw = _padding(layer, x)
+    ho, wo = _out_hw(layer, x.shape[-2], x.shape[-1], ph, pw)
+    return ho * wo
+
+
+def patch_rows(layer: nn.Module, x: Tensor, positions: Tensor | None) -> Tensor:
+    """``K x rows x D`` input rows per conv group: the patches at ``positions`` (N x P flat output
+    indices; None = all) for convs, the inputs themselves for linear layers."""
+    if not isinstance(layer, QuantConv2d):
+        return x.reshape(-1, x.shape[-1]).unsqueeze(0)
+    ph, pw = _padding(layer, x)
+    n, cin, h, w = x.shape
+    ho, wo = _out_hw(layer, h, w, ph, pw)
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    xp = F.pad(x, (pw, pw, ph, ph), mode=mode) if (ph or pw) else x
+    hp, wp = xp.shape[-2:]
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+    if positions is None:
+        positions = torch.arange(ho * wo, device=x.device).expand(n, -1)
+    p = positions.shape[1]
+    oh, ow = positions // wo, positions % wo
+    offs = (torch.arange(kh, device=x.device) * dh).view(kh, 1) * wp + (torch.arange(kw, device=x.device) * dw).view(1, kw)
+    idx = ((oh * sh) * wp + ow * sw).unsqueeze(-1) + offs.reshape(1, 1, -1)  # N x P x kk
+    cols = xp.reshape(n, cin, hp * wp).gather(2, idx.reshape(n, 1, -1).expand(n, cin, -1))
+    rows = cols.reshape(n, cin, p, kh * kw).permute(0, 2, 1, 3).reshape(n * p, cin * kh * kw)
+    return rows.reshape(n * p, layer.groups, -1).permute(1, 0, 2)
 
 
 @torch.no_grad()
 def layer_statistics(layer: nn.Module, x_fp: Tensor, x_q: Tensor, samples: int, seed: int, device: torch.device,
-                     dtype: torch.dtype, chunk: int = 64) -> dict[str, Tensor]:
+                     dtype: torch.dtype, chunk: int = 256) -> dict[str, Tensor]:
     """Gram matrices A = Xq^T Xq, cross term Xfp^T Xq and column means over sampled patch rows."""
     n = len(x_fp)
     gen = torch.Generator().manual_seed(seed)
@@ -312,40 +293,31 @@ def reestimate_bn(model: nn.Module, calib: Tensor, cfg: QuantConfig) -> int:
 def bitsplit(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: BitSplitOptions) -> None:
     if opts.bn_reestimate and cfg.fold_bn:
         raise LowbitError("bn_reestimate needs fold_bn=False (folded BatchNorm has no statistics left)")
-    from ..graph.surgery import execution_order
-
     device = torch.device(cfg.device)
     dtype = torch.float64 if opts.fit_dtype == "float64" else torch.float32
-    layers = dict(quant_layers(qmodel))
-    order = [n for n in execution_order(qmodel, calib[:1].to(device)) if layers[n].weight_quant.enabled
-             or layers[n].input_quant.enabled]
     act_range = RANGE_ESTIMATORS[opts.act_method]
-    # Everything starts in float; layers are switched to quantized as they are fitted.
-    saved = {n: (l.weight_quant.enabled, l.input_quant.enabled) for n, l in layers.items()}
-    for l in layers.values():
-        l.weight_quant.enabled = l.input_quant.enabled = False
-    with quantizers_disabled(qmodel):
-        fp_inputs = capture_inputs(qmodel, {n: layers[n] for n in order}, calib, cfg)
-    for idx, name in enumerate(progress_bar(order, desc="bit-split", enable=cfg.progress)):
-        layer = layers[name]
-        w_on, a_on = saved[name]
-        x_fp = fp_inputs.pop(name)
-        x_in = capture_inputs(qmodel, {name: layer}, calib, cfg, last=name)[name] if opts.error_compensation else x_fp
+    visited = [0]
+
+    def visit(name: str, layer: nn.Module, x_fp: Tensor, x_q: Tensor, enabled: tuple[bool, bool]) -> None:
+        seed = cfg.seed + visited[0]
+        visited[0] += 1
+        x_in = x_q if opts.error_compensation else x_fp
+        w_on, a_on = enabled
         if a_on:
-            layer.input_quant.calibrate(x_in.reshape(-1)[_sample_index(x_in.numel(), cfg.seed + idx)], act_range)
+            layer.input_quant.calibrate(x_in.reshape(-1)[_sample_index(x_in.numel(), seed).to(x_in.device)], act_range)
             layer.input_quant.enabled = True
-            x_in = torch.cat([layer.input_quant(x_in[i:i + cfg.batch_size].to(device)).cpu()
-                              for i in range(0, len(x_in), cfg.batch_size)])
+            x_in = layer.input_quant(x_in)
         if w_on:
-            stats = layer_statistics(layer, x_fp, x_in, opts.samples, cfg.seed + idx, device, dtype)
+            stats = layer_statistics(layer, x_fp, x_in, opts.samples, seed, device, dtype)
             quantize_layer_weights(layer, stats, opts)
             layer.weight_quant.enabled = True
-        del x_fp, x_in
+
+    walk_layers(qmodel, calib, cfg, visit, desc="bit-split")
     if opts.bn_reestimate:
         reestimate_bn(qmodel, calib, cfg)
 
 
-def _sample_index(numel: int, seed: int, limit: int = 1 << 20) -> Tensor:
+def _sample_index(numel: int, seed: int, limit: int = 1 << 18) -> Tensor:
     """A fixed random subset of positions (all of them when small) for scale fitting."""
     if numel <= limit:
         return torch.arange(numel)

@@ -21,7 +21,7 @@ class QuantConv2d(nn.Conv2d):
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                 conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
                 weight_quant=weight_quant, input_quant=input_quant,
-                device=conv.weight.device, dtype=conv.weight.dtype)
+                device="meta", dtype=conv.weight.dtype)  # meta: no throwaway init, no RNG draw
         q.weight = conv.weight
         q.bias = conv.bias
         return q
@@ -43,7 +43,7 @@ class QuantLinear(nn.Linear):
     def from_float(cls, linear: nn.Linear, weight_quant: WeightQuantizer, input_quant: ActQuantizer) -> "QuantLinear":
         q = cls(linear.in_features, linear.out_features, linear.bias is not None,
                 weight_quant=weight_quant, input_quant=input_quant,
-                device=linear.weight.device, dtype=linear.weight.dtype)
+                device="meta", dtype=linear.weight.dtype)
         q.weight = linear.weight
         q.bias = linear.bias
         return q

@@ -68,15 +68,13 @@ def aciq_range(x: Tensor, bits: int, signed: bool, symmetric: bool, narrow: bool
     """
     lo0, hi0 = x.amin(1), x.amax(1)
     one_sided = bool((lo0 >= 0).all())
-    mean = x.mean(1)
-    spread = (x - mean.unsqueeze(1)).abs().mean(1) if dist == "laplace" else x.std(1)
+    # symmetric codes clip around 0, so their spread is measured around 0 too
+    centre = torch.zeros_like(lo0) if (signed and symmetric and not one_sided) else x.mean(1)
+    dev = x - centre.unsqueeze(1)
+    spread = dev.abs().mean(1) if dist == "laplace" else dev.pow(2).mean(1).sqrt()
     alpha = aciq_alpha(bits + 1 if one_sided else bits, dist) * spread
     if one_sided:
-        return lo0, torch.minimum(hi0, alpha)
-    if signed and symmetric:
-        centre = torch.zeros_like(mean)
-    else:
-        centre = mean
+        return lo0, torch.minimum(hi0, torch.maximum(alpha, hi0 * 1e-3))
     return torch.maximum(lo0, centre - alpha), torch.minimum(hi0, centre + alpha)
 
 
