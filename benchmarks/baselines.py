@@ -14,10 +14,9 @@ import time
 import torch
 
 import lowbit
-from lowbit.data import load_fashion_mnist, sample_calibration
 from lowbit.evaluate import accuracy
 
-from common import table, write_section
+from common import add_data_args, load_data, table, write_section
 
 METHODS = ["minmax", "mse", "aciq"]
 GRANULARITY = {"tensor": "per-layer", "channel": "per-channel"}
@@ -25,17 +24,10 @@ GRANULARITY = {"tensor": "per-layer", "channel": "per-channel"}
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv2"])
+    add_data_args(ap)
     ap.add_argument("--bits", nargs="+", type=int, default=[8, 6, 4, 3])
-    ap.add_argument("--calib-size", type=int, default=1024)
-    ap.add_argument("--eval-size", type=int, default=None, help="first N test images (default all 10k)")
-    ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-    x_train, _ = load_fashion_mnist("train")
-    x_test, y_test = load_fashion_mnist("test")
-    if args.eval_size:
-        x_test, y_test = x_test[:args.eval_size], y_test[:args.eval_size]
-    calib = sample_calibration(x_train, args.calib_size, seed=0)
+    calib, x_test, y_test = load_data(args)
     sections = []
     for name in args.models:
         fp = lowbit.load_pretrained(name)

@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 
 import lowbit
-from lowbit.data import load_fashion_mnist, sample_calibration
 from lowbit.evaluate import accuracy
 
-from common import table, write_section
+from common import add_data_args, load_data, table, write_section
 
 DEFAULT_CONFIGS = ["W8", "W4", "W3", "W2", "W8A8", "W4A4", "W3A3", "W2A8"]
 ABLATION = [("bitsplit, EC + bias corr. (default)", {}),
@@ -70,18 +69,11 @@ def fit_speed() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv2"])
+    add_data_args(ap)
     ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
     ap.add_argument("--ablation-configs", nargs="+", default=["W4A4", "W3A3", "W2A8"])
-    ap.add_argument("--calib-size", type=int, default=1024)
-    ap.add_argument("--eval-size", type=int, default=None)
-    ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-    x_train, _ = load_fashion_mnist("train")
-    x_test, y_test = load_fashion_mnist("test")
-    if args.eval_size:
-        x_test, y_test = x_test[:args.eval_size], y_test[:args.eval_size]
-    calib = sample_calibration(x_train, args.calib_size, seed=0)
+    calib, x_test, y_test = load_data(args)
     configs = [(c, *parse_config(c)) for c in args.configs]
     parts = []
     for name in args.models:

@@ -16,6 +16,24 @@ HEADER = ("# lowbit benchmark results\n\nEvery section below is written by the c
           "(never by hand); rerun that command to refresh it.\n")
 
 
+def add_data_args(ap) -> None:
+    ap.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv2"])
+    ap.add_argument("--calib-size", type=int, default=1024)
+    ap.add_argument("--eval-size", type=int, default=None, help="first N test images (default all 10k)")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+
+
+def load_data(args):
+    """``(calib, x_test, y_test)``: deterministic calibration sample of the train split, test split."""
+    from lowbit.data import load_fashion_mnist, sample_calibration
+
+    x_train, _ = load_fashion_mnist("train")
+    x_test, y_test = load_fashion_mnist("test")
+    if args.eval_size:
+        x_test, y_test = x_test[:args.eval_size], y_test[:args.eval_size]
+    return sample_calibration(x_train, args.calib_size, seed=0), x_test, y_test
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

@@ -169,6 +169,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import lowbit
     from .evaluate import timed_accuracy
 
+    onnx_path = args.onnx or (args.artifact if args.artifact and args.artifact.endswith(".onnx") else None)
+    if onnx_path:
+        from .export.onnx_qdq import onnx_accuracy
+
+        x, y = _eval_subset(*_data(args, "test"), args.eval_size)
+        acc, seconds = onnx_accuracy(onnx_path, x, y)
+        _emit(args, {"model": onnx_path, "runtime": "onnxruntime", "top1": round(acc, 2), "images": len(x),
+                     "seconds": round(seconds, 2)},
+              [f"{onnx_path} (ONNX Runtime, CPU): top-1 {acc:.2f}% on {len(x)} images ({seconds:.2f}s)"])
+        return 0
     if args.artifact:
         model = lowbit.load(args.artifact, device=args.device)
         what = args.artifact
@@ -248,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("eval", help="accuracy of an artifact or a zoo FP model")
-    p.add_argument("artifact", nargs="?", help="a .lowbit artifact")
+    p.add_argument("artifact", nargs="?", help="a .lowbit artifact (or an .onnx file)")
+    p.add_argument("--onnx", metavar="FILE", help="evaluate an ONNX model in ONNX Runtime (CPU)")
     _model_args(p, required=False)
     _common(p)
     p.set_defaults(func=cmd_eval)

@@ -352,6 +352,7 @@ def _rewrite_markers(model: onnx.ModelProto, weights: dict[str, WeightSpec], inp
     seen: Counter = Counter()
     layers_meta: dict[str, dict] = {}
     weight_outputs: dict[str, str] = {}
+    renamed: dict[str, str] = {}  # marker output -> short readable value name
 
     def add(tensor: TensorProto) -> str:
         added.setdefault(tensor.name, tensor)
@@ -365,7 +366,8 @@ def _rewrite_markers(model: onnx.ModelProto, weights: dict[str, WeightSpec], inp
         tag = tag.decode() if isinstance(tag, bytes) else tag
         kind, name = tag.split(":", 1)
         seen[tag] += 1
-        out = node.output[0]
+        suffix = "" if seen[tag] == 1 else f"#{seen[tag]}"
+        out = renamed[node.output[0]] = f"{name}.{'weight' if kind == 'w' else 'input'}_dq{suffix}"
         if kind == "w":
             spec = weights[name]
             codes = add(int_initializer(f"{name}.weight_q", spec.codes, spec.dtype))
@@ -376,14 +378,14 @@ def _rewrite_markers(model: onnx.ModelProto, weights: dict[str, WeightSpec], inp
             attrs = {"axis": 0} if len(spec.scale) > 1 else {}
             dq_out = out
             if spec.dtype in _GUARDED_TYPES:
-                dq_out = f"{name}.weight_dq_out#{seen[tag]}"
+                dq_out = f"{name}.weight_dq_unshaped{suffix}"
             new_nodes.append(helper.make_node("DequantizeLinear", [codes, scale, zero], [dq_out],
-                                              name=f"{name}.weight_dq#{seen[tag]}", **attrs))
+                                              name=f"{name}.weight_dq{suffix}", **attrs))
             if dq_out != out:
                 shape = add(numpy_helper.from_array(np.array(spec.codes.shape[:-1], dtype=np.int64),
                                                     f"{name}.weight_shape"))
                 new_nodes.append(helper.make_node("Reshape", [dq_out, shape], [out],
-                                                  name=f"{name}.weight_reshape#{seen[tag]}"))
+                                                  name=f"{name}.weight_reshape{suffix}"))
             layers_meta.setdefault(name, {})["weight"] = {"bits": spec.bits, "type": _type_name(spec.dtype),
                                                           "signed": spec.signed, "channels_scaled": len(spec.scale)}
             weight_outputs[out] = name
@@ -393,7 +395,6 @@ def _rewrite_markers(model: onnx.ModelProto, weights: dict[str, WeightSpec], inp
             scale = add(_scalar_initializer(f"{name}.input_scale", spec.scale, TensorProto.FLOAT))
             zero = add(_scalar_initializer(f"{name}.input_zero_point", spec.zero_point, dtype))
             src = node.input[0]
-            suffix = f"#{seen[tag]}"
             if clip:
                 # codes narrower than the container: clamp in float to the code range, which is the
                 # simulation's clamp after rounding (rounding is monotone), so the codes match exactly
@@ -407,7 +408,7 @@ def _rewrite_markers(model: onnx.ModelProto, weights: dict[str, WeightSpec], inp
                 new_nodes.append(helper.make_node("Clip", [src, lo, hi], [clipped], name=f"{name}.input_clip{suffix}"))
                 src = clipped
             q = f"{name}.input_q{suffix}"
-            new_nodes.append(helper.make_node("QuantizeLinear", [src, scale, zero], [q], name=f"{name}.input_ql{suffix}"))
+            new_nodes.append(helper.make_node("QuantizeLinear", [src, scale, zero], [q], name=f"{name}.input_q{suffix}"))
             new_nodes.append(helper.make_node("DequantizeLinear", [q, scale, zero], [out],
                                               name=f"{name}.input_dq{suffix}"))
             layers_meta.setdefault(name, {})["input"] = {"bits": spec.bits, "type": _type_name(dtype),
@@ -416,6 +417,10 @@ def _rewrite_markers(model: onnx.ModelProto, weights: dict[str, WeightSpec], inp
     if missing:
         raise LowbitError(f"quantizers not reached by the exported graph: {missing[:5]} (a layer whose forward "
                           "does not call its quantizers cannot be exported)")
+    for node in new_nodes:
+        for i, value in enumerate(node.input):
+            if value in renamed:
+                node.input[i] = renamed[value]
     del graph.node[:]
     graph.node.extend(new_nodes)
     graph.initializer.extend(added.values())
@@ -433,26 +438,27 @@ def _detach_biases(graph: onnx.GraphProto, weight_outputs: dict[str, str], input
     """
     inits = {t.name: t for t in graph.initializer}
     new_nodes = []
-    for node in graph.node:
+    for index, node in enumerate(graph.node):
         name = weight_outputs.get(node.input[1]) if len(node.input) > 1 else None
         if (name is None or name not in inputs or node.op_type not in ("Conv", "Gemm") or len(node.input) < 3
-                or not node.input[2] or node.input[2] not in inits):
+                or node.input[2] not in inits):
             new_nodes.append(node)
             continue
         bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
-        if node.op_type == "Gemm":
-            if bias.ndim == 1:
-                graph.initializer.append(numpy_helper.from_array(bias.reshape(1, -1), f"{name}.bias_2d"))
-                node.input[2] = f"{name}.bias_2d"
+        shaped = f"{name}.bias_2d" if node.op_type == "Gemm" else f"{name}.bias_nchw"
+        if shaped not in inits:
+            inits[shaped] = numpy_helper.from_array(bias.reshape((1, -1) if node.op_type == "Gemm"
+                                                                 else (1, -1, 1, 1)), shaped)
+            graph.initializer.append(inits[shaped])
+        if node.op_type == "Gemm":  # a 2-D C is never quantized and broadcasts the same way
+            node.input[2] = shaped
             new_nodes.append(node)
             continue
-        bias_name = graph_bias = f"{name}.bias_nchw"
-        graph.initializer.append(numpy_helper.from_array(bias.reshape(1, -1, 1, 1), graph_bias))
-        conv_out = node.output[0]
-        node.output[0] = f"{name}.conv_out"
+        out = node.output[0]
+        node.output[0] = f"{name}.conv_out#{index}"
         del node.input[2]
         new_nodes.append(node)
-        new_nodes.append(helper.make_node("Add", [node.output[0], bias_name], [conv_out], name=f"{name}.bias_add"))
+        new_nodes.append(helper.make_node("Add", [node.output[0], shaped], [out], name=f"{name}.bias_add#{index}"))
     del graph.node[:]
     graph.node.extend(new_nodes)
 

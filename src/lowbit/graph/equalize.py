@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fold import trace
+from .fold import module_graph
 from .modules import get_submodule
 
 _PASS_THROUGH_MODULES = (nn.Identity, nn.ReLU)
@@ -21,14 +21,10 @@ def find_equalization_pairs(model: nn.Module) -> list[tuple[str, str]]:
     ReLU is positively homogeneous, so scaling a channel by s > 0 before it and 1/s after it
     leaves the function unchanged; ReLU6 is not, so its pairs are skipped.
     """
-    graph = trace(model)
-    if graph is None:
+    traced = module_graph(model)
+    if traced is None:
         return []
-    modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    graph, modules, calls = traced
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), nn.Conv2d) or calls[node.target] != 1:

@@ -19,16 +19,25 @@ def trace(model: nn.Module):
         return None
 
 
-def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """``(conv_name, bn_name)`` for each BatchNorm2d fed only by a Conv2d used exactly once."""
+def module_graph(model: nn.Module) -> tuple[torch.fx.Graph, dict[str, nn.Module], dict[str, int]] | None:
+    """Traced graph, modules by name, and how often each module is called (shared modules cannot
+    be rewritten); None when the model cannot be traced."""
     graph = trace(model)
     if graph is None:
-        return []
-    modules = dict(model.named_modules())
+        return None
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
+    return graph, dict(model.named_modules()), calls
+
+
+def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """``(conv_name, bn_name)`` for each BatchNorm2d fed only by a Conv2d used exactly once."""
+    traced = module_graph(model)
+    if traced is None:
+        return []
+    graph, modules, calls = traced
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):

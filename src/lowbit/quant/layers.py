@@ -7,14 +7,18 @@ from torch import Tensor, nn
 from .quantizer import ActQuantizer, WeightQuantizer
 
 
-class QuantConv2d(nn.Conv2d):
-    """``nn.Conv2d`` whose input and weight pass through quantizers (names and params unchanged)."""
+class _Quantized:
+    """Attaches the two quantizers and the protocol role (first / last / body) to a layer."""
 
     def __init__(self, *args, weight_quant: WeightQuantizer, input_quant: ActQuantizer, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.weight_quant = weight_quant
         self.input_quant = input_quant
         self.role = "body"
+
+
+class QuantConv2d(_Quantized, nn.Conv2d):
+    """``nn.Conv2d`` whose input and weight pass through quantizers (names and params unchanged)."""
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, weight_quant: WeightQuantizer, input_quant: ActQuantizer) -> "QuantConv2d":
@@ -30,14 +34,8 @@ class QuantConv2d(nn.Conv2d):
         return self._conv_forward(self.input_quant(x), self.weight_quant(self.weight), self.bias)
 
 
-class QuantLinear(nn.Linear):
+class QuantLinear(_Quantized, nn.Linear):
     """``nn.Linear`` whose input and weight pass through quantizers."""
-
-    def __init__(self, *args, weight_quant: WeightQuantizer, input_quant: ActQuantizer, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.weight_quant = weight_quant
-        self.input_quant = input_quant
-        self.role = "body"
 
     @classmethod
     def from_float(cls, linear: nn.Linear, weight_quant: WeightQuantizer, input_quant: ActQuantizer) -> "QuantLinear":
