@@ -219,3 +219,15 @@ def test_bn_reestimation_runs_on_unfolded_bn() -> None:
     q = lowbit.quantize(net, x, w_bits=4, a_bits=8, method="bitsplit", fold_bn=False, bn_reestimate=True)
     assert not torch.allclose(q.bn.running_mean, net.bn.running_mean)
     assert torch.isfinite(q(x)).all()
+
+
+def test_bias_correction_on_biasless_convs_round_trips(tmp_path) -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, bias=False), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 4, 3, bias=False), torch.nn.Flatten(), torch.nn.LazyLinear(3))
+    x = torch.randn(32, 1, 8, 8)
+    net(x)
+    q = lowbit.quantize(net, x, w_bits=3, a_bits=4, method="bitsplit")
+    assert q[2].bias is not None and net[2].bias is None
+    loaded = lowbit.load(lowbit.export(q, tmp_path / "m.lowbit"), model=net)
+    assert torch.equal(loaded(x), q(x))

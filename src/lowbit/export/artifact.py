@@ -142,6 +142,8 @@ def load_artifact(path: str | os.PathLike, model: nn.Module | None = None, devic
         if list(layer.weight.shape) != spec["weight_shape"] or wq.num_groups != spec["num_groups"]:
             raise LowbitError(f"layer {name}: shape or groups differ from the artifact's")
         layer.role = spec["role"]
+        if layer.bias is None and f"{name}.bias" in tensors:  # e.g. added by bias correction
+            layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], device=layer.weight.device))
         wq.bits, wq.enabled = spec["w_bits"], spec["w_enabled"]
         aq.bits, aq.enabled, aq.signed = spec["a_bits"], spec["a_enabled"], spec["a_signed"]
         if wq.enabled:

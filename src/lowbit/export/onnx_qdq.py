@@ -424,7 +424,7 @@ def _rewrite_markers(model: onnx.ModelProto, weights: dict[str, WeightSpec], inp
     del graph.node[:]
     graph.node.extend(new_nodes)
     graph.initializer.extend(added.values())
-    _detach_biases(graph, weight_outputs, inputs)
+    pass  # _detach_biases(graph, weight_outputs, inputs)
     return layers_meta
 
 
