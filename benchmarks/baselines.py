@@ -28,7 +28,6 @@ def main() -> None:
     ap.add_argument("--bits", nargs="+", type=int, default=[8, 6, 4, 3])
     args = ap.parse_args()
     calib, x_test, y_test = load_data(args)
-    sections = []
     for name in args.models:
         fp = lowbit.load_pretrained(name)
         fp_acc = accuracy(fp, x_test, y_test)
@@ -46,15 +45,14 @@ def main() -> None:
                         accs.append(accuracy(q, x_test, y_test))
                         print(f"{name} {method} {label} W{b}{'A%d' % b if a_on else ''}: {accs[-1]:.2f}", flush=True)
                 rows.append([method, label] + accs + [sum(secs) / len(secs)])
-        sections.append(f"### {name} (FP top-1 {fp_acc:.2f}%, {len(x_test)} test images)\n\n" + table(header, rows))
-    body = ("## Baselines: TF-Lite min/max, MSE clipping, ACIQ (seed 004 table shape)\n\n"
-            f"Fashion-MNIST top-1 (%), {args.calib_size} calibration images, BN folded, first conv and last FC "
-            "at 8-bit weights, last FC input at 8 bit, network input unquantized. `W4` = 4-bit weights with FP "
-            "activations; `W4A4` = both. `s/config` = mean quantization wall-clock seconds.\n\n"
-            + "\n\n".join(sections))
-    if not args.no_write:
-        write_section("baselines", body)
-    print(body)
+        body = (f"## Baselines on {name}: TF-Lite min/max, MSE clipping, ACIQ (seed 004 table shape)\n\n"
+                f"Fashion-MNIST top-1 (%), FP {fp_acc:.2f}%, {len(x_test)} test images, {args.calib_size} "
+                "calibration images, BN folded, first conv and last FC at 8-bit weights, last FC input at 8 bit, "
+                "network input unquantized. `W4` = 4-bit weights with FP activations; `W4A4` = both. "
+                "`s/config` = mean quantization wall-clock seconds.\n\n" + table(header, rows))
+        if not args.no_write:
+            write_section(f"baselines-{name}", body)
+        print(body)
 
 
 if __name__ == "__main__":

@@ -2,36 +2,39 @@
 
 Each quantized layer becomes an ``IntegerConv2d`` / ``IntegerLinear``:
 
-* input codes ``q_x`` (integers in the quantizer's range, zero point ``z_x``) and weight codes
-  ``q_w`` (zero point ``z_w`` per output channel);
-* integer accumulation ``acc = sum (q_x - z_x) (q_w - z_w) + b_int`` with the bias in int32 at
-  scale ``s_x * s_w`` (``b_int = round(b / (s_x s_w))``). The products are formed in float64 on
-  integer-valued tensors, which is exact (every partial sum is an integer below 2^53), and the
-  result is held as int64; ``max_abs_acc`` records the largest accumulator so int32 overflow
-  can be checked (``IntegerModel.fits_int32``);
+* input codes ``q_x`` (zero point ``z_x``) and weight codes ``q_w`` (zero point ``z_w`` per
+  output channel), exactly the codes the ONNX export stores;
+* integer accumulation ``acc = sum (q_x - z_x)(q_w - z_w) + b_int``, the bias in int32 at scale
+  ``s_x * s_w`` (``b_int = round(b / (s_x s_w))``, TFLite's convention). The products are formed
+  in float64 on integer-valued tensors, which is exact (every partial sum is an integer below
+  2^53), and held as int64; ``max_abs_acc`` / ``fits_int32`` check the int32 register;
 * fixed-point requantization: when a layer's output reaches the next quantized layers only
-  through ReLU / ReLU6 / Identity / Dropout and all of those layers quantize it identically, the
-  layer emits their input codes directly, ``clamp(z_out + ((acc * M0 + 2^(n-1)) >> n), qmin,
-  qmax)`` with an int32 multiplier ``M0`` and right shift ``n`` (``M0 2^-n = s_x s_w / s_out``),
-  and ReLU / ReLU6 become integer clamps at ``z_out`` / ``z_out + round(6 / s_out)``;
+  through ReLU / ReLU6 / Identity / Dropout and all of them quantize it identically, the layer
+  emits their input codes directly, ``clamp(z_out + ((acc * M0 + 2^(n-1)) >> n), qmin, qmax)``
+  with an int32 multiplier ``M0`` and shift ``n`` (``M0 2^-n = s_x s_w / s_out``, round half
+  up), and ReLU / ReLU6 become integer clamps at ``z_out`` / ``z_out + round(6 / s_out)``;
 * otherwise the accumulator is dequantized, ``y = acc * s_x * s_w`` (float32), because the
   consumer is a float operation.
 
-Left in floating point, as documented deviations from a pure integer device: elementwise ops
-between layers that are not folded into requantization (residual Add, Concat, pooling,
-channel shuffle, ReLU after an Add) and the quantization of their float results into the next
-layer's codes; layers whose input is not quantized (by the protocol the first layer, which sees
-the FP image) run float input times integer weights; layers with disabled weight quantizers
-run in float. The rounding of requantization is round-half-up where the simulation rounds
-half-to-even in float32, so codes can differ by one at exact ties; ``integer_agreement``
-measures how often.
+Left in floating point (documented deviations from a pure integer device): elementwise ops that
+are not folded into requantization (residual Add, Concat, pooling, channel shuffle, a ReLU after
+an Add) and the quantization of their float results into the next layer's codes; layers whose
+input is not quantized (by the protocol the first layer, which sees the FP image) multiply the
+float input by the integer weights; layers with disabled weight quantizers run in float.
+
+Agreement with the simulation: the simulation keeps biases in float, and in deep networks one
+code flipped by the int32 bias rounding propagates, so at 4 bit the device result can differ on
+several percent of the images. ``with_int32_bias(qmodel)`` is the simulation with the device's
+bias rounding (the integer path matches it up to requantization ties), and ``bias_frac_bits=k``
+keeps ``k`` extra fractional bits of bias (accumulator scaled by ``2^k``), which closes the gap
+at the price of wider accumulators. ``integer_agreement`` measures logits, argmax and codes.
 """
 from __future__ import annotations
 
 import copy
 import math
-import operator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +43,7 @@ from ..errors import LowbitError
 from ..graph.modules import set_submodule
 from ..quant.layers import QuantConv2d, QuantLinear, quant_layers
 from .artifact import require_quantized
-from .onnx_qdq import collect_specs
+from .onnx_qdq import collect_specs, input_spec, weight_spec
 
 _ACC_LIMIT = 2 ** 31 - 1
 _PASS_MODULES = (nn.Identity, nn.Dropout)
@@ -49,7 +52,10 @@ _RELU6_FUNCTIONS = {nn.functional.relu6}
 
 
 def quantize_multiplier(m: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel real multipliers ``m > 0`` as ``(M0, shift)`` with ``M0`` in [2^30, 2^31), ``m ~ M0 2^-shift``."""
+    """Per-channel real multipliers ``m > 0`` as int32 ``M0`` in [2^30, 2^31) and ``shift``, ``m ~ M0 2^-shift``.
+
+    Multipliers below 2^-31 keep ``shift = 62`` and a smaller ``M0``.
+    """
     m0, shifts = [], []
     for value in m.double().tolist():
         if not value > 0 or not math.isfinite(value):
@@ -59,8 +65,10 @@ def quantize_multiplier(m: Tensor) -> tuple[Tensor, Tensor]:
         if q == 2 ** 31:
             q, exp = q // 2, exp + 1
         shift = 31 - exp
-        if shift < 1 or shift > 62:
+        if shift < 1:
             raise LowbitError(f"requantization multiplier {value:g} is outside the fixed-point range")
+        if shift > 62:  # a vanishing multiplier: keep the shift within int64 and drop low bits instead
+            q, shift = q >> (shift - 62), 62
         m0.append(q)
         shifts.append(shift)
     return torch.tensor(m0, dtype=torch.int64), torch.tensor(shifts, dtype=torch.int64)
@@ -79,12 +87,14 @@ def fixed_point_rescale(acc: Tensor, m0: Tensor, shift: Tensor) -> Tensor:
     return (acc * m0 + (torch.ones_like(shift) << (shift - 1))) >> shift
 
 
-class OutputCodes(nn.Module):
+@dataclass(frozen=True)
+class OutputCodes:
     """Where a layer's accumulator goes when it feeds quantizers directly: their scale and code range."""
 
-    def __init__(self, scale: float, zero_point: int, qmin: int, qmax: int) -> None:
-        super().__init__()
-        self.scale, self.zero_point, self.qmin, self.qmax = scale, zero_point, qmin, qmax
+    scale: float
+    zero_point: int
+    qmin: int
+    qmax: int
 
 
 class _IntegerLayer(nn.Module):
@@ -214,10 +224,8 @@ class IntClamp(nn.Module):
         return torch.clamp(q, min=self.lo, max=self.hi)
 
 
-def _layer_specs(name: str, layer: nn.Module):
-    """Export specs of one layer's enabled quantizers (``None`` where disabled)."""
-    from .onnx_qdq import input_spec, weight_spec
-
+def _layer_specs(name: str, layer: nn.Module) -> tuple[Any, Any]:
+    """Export specs (``WeightSpec``, ``InputSpec``) of one layer's enabled quantizers, ``None`` where disabled."""
     w = weight_spec(name, layer) if layer.weight_quant.enabled else None
     x = input_spec(name, layer) if layer.input_quant.enabled else None
     return w, x
@@ -361,9 +369,26 @@ def _activation_kind(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str 
             return "relu"
         if node.target in _RELU6_FUNCTIONS and len(node.args) == 1:
             return "relu6"
-        if node.target in (nn.functional.dropout, operator.pos):
-            return None
     return None
+
+
+@torch.no_grad()
+def with_int32_bias(qmodel: nn.Module) -> nn.Module:
+    """A copy of the simulation whose biases are rounded to the int32 grid ``s_x * s_w``, as a device
+    stores them (layers with an integer input and weights only).
+
+    The integer path with ``bias_frac_bits=0`` agrees with this copy up to requantization ties;
+    the gap between it and the original simulation is the cost of int32 biases.
+    """
+    require_quantized(qmodel)
+    rounded = copy.deepcopy(qmodel)
+    for _, layer in quant_layers(rounded):
+        wq, aq = layer.weight_quant, layer.input_quant
+        if layer.bias is None or not (wq.enabled and aq.enabled):
+            continue
+        step = aq.scale.double() * wq.channel_params(1)[0].double().view(-1)
+        layer.bias.copy_((torch.round(layer.bias.double() / step) * step).to(layer.bias.dtype))
+    return rounded
 
 
 def integer_model(qmodel: nn.Module, bias_frac_bits: int = 0) -> IntegerModel:
@@ -381,15 +406,14 @@ def integer_agreement(qmodel: nn.Module, images: Tensor, imodel: IntegerModel | 
         integer-accumulating layers equal to the simulation's), ``max_code_diff``, the largest
         accumulator and, with ``labels``, both top-1 accuracies (%).
     """
-    imodel = imodel or integer_model(qmodel)
+    imodel = integer_model(qmodel) if imodel is None else imodel
     device = next(qmodel.parameters()).device
     sim_layers = dict(quant_layers(qmodel))
-    watched = [n for n in imodel.integer_layers]
+    watched = imodel.integer_layers
     captured: dict[str, list[Tensor]] = {n: [] for n in watched}
 
-    def hook(name: str):
-        def fn(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            aq = module
+    def hook(name: str) -> Callable[..., None]:
+        def fn(aq: nn.Module, inputs: tuple, output: Tensor) -> None:
             q = torch.clamp(torch.round(inputs[0].float() / aq.scale) + aq.zero_point, *aq.qrange)
             captured[name].append(q.to(torch.int64).cpu())
         return fn

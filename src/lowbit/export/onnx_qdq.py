@@ -74,7 +74,7 @@ _TYPES: dict[tuple[int, bool], tuple[int, int]] = {
 }
 _GUARDED_TYPES = (TensorProto.INT2, TensorProto.UINT2)
 _NP_TYPES = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.INT16: np.int16,
-             TensorProto.UINT16: np.uint16}
+             TensorProto.UINT16: np.uint16, TensorProto.INT32: np.int32}
 
 
 def container_bits(bits: int) -> int:
@@ -344,7 +344,7 @@ def _scalar_initializer(name: str, value: float | int, dtype: int) -> TensorProt
 
 
 def _rewrite_markers(model: onnx.ModelProto, weights: dict[str, WeightSpec], inputs: dict[str, InputSpec],
-                     opset: int) -> dict[str, Any]:
+                     int32_bias: bool = False) -> dict[str, Any]:
     """Replace every ``lowbit::Mark`` node by DQ (weights) or [Clip] Q DQ (inputs); returns layer metadata."""
     graph = model.graph
     new_nodes: list[onnx.NodeProto] = []
@@ -424,33 +424,54 @@ def _rewrite_markers(model: onnx.ModelProto, weights: dict[str, WeightSpec], inp
     del graph.node[:]
     graph.node.extend(new_nodes)
     graph.initializer.extend(added.values())
-    pass  # _detach_biases(graph, weight_outputs, inputs)
+    _place_biases(graph, weight_outputs, weights, inputs, int32_bias)
     return layers_meta
 
 
-def _detach_biases(graph: onnx.GraphProto, weight_outputs: dict[str, str], inputs: dict[str, InputSpec]) -> None:
-    """Move the float bias of quantized-input Conv/Gemm nodes into a following Add.
+def _place_biases(graph: onnx.GraphProto, weight_outputs: dict[str, str], weights: dict[str, WeightSpec],
+                  inputs: dict[str, InputSpec], int32_bias: bool) -> None:
+    """Give the float bias of every Conv/Gemm with a quantized input its final form.
 
-    ONNX Runtime's WeightBiasQuantization rounds a float bias initializer of a Conv/Gemm whose
-    input comes from a DequantizeLinear to int32 at scale s_x * s_w, which the simulation does not
-    do (at 4 bit that alone moves top-1 by over a point); a bias added after the layer, or a 2-D
-    Gemm bias, is left alone.
+    Default: keep it exactly. ONNX Runtime's WeightBiasQuantization would round a float bias
+    initializer of a Conv/Gemm fed by DequantizeLinear to int32 at ``s_x * s_w``, which the
+    simulation does not do (at 4 bit that alone moved top-1 by over a point), so the bias is
+    added after the Conv instead (Gemm gets it as a 1 x N tensor, which is never quantized).
+    With ``int32_bias`` the bias is written as ``DequantizeLinear(int32, s_x * s_w)``, a device's
+    int32 bias, which lets ONNX Runtime fuse 8-bit layers into QLinearConv.
     """
-    inits = {t.name: t for t in graph.initializer}
+    inits = {t.name for t in graph.initializer}
+    constants = _constant_values(graph)
     new_nodes = []
     for index, node in enumerate(graph.node):
         name = weight_outputs.get(node.input[1]) if len(node.input) > 1 else None
         if (name is None or name not in inputs or node.op_type not in ("Conv", "Gemm") or len(node.input) < 3
-                or node.input[2] not in inits):
+                or node.input[2] not in constants):
             new_nodes.append(node)
             continue
-        bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
+        bias = constants[node.input[2]].astype(np.float32).reshape(-1)
+        if int32_bias:
+            w_scale = weights[name].scale
+            step = (np.float32(inputs[name].scale) * w_scale).astype(np.float32)
+            codes = np.round(bias.astype(np.float64) / step.astype(np.float64))
+            if np.abs(codes).max(initial=0) >= 2 ** 31:
+                raise LowbitError(f"layer {name}: the bias does not fit int32 at scale s_x * s_w")
+            if f"{name}.bias_q" not in inits:
+                inits |= {f"{name}.bias_q", f"{name}.bias_scale"}
+                graph.initializer.extend([int_initializer(f"{name}.bias_q", codes, TensorProto.INT32),
+                                          numpy_helper.from_array(step if len(step) > 1 else step.reshape(()),
+                                                                  f"{name}.bias_scale")])
+            attrs = {"axis": 0} if len(step) > 1 else {}
+            new_nodes.append(helper.make_node("DequantizeLinear", [f"{name}.bias_q", f"{name}.bias_scale"],
+                                              [f"{name}.bias_dq#{index}"], name=f"{name}.bias_dq#{index}", **attrs))
+            node.input[2] = f"{name}.bias_dq#{index}"
+            new_nodes.append(node)
+            continue
         shaped = f"{name}.bias_2d" if node.op_type == "Gemm" else f"{name}.bias_nchw"
         if shaped not in inits:
-            inits[shaped] = numpy_helper.from_array(bias.reshape((1, -1) if node.op_type == "Gemm"
-                                                                 else (1, -1, 1, 1)), shaped)
-            graph.initializer.append(inits[shaped])
-        if node.op_type == "Gemm":  # a 2-D C is never quantized and broadcasts the same way
+            inits.add(shaped)
+            graph.initializer.append(numpy_helper.from_array(bias.reshape((1, -1) if node.op_type == "Gemm"
+                                                                          else (1, -1, 1, 1)), shaped))
+        if node.op_type == "Gemm":
             node.input[2] = shaped
             new_nodes.append(node)
             continue
@@ -461,6 +482,20 @@ def _detach_biases(graph: onnx.GraphProto, weight_outputs: dict[str, str], input
         new_nodes.append(helper.make_node("Add", [node.output[0], shaped], [out], name=f"{name}.bias_add#{index}"))
     del graph.node[:]
     graph.node.extend(new_nodes)
+
+
+def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Values of initializers and of Constant / Identity-of-constant outputs (the exporter shares
+    equal initializers through Identity nodes, which ONNX Runtime folds back into initializers)."""
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            attr = next((a for a in node.attribute if a.name == "value"), None)
+            if attr is not None:
+                values[node.output[0]] = numpy_helper.to_array(attr.t)
+        elif node.op_type == "Identity" and node.input[0] in values:
+            values[node.output[0]] = values[node.input[0]]
+    return values
 
 
 def _prune(graph: onnx.GraphProto) -> None:
@@ -480,8 +515,8 @@ def _prune(graph: onnx.GraphProto) -> None:
     del graph.value_info[:]  # stale shapes of removed marker outputs; checker re-infers
 
 
-def build_onnx(qmodel: nn.Module, opset: int | None = None,
-               input_shape: Sequence[int] | None = None) -> onnx.ModelProto:
+def build_onnx(qmodel: nn.Module, opset: int | None = None, input_shape: Sequence[int] | None = None,
+               int32_bias: bool = False) -> onnx.ModelProto:
     """The QDQ ModelProto of a quantized model (checked, not written); see ``export_onnx``."""
     info = require_quantized(qmodel)
     weights, inputs = collect_specs(qmodel)
@@ -496,7 +531,7 @@ def build_onnx(qmodel: nn.Module, opset: int | None = None,
             model = version_converter.convert_version(model, opset)
         except Exception as exc:  # converter failures name an op without an adapter
             raise LowbitError(f"could not convert the traced graph to opset {opset}: {exc}") from None
-    layers_meta = _rewrite_markers(model, weights, inputs, opset)
+    layers_meta = _rewrite_markers(model, weights, inputs, bool(int32_bias))
     _prune(model.graph)
     del model.opset_import[:]
     model.opset_import.extend([helper.make_opsetid("", opset)])
@@ -504,7 +539,7 @@ def build_onnx(qmodel: nn.Module, opset: int | None = None,
     from .. import __version__
     model.producer_version = __version__
     meta = {"arch": info.get("arch"), "method": info.get("method"), "config": info.get("config"),
-            "layers": layers_meta}
+            "bias": "int32" if int32_bias else "float", "layers": layers_meta}
     helper.set_model_props(model, {"lowbit": json.dumps(meta)})
     try:
         onnx.checker.check_model(model, full_check=True)
@@ -514,22 +549,25 @@ def build_onnx(qmodel: nn.Module, opset: int | None = None,
 
 
 def export_onnx(qmodel: nn.Module, path: str | os.PathLike, opset: int | None = None,
-                input_shape: Sequence[int] | None = None) -> Path:
+                input_shape: Sequence[int] | None = None, int32_bias: bool = False) -> Path:
     """Write the QDQ ONNX graph of a quantized model, atomically.
 
     Args:
         qmodel: a model returned by ``lowbit.quantize`` (or ``lowbit.load``).
         path: destination file (any suffix; ``lowbit.export`` sends ``*.onnx`` here).
-        opset: ONNX opset; default the lowest that keeps every weight and activation at its real
-            width (13 for 5..8 bit, 21 for 3/4 or 16 bit, 25 for 1/2 bit). Weights below the
-            opset's narrowest type raise LowbitError; activations fall back to a wider type + Clip.
+        opset: ONNX opset; default the lowest that stores every weight at its width (13 for
+            5..8 bit, 21 for 3..4 and 9..16 bit, 25 for 1..2 bit); an older one raises LowbitError.
         input_shape: ``(C, H, W)`` or ``(N, C, H, W)`` used for tracing (batch stays dynamic);
             default the recorded calibration shape, else the first layer's channels at 28x28.
+        int32_bias: write biases as int32 at ``s_x * s_w`` (what an integer device stores; ONNX
+            Runtime then runs 8-bit layers as QLinearConv). The graph then matches
+            ``lowbit.export.integer.with_int32_bias(qmodel)`` rather than ``qmodel``. Default:
+            biases stay float and ONNX Runtime reproduces the simulation.
 
     Returns:
         ``path`` as a Path.
     """
-    model = build_onnx(qmodel, opset, input_shape)
+    model = build_onnx(qmodel, opset, input_shape, int32_bias)
     path = Path(path)
     atomic_write(path, lambda tmp: onnx.save_model(model, tmp))
     return path
@@ -546,8 +584,14 @@ def export_float_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Se
 
 
 # ------------------------------------------------------------------------------ running in ORT
-def onnx_session(path: str | os.PathLike | bytes, threads: int = 1, optimize: bool = True):
-    """An ONNX Runtime CPU session (``threads`` intra-op threads)."""
+def onnx_session(path: str | os.PathLike | bytes, threads: int = 1, optimize: bool = True,
+                 fold_weights: bool = False) -> Any:
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads.
+
+    ``fold_weights`` sets ``session.disable_quant_qdq``: ONNX Runtime then dequantizes the integer
+    weights once at load time (constant folding) instead of on every run, and runs float kernels
+    with pre-packed weights; activations still go through their Q/DQ, so results do not change.
+    """
     try:
         import onnxruntime as ort
     except ImportError:  # pragma: no cover
@@ -558,6 +602,8 @@ def onnx_session(path: str | os.PathLike | bytes, threads: int = 1, optimize: bo
     opts.log_severity_level = 3
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if fold_weights:
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
     source = path if isinstance(path, bytes) else str(path)
     if not isinstance(path, bytes) and not Path(path).is_file():
         raise LowbitError(f"no ONNX file at {path}")
@@ -614,7 +660,7 @@ def onnx_weight_report(path: str | os.PathLike | onnx.ModelProto) -> list[dict[s
     inits = {t.name: t for t in model.graph.initializer}
     rows = []
     for node in model.graph.node:
-        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits and node.input[0].endswith(".weight_q"):
             values = numpy_helper.to_array(inits[node.input[0]]).astype(np.int64)
             rows.append({"name": node.input[0], "type": _type_name(inits[node.input[0]].data_type),
                          "shape": list(values.shape), "min": int(values.min()), "max": int(values.max())})

@@ -37,7 +37,9 @@ class BitSplitOptions:
         samples: patch rows drawn from the calibration set per layer (0 = every position).
         error_compensation: fit each layer (weights and input scale) on the input produced by
             the already-quantized preceding layers; False fits on FP inputs like the official code.
-        act_method: input-scale fit: "lloyd" (Bit-Split's alternating fit), "mse" or "minmax".
+        act_method: input-scale fit: "mse" (search over clip ratios, default: measured better
+            than the alternating fit, which stops at local optima), "lloyd" (Bit-Split's
+            alternating fit) or "minmax".
         bias_correction: shift each bias so the mean output matches the FP layer's.
         bn_reestimate: re-estimate the statistics of BatchNorm layers that were not folded on
             the calibration set (needs fold_bn=False; the official code does this on 12.8k images).
@@ -47,7 +49,7 @@ class BitSplitOptions:
     iters: int = 4
     samples: int = 32768
     error_compensation: bool = True
-    act_method: str = "lloyd"
+    act_method: str = "mse"
     bias_correction: bool = True
     bn_reestimate: bool = False
     fit_dtype: str = "float64"
