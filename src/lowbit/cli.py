@@ -143,7 +143,7 @@ def _report(args: argparse.Namespace, fp, qmodel, seconds: float, evaluate: bool
         q_acc, q_t = timed_accuracy(qmodel, x, y, device=args.device)
         result.update(fp_top1=round(fp_acc, 2), quant_top1=round(q_acc, 2), drop=round(fp_acc - q_acc, 2),
                       eval_images=len(x), fp_eval_seconds=round(fp_t, 2), quant_eval_seconds=round(q_t, 2))
-        lines += [f"  top-1 on {len(x)} test images: FP {fp_acc:.2f}%  quantized {q_acc:.2f}%  (drop {fp_acc - q_acc:+.2f})",
+        lines += [f"  top-1 on {len(x)} test images: FP {fp_acc:.2f}%  quantized {q_acc:.2f}%  (drop {fp_acc - q_acc:.2f} points)",
                   f"  eval time: FP {fp_t:.2f}s  simulated-quantized {q_t:.2f}s"]
     lines.append(f"  size: FP32 {result['fp32_mb']:.3f} MB -> quantized {result['quantized_mb']:.3f} MB "
                  f"({result['compression']:.1f}x)")
