@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 bash scripts/bootstrap.sh
 job=${1:-demo}; shift || true
 case "$job" in
-  demo) exec .venv/bin/lowbit quantize --model resnet20 --w-bits 4 --a-bits 4 --method mse "$@" ;;
+  demo) exec .venv/bin/lowbit quantize --model resnet20 --w-bits 4 --a-bits 4 --method bitsplit "$@" ;;
   test) exec .venv/bin/python -m pytest "$@" ;;
   lowbit) exec .venv/bin/lowbit "$@" ;;
   bench) exec .venv/bin/python "$@" ;;
