@@ -72,6 +72,7 @@ def main() -> None:
     add_data_args(ap)
     ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
     ap.add_argument("--ablation-configs", nargs="+", default=["W4A4", "W3A3", "W2A8"])
+    ap.add_argument("--granularities", nargs="+", default=["tensor", "channel"], choices=["tensor", "channel"])
     args = ap.parse_args()
     calib, x_test, y_test = load_data(args)
     configs = [(c, *parse_config(c)) for c in args.configs]
@@ -80,7 +81,8 @@ def main() -> None:
         fp_acc = accuracy(fp, x_test, y_test)
         rows, times = [], []
         for method in ("minmax", "bitsplit"):
-            for gran, label in (("tensor", "per-layer"), ("channel", "per-channel")):
+            for gran in args.granularities:
+                label = {"tensor": "per-layer", "channel": "per-channel"}[gran]
                 accs, secs = [], []
                 for text, w, a in configs:
                     acc, s = run(fp, calib, x_test, y_test, w, a, method, granularity=gran)
