@@ -22,13 +22,12 @@ import numpy as np
 import torch
 
 import lowbit
-from lowbit.data import load_fashion_mnist, sample_calibration
 from lowbit.evaluate import predict
 from lowbit.export.integer import integer_agreement, integer_model, with_int32_bias
 from lowbit.export.onnx_qdq import export_float_onnx, export_onnx, onnx_predict, onnx_session
 from lowbit.export.size import MB, quantized_bytes
 
-from common import table, write_section
+from common import add_data_args, load_data, table, write_section
 
 CONFIGS = {"W8A8": (8, 8), "W4A4": (4, 4), "W2A4": (2, 4), "W4A8": (4, 8), "W3A3": (3, 3)}
 
@@ -114,33 +113,27 @@ def bench_model(name: str, args: argparse.Namespace, calib: torch.Tensor, x_test
                          (sim32 - ort32).abs().max().item()] + ["-"] * 6)
     lat = time_sessions(graphs, x_test, args.threads, 1, args.repeats, args.rounds)
     thr = time_sessions(graphs, x_test, args.threads, 256, 1, args.rounds)
+    big = min(256, len(x_test))
     for key in graphs:
-        speed_rows.append([name, key, 1000.0 * lat[key], 256.0 / thr[key], lat["FP32"] / lat[key],
+        speed_rows.append([name, key, 1000.0 * lat[key], big / thr[key], lat["FP32"] / lat[key],
                            thr["FP32"] / thr[key]])
-        print(f"{name} {key}: batch-1 {1000 * lat[key]:.3f} ms, batch-256 {256 / thr[key]:.0f} img/s", flush=True)
+        print(f"{name} {key}: batch-1 {1000 * lat[key]:.3f} ms, batch-{big} {big / thr[key]:.0f} img/s", flush=True)
     head = f"{name}: FP32 top-1 {fp_acc:.2f}% (PyTorch), {fp_ort_acc:.2f}% (ONNX Runtime)"
     return head, sizes, accs, speed_rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv2"])
+    add_data_args(ap)
     ap.add_argument("--configs", nargs="+", default=["W8A8", "W4A4", "W2A4"], choices=sorted(CONFIGS))
-    ap.add_argument("--calib-size", type=int, default=1024)
-    ap.add_argument("--eval-size", type=int, default=None, help="first N test images (default all 10k)")
     ap.add_argument("--integer-size", type=int, default=2000, help="test images for the integer path (slow)")
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
     ap.add_argument("--repeats", type=int, default=50, help="batch-1 runs per timing round")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median reported)")
     ap.add_argument("--random", action="store_true", help="random-weight models (development only; never written)")
-    ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    x_train, _ = load_fashion_mnist("train")
-    x_test, y_test = load_fashion_mnist("test")
-    if args.eval_size:
-        x_test, y_test = x_test[:args.eval_size], y_test[:args.eval_size]
-    calib = sample_calibration(x_train, args.calib_size, seed=0)
+    calib, x_test, y_test = load_data(args)
     heads, sizes, accs, speeds = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:

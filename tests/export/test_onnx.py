@@ -82,7 +82,10 @@ def test_zoo_round_trip_through_onnx_runtime(name, config, tmp_path) -> None:
     n_inputs = sum(l.input_quant.enabled for l in layers.values())
     qs = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
     assert len(qs) == n_inputs
-    assert {n.op_type for n in model.graph.node} >= {"DequantizeLinear", "QuantizeLinear"}
+    inits = {t.name: t for t in model.graph.initializer}
+    assert {inits[n.input[2]].data_type for n in qs} <= {TensorProto.UINT8, TensorProto.INT8}
+    clips = sum(n.op_type == "Clip" and n.name.endswith(".input_clip") for n in model.graph.node)
+    assert clips == (n_inputs - 1 if a_bits < 8 else 0)  # 4-bit codes clipped; the last layer's input is 8-bit
     assert "BatchNormalization" not in {n.op_type for n in model.graph.node}  # folded
 
 
@@ -111,7 +114,7 @@ def test_sub_byte_weights_are_stored_at_their_width(tmp_path) -> None:
     (12, 12, {}),                                        # 16-bit containers
 ])
 def test_other_widths_and_layouts(bits, a_bits, options, tmp_path) -> None:
-    q = lowbit.quantize(make_model("mobilenetv2"), calib_tensor(32), w_bits=bits, a_bits=a_bits, **options)
+    q = lowbit.quantize(make_model("resnet20"), calib_tensor(32), w_bits=bits, a_bits=a_bits, **options)
     path = export(q, tmp_path / "m.onnx")
     assert_matches_simulation(q, path, calib_tensor(16, seed=3))
     report = onnx_weight_report(path)
@@ -229,10 +232,40 @@ def test_int_initializer_packs_like_onnx() -> None:
 
 def test_export_leaves_the_model_unchanged(tmp_path) -> None:
     """The export never changes the model it is given (quantizers, device, outputs)."""
-    q = lowbit.quantize(make_model("shufflenetv2"), calib_tensor(16), w_bits=4, a_bits=4)
+    q = lowbit.quantize(make_model("resnet20"), calib_tensor(16), w_bits=4, a_bits=4)
     x = calib_tensor(4, seed=2)
     before = q(x).detach()
     export(q, tmp_path / "s.onnx")
     assert torch.equal(q(x).detach(), before)
     assert all(isinstance(l.weight_quant, WeightQuantizer) for _, l in quant_layers(q))
     assert os.listdir(tmp_path) == ["s.onnx"]
+
+
+def test_int32_bias_graph_and_folded_weight_sessions(tmp_path) -> None:
+    from lowbit.export.integer import with_int32_bias
+
+    q = lowbit.quantize(make_model("resnet20"), calib_tensor(32), w_bits=8, a_bits=8)
+    images = calib_tensor(32, seed=11)
+    path = export(q, tmp_path / "i32.onnx", int32_bias=True)
+    model = onnx.load(str(path))
+    bias_types = {t.data_type for t in model.graph.initializer if t.name.endswith(".bias_q")}
+    assert bias_types == {TensorProto.INT32}
+    assert json.loads(model.metadata_props[0].value)["bias"] == "int32"
+    assert_matches_simulation(with_int32_bias(q), path, images)  # a device's int32 biases, not the float ones
+    # the default graph under weight folding: same results, weights dequantized once at load
+    plain = export(q, tmp_path / "plain.onnx")
+    folded = torch.from_numpy(onnx_session(plain, fold_weights=True).run(None, {"input": images.numpy()})[0])
+    default = torch.from_numpy(onnx_session(plain).run(None, {"input": images.numpy()})[0])
+    assert torch.allclose(folded, default, rtol=1e-4, atol=1e-5)
+
+
+def test_untraceable_model_exports_with_a_warning(tmp_path) -> None:
+    """Data-dependent control flow: torch.onnx records one branch, and lowbit says so."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # BN folding's own notice that torch.fx cannot trace it
+        q = lowbit.quantize(make_model("untraceable"), calib_tensor(16), w_bits=4, a_bits=4)
+    with pytest.warns(UserWarning, match="only be valid for inputs like the example"):
+        path = export(q, tmp_path / "u.onnx")
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
