@@ -24,8 +24,8 @@ CONFIGS = {"W8A8": (8, 8), "W4A4": (4, 4), "W2A4": (2, 4)}
 @pytest.mark.parametrize("name", sorted(ZOO_SPECS))
 def test_zoo_integer_path_agrees_with_simulation(name, config) -> None:
     w_bits, a_bits = CONFIGS[config]
-    q = lowbit.quantize(make_model(name), calib_tensor(32), w_bits=w_bits, a_bits=a_bits, method="minmax")
-    images = calib_tensor(16, seed=7)
+    q = lowbit.quantize(make_model(name), calib_tensor(16), w_bits=w_bits, a_bits=a_bits, method="minmax")
+    images = calib_tensor(8, seed=7)
     device = integer_model(q)
     layers = dict(quant_layers(q))
     # every layer with a quantized input accumulates in integers; by the protocol only the first does not
@@ -33,11 +33,11 @@ def test_zoo_integer_path_agrees_with_simulation(name, config) -> None:
     assert device.traced and device.requantized, "conv -> ReLU -> conv chains requantize in fixed point"
     # int32 biases: the device equals the simulation with int32-rounded biases, up to requantization ties
     res = integer_agreement(with_int32_bias(q), images, device)
-    assert res["code_agreement"] >= 99.5 and res["argmax_agreement"] >= 90.0
+    assert res["code_agreement"] >= 99.5 and res["argmax_agreement"] >= 87.5
     assert res["fits_int32"]
     # with 16 fractional bias bits the device reproduces the unmodified simulation
     res16 = integer_agreement(q, images, integer_model(q, bias_frac_bits=16))
-    assert res16["code_agreement"] >= 99.5 and res16["argmax_agreement"] >= 90.0
+    assert res16["code_agreement"] >= 99.5 and res16["argmax_agreement"] >= 87.5
 
 
 def test_fully_integer_network_and_untraceable_fallback() -> None:

@@ -44,7 +44,7 @@ def assert_matches_simulation(qmodel: nn.Module, path: Path, images: torch.Tenso
     diff = (sim - ort).abs()
     scale = sim.abs().max().clamp_min(1e-12)
     assert diff.median() <= 1e-5 * scale, f"median |diff| {diff.median():.3g} vs logits {scale:.3g}"
-    assert (sim.argmax(1) == ort.argmax(1)).float().mean() >= 0.95
+    assert (sim.argmax(1) == ort.argmax(1)).float().mean() >= 0.9
 
 
 def dq_codes(model: onnx.ModelProto) -> dict[str, tuple[int, np.ndarray]]:
@@ -62,9 +62,9 @@ def dq_codes(model: onnx.ModelProto) -> dict[str, tuple[int, np.ndarray]]:
 @pytest.mark.parametrize("name", sorted(ZOO_SPECS))
 def test_zoo_round_trip_through_onnx_runtime(name, config, tmp_path) -> None:
     w_bits, a_bits = CONFIGS[config]
-    q = lowbit.quantize(make_model(name), calib_tensor(32), w_bits=w_bits, a_bits=a_bits, method="minmax")
+    q = lowbit.quantize(make_model(name), calib_tensor(16), w_bits=w_bits, a_bits=a_bits, method="minmax")
     path = export(q, tmp_path / "m.onnx")
-    assert_matches_simulation(q, path, calib_tensor(32, seed=7))
+    assert_matches_simulation(q, path, calib_tensor(16, seed=7))
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
     assert model.opset_import[0].version == {8: 13, 4: 21, 2: 25}[w_bits]
