@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lowbit
 from lowbit.data import sample_calibration
+from lowbit.errors import LowbitError
 from lowbit.export import read_artifact, unpack_codes
 from lowbit.quant.layers import quant_layers
 from lowbit.quant.uniform import int_range
@@ -345,3 +346,14 @@ def test_export_onnx_path_writes_onnx(resnet20, tmp_path, calib):
     path = lowbit.export(q, tmp_path / "m.onnx")
     assert path.is_file()
     onnx.checker.check_model(onnx.load(str(path)))
+
+
+def test_export_passes_onnx_options_and_rejects_them_elsewhere(resnet20, calib, tmp_path) -> None:
+    q = lowbit.quantize(resnet20, calib, w_bits=4, a_bits=4)
+    with pytest.raises(LowbitError, match="opset"):
+        lowbit.export(q, tmp_path / "m.onnx", opset=13)  # 4-bit weights need opset 21
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(LowbitError, match=".onnx exports only"):
+        lowbit.export(q, tmp_path / "m.lowbit", opset=21)
+    assert lowbit.export(q, tmp_path / "m.onnx", opset=21).exists()
+    assert isinstance(lowbit.integer_model(q), torch.nn.Module)

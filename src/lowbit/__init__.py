@@ -1,11 +1,11 @@
 """lowbit: low-bit (8 to 1 bit) quantization of PyTorch CNNs, with real integer export."""
 from . import export as _export_package  # noqa: F401  (loaded first: the function below takes the name)
-from .api import export, load, methods, quantize
+from .api import export, integer_model, load, methods, quantize
 from .config import QuantConfig
 from .errors import LowbitError
 from .models import create_model, list_models, load_pretrained, register_model
 from .ptq.registry import register_method
 
 __version__ = "0.1.0"
-__all__ = ["export", "load", "methods", "quantize", "QuantConfig", "LowbitError", "create_model", "list_models",
+__all__ = ["export", "integer_model", "load", "methods", "quantize", "QuantConfig", "LowbitError", "create_model", "list_models",
            "load_pretrained", "register_model", "register_method", "__version__"]

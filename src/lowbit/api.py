@@ -94,15 +94,28 @@ def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = DEFAULT_B
     return qmodel.eval()
 
 
-def export(qmodel: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the deployable artifact of a quantized model (packed integer weights, safetensors)."""
+def export(qmodel: nn.Module, path: str | os.PathLike, **onnx_options: Any) -> Path:
+    """Write the deployable artifact of a quantized model.
+
+    A path ending in ``.onnx`` gives a QDQ ONNX graph (``onnx_options``: ``opset``,
+    ``input_shape``, ``int32_bias``); any other path the packed safetensors artifact.
+    """
     from .export.artifact import save_artifact
 
     path = Path(path)
     if path.suffix == ".onnx":
         from .export.onnx_qdq import export_onnx
-        return export_onnx(qmodel, path)
+        return export_onnx(qmodel, path, **onnx_options)
+    if onnx_options:
+        raise LowbitError(f"options {sorted(onnx_options)} apply to .onnx exports only")
     return save_artifact(qmodel, path)
+
+
+def integer_model(qmodel: nn.Module, bias_frac_bits: int = 0) -> nn.Module:
+    """The integer-only reference of a quantized model (integer weights, codes and accumulation)."""
+    from .export.integer import integer_model as build
+
+    return build(qmodel, bias_frac_bits)
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None, device: str = "cpu") -> nn.Module:
