@@ -23,7 +23,7 @@ def run_batches(model: nn.Module, calib: Tensor, cfg: QuantConfig, desc: str = "
 
 @contextmanager
 def quantizers_disabled(model: nn.Module) -> Iterator[None]:
-    """Temporarily run ``model`` in floating point."""
+    """Temporarily run ``model`` (a quantized model, or one quantized layer) in floating point."""
     layers = [layer for _, layer in quant_layers(model)]
     saved = [(l.weight_quant.enabled, l.input_quant.enabled) for l in layers]
     for l in layers:

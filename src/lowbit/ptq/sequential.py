@@ -18,6 +18,7 @@ from torch.fx.node import map_arg
 from ..config import QuantConfig
 from ..errors import LowbitError
 from ..progress import progress_bar
+from .common import quantizers_disabled
 from ..quant.layers import QUANT_LAYERS, quant_layers
 
 # visit(name, layer, fp_input, quant_input, (weights_on, inputs_on)) quantizes ``layer`` in place:
@@ -112,28 +113,17 @@ def walk_layers(model: nn.Module, calib: Tensor, cfg: QuantConfig, visit: Visit,
             visit(node.target, layer, x_fp, x_q, saved[node.target])
             env_q[node] = [_run_node(node, model, modules, env_q, i) for i in range(len(chunks))]
             del x_fp, x_q
-        else:
-            with _all_disabled(layers):
+        elif node.op == "call_module" and node.target in layers:  # a layer not being visited: FP in env_fp
+            with quantizers_disabled(layers[node.target]):
                 env_fp[node] = [_run_node(node, model, modules, env_fp, i) for i in range(len(chunks))]
+            env_q[node] = [_run_node(node, model, modules, env_q, i) for i in range(len(chunks))]
+        else:
+            env_fp[node] = [_run_node(node, model, modules, env_fp, i) for i in range(len(chunks))]
             env_q[node] = [_run_node(node, model, modules, env_q, i) for i in range(len(chunks))]
         for inp in node.all_input_nodes:
             if last_use.get(inp) == idx:
                 env_fp.pop(inp, None)
                 env_q.pop(inp, None)
-
-
-class _all_disabled:
-    """Context: every quantized layer runs in float (for the FP environment)."""
-
-    def __init__(self, layers: dict[str, nn.Module]) -> None:
-        self.layers = layers
-
-    def __enter__(self) -> None:
-        self.saved = {n: _set_layer_enabled(l, False, False) for n, l in self.layers.items()}
-
-    def __exit__(self, *exc) -> None:
-        for n, state in self.saved.items():
-            _set_layer_enabled(self.layers[n], *state)
 
 
 class _Captured(Exception):
@@ -177,7 +167,7 @@ def _walk_with_hooks(model: nn.Module, calib: Tensor, cfg: QuantConfig, visit: V
     from ..graph.surgery import execution_order
 
     order = [n for n in execution_order(model, calib[:1].to(cfg.device)) if n in todo]
-    with _all_disabled(layers):
+    with quantizers_disabled(model):
         fp_inputs = capture_inputs(model, {n: layers[n] for n in order}, calib, cfg)
     for name in order:
         x_q = capture_inputs(model, {name: layers[name]}, calib, cfg, last=name)[name]
