@@ -96,7 +96,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
     kwargs = json.loads(args.model_kwargs or "{}")
     _, result = train_zoo_model(args.model, cfg, args.data, save=not args.no_save, progress=_progress(args),
-                                log=log, **kwargs)
+                                log=log, resume=args.resume, **kwargs)
     _emit(args, {"model": args.model, "test_accuracy": result.test_accuracy, "history": result.history},
           [f"{args.model}: test accuracy {result.test_accuracy:.2f}%"])
     return 0
@@ -128,7 +128,7 @@ def _quantize_from_args(args: argparse.Namespace):
 
 def _report(args: argparse.Namespace, fp, qmodel, seconds: float, evaluate: bool) -> int:
     from .evaluate import timed_accuracy
-    from .export.size import size_report
+    from .deploy.size import size_report
 
     import lowbit
 
@@ -171,7 +171,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     onnx_path = args.onnx or (args.artifact if args.artifact and args.artifact.endswith(".onnx") else None)
     if onnx_path:
-        from .export.onnx_qdq import onnx_accuracy
+        from .deploy.onnx_qdq import onnx_accuracy
 
         x, y = _eval_subset(*_data(args, "test"), args.eval_size)
         acc, seconds = onnx_accuracy(onnx_path, x, y)
@@ -245,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-save", action="store_true", help="do not overwrite the shipped checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="start from the shipped checkpoint (fine-tune with a fresh schedule)")
     _common(p)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("quantize", help="quantize a model and report FP vs quantized accuracy, size, time")

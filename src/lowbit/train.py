@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import LowbitError
 from .evaluate import accuracy
 from .progress import progress_bar
 
@@ -100,8 +101,13 @@ def train_model(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tens
 
 
 def train_zoo_model(name: str, cfg: TrainConfig, data_root: str | None = None, save: bool = True,
-                    progress: bool = True, log=print, **model_kwargs) -> tuple[nn.Module, TrainResult]:
-    """Train zoo model ``name`` on Fashion-MNIST and (optionally) store it as the shipped checkpoint."""
+                    progress: bool = True, log=print, resume: bool = False,
+                    **model_kwargs) -> tuple[nn.Module, TrainResult]:
+    """Train zoo model ``name`` on Fashion-MNIST and (optionally) store it as the shipped checkpoint.
+
+    With ``resume`` the shipped checkpoint is the starting point (a fresh schedule of ``cfg.epochs``
+    epochs, typically with a smaller ``lr``), and the stored metadata keeps the earlier runs.
+    """
     import time
 
     from .data import load_fashion_mnist
@@ -111,17 +117,32 @@ def train_zoo_model(name: str, cfg: TrainConfig, data_root: str | None = None, s
     x_train, y_train = load_fashion_mnist("train", data_root)
     x_test, y_test = load_fashion_mnist("test", data_root)
     torch.manual_seed(cfg.seed)
-    model = create_model(name, **model_kwargs)
+    earlier: list[dict] = []
+    if resume:
+        from .models.zoo import load_pretrained, pretrained_info
+
+        previous = pretrained_info(name)
+        if model_kwargs and model_kwargs != previous.get("kwargs", {}):
+            raise LowbitError(f"--resume: {name} checkpoint was built with {previous.get('kwargs')}, not {model_kwargs}")
+        model_kwargs = previous.get("kwargs", {})
+        model = load_pretrained(name).train()
+        earlier = previous.get("runs", []) or [{k: v for k, v in previous.items() if k not in ("name", "kwargs", "dataset")}]
+    else:
+        model = create_model(name, **model_kwargs)
     if cfg.device == "cpu":
         model = model.to(memory_format=torch.channels_last)
     start = time.perf_counter()
     result = train_model(model, x_train, y_train, x_test, y_test, cfg, progress=progress, log=log)
     model = model.to(memory_format=torch.contiguous_format)
     if save:
-        info = {"name": name, "kwargs": model_kwargs, "dataset": "fashion-mnist",
-                "test_accuracy": round(result.test_accuracy, 2), "epochs": cfg.epochs,
-                "batch_size": cfg.batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
-                "seed": cfg.seed, "train_seconds": round(time.perf_counter() - start, 1),
-                "history": result.history}
+        run = {"test_accuracy": round(result.test_accuracy, 2), "epochs": cfg.epochs,
+               "batch_size": cfg.batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
+               "seed": cfg.seed, "train_seconds": round(time.perf_counter() - start, 1),
+               "history": result.history}
+        info = {"name": name, "kwargs": model_kwargs, "dataset": "fashion-mnist", **run}
+        if earlier:
+            info["epochs"] = sum(r["epochs"] for r in earlier) + cfg.epochs
+            info["train_seconds"] = round(sum(r["train_seconds"] for r in earlier) + run["train_seconds"], 1)
+            info["runs"] = earlier + [run]
         save_pretrained(model, name, info)
     return model, result

@@ -1,0 +1,204 @@
+"""Block reconstruction PTQ: learned rounding per block (BRECQ) with optional QDrop.
+
+Starting from the MSE-clipping baseline, each block of the quantized network is fitted to the
+floating-point network's block output, block after block, on the quantized network's own
+inputs (so earlier errors are compensated). What is learned: the rounding direction of every
+weight (AdaRound's soft rounding, annealed to hard 0/1 decisions) and the step size of every
+activation quantizer inside the block (LSQ). QDrop randomly keeps activations unquantized
+during the fit (``drop_prob=0.5``), which is the ``qdrop`` method.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..config import QuantConfig
+from ..errors import LowbitError
+from ..progress import progress_bar
+from ..quant.learnable import LearnedStepAct, SoftRoundWeight
+from .baselines import MseOptions, mse
+from .blocks import Block, capture_block_io, find_blocks
+from .common import quantizers_disabled
+from .registry import register_method
+
+
+@dataclass(frozen=True)
+class ReconOptions:
+    """Options of block reconstruction.
+
+    Attributes:
+        iters: optimisation steps per block (BRECQ uses 20000; a few hundred to a few thousand
+            suffice on small networks, see benchmarks/RESULTS.md).
+        batch_size: images per step.
+        lr: Adam learning rate of the rounding variables.
+        act_lr: Adam learning rate of activation step sizes (cosine-annealed); 0 keeps them fixed.
+        reg_weight: weight of the rounding regulariser (lambda).
+        beta_start: initial sharpness exponent of the regulariser.
+        beta_end: final sharpness exponent.
+        warmup: fraction of steps without the regulariser.
+        drop_prob: QDrop probability of keeping an activation unquantized during the fit.
+        max_block_layers: larger modules are split into smaller blocks.
+        cache_mb: in-memory budget per cached tensor; larger caches go to a temporary file.
+    """
+
+    iters: int = 500
+    batch_size: int = 32
+    lr: float = 1e-3
+    act_lr: float = 4e-5
+    reg_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+    drop_prob: float = 0.0
+    max_block_layers: int = 8
+    cache_mb: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.iters < 1 or self.batch_size < 1:
+            raise LowbitError("reconstruction iters and batch_size must be >= 1")
+        if self.lr <= 0 or self.act_lr < 0 or self.reg_weight < 0:
+            raise LowbitError("reconstruction lr must be > 0, act_lr and reg_weight >= 0")
+        if not 0 <= self.warmup < 1 or not 0 <= self.drop_prob < 1:
+            raise LowbitError("reconstruction warmup and drop_prob must be in [0, 1)")
+        if self.beta_start < self.beta_end or self.beta_end <= 0:
+            raise LowbitError("reconstruction needs beta_start >= beta_end > 0")
+
+
+@dataclass(frozen=True)
+class QDropOptions(ReconOptions):
+    """Block reconstruction with QDrop (activation quantization dropped with ``drop_prob``)."""
+
+    drop_prob: float = 0.5
+
+
+def block_loss(out: Tensor, target: Tensor) -> Tensor:
+    """Squared error summed over channels, averaged over batch and positions (BRECQ's ``lp_loss``)."""
+    diff = (out - target).pow(2)
+    return diff.sum(1).mean() if diff.dim() > 1 else diff.mean()
+
+
+def beta_at(step: int, opts: ReconOptions) -> float | None:
+    """Regulariser exponent at ``step`` (None during warm-up): linear decay after warm-up."""
+    start = opts.warmup * opts.iters
+    if step < start:
+        return None
+    t = (step - start) / max(1.0, opts.iters - start)
+    return opts.beta_end + (opts.beta_start - opts.beta_end) * max(0.0, 1.0 - t)
+
+
+def _swap_in(block: Block, opts: ReconOptions) -> tuple[list, list]:
+    rounders, acts = [], []
+    for _, layer in block.layers:
+        wq = layer.weight_quant
+        if wq.enabled and not wq.binary:
+            layer.weight_quant = SoftRoundWeight(wq, layer.weight)
+            rounders.append((layer, layer.weight_quant))
+        if layer.input_quant.enabled and (opts.act_lr > 0 or opts.drop_prob > 0):
+            layer.input_quant = LearnedStepAct(layer.input_quant, opts.drop_prob)
+            acts.append((layer, layer.input_quant))
+    return rounders, acts
+
+
+def reconstruct_block(block: Block, inputs, targets, opts: ReconOptions, gen: torch.Generator,
+                      progress: bool = True) -> dict[str, float]:
+    """Fit one block's rounding and activation steps to ``targets``; returns first/last loss."""
+    rounders, acts = _swap_in(block, opts)
+    params = [p for p in block.module.parameters()]
+    saved_grad = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    for _, r in rounders:
+        r.v.requires_grad_(True)
+    for _, a in acts:
+        a.scale.requires_grad_(opts.act_lr > 0)
+    groups = []
+    if rounders:
+        groups.append(torch.optim.Adam([r.v for _, r in rounders], lr=opts.lr))
+    act_params = [a.scale for _, a in acts if opts.act_lr > 0]
+    scheds = []
+    if act_params:
+        a_opt = torch.optim.Adam(act_params, lr=opts.act_lr)
+        groups.append(a_opt)
+        scheds.append(torch.optim.lr_scheduler.CosineAnnealingLR(a_opt, T_max=opts.iters, eta_min=0.0))
+    was_training = block.module.training
+    block.module.eval()  # dropout/BN keep inference behaviour; only QDrop is stochastic
+    for _, a in acts:
+        a.train()
+    losses = {"first": float("nan"), "last": float("nan")}
+    try:
+        if groups:
+            n = len(inputs)
+            bar = progress_bar(range(opts.iters), desc=f"reconstructing {block.name}", enable=progress)
+            for step in bar:
+                idx = torch.randint(0, n, (min(opts.batch_size, n),), generator=gen)
+                out = block.module(inputs.get(idx))
+                rec = block_loss(out, targets.get(idx))
+                loss = rec
+                beta = beta_at(step, opts)
+                if beta is not None and rounders and opts.reg_weight > 0:
+                    loss = loss + opts.reg_weight * sum(r.regularizer(beta) for _, r in rounders)
+                for opt in groups:
+                    opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for opt in groups:
+                    opt.step()
+                for s in scheds:
+                    s.step()
+                if step == 0:
+                    losses["first"] = rec.item()
+                if step % 50 == 0 or step == opts.iters - 1:
+                    losses["last"] = rec.item()
+                    bar.set_postfix(rec=f"{rec.item():.4g}")
+    finally:
+        for layer, r in rounders:
+            layer.weight_quant = r.commit(layer)
+        for layer, a in acts:
+            layer.input_quant = a.commit()
+        for p, g in zip(params, saved_grad):
+            p.requires_grad_(g)
+        block.module.train(was_training)
+    return losses
+
+
+def reconstruct(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: ReconOptions,
+                init: MseOptions = MseOptions()) -> list[dict]:
+    """Block-by-block reconstruction of ``qmodel`` in place; returns per-block losses."""
+    mse(qmodel, calib, cfg, init)
+    device = torch.device(cfg.device)
+    teacher = copy.deepcopy(qmodel).eval()
+    blocks = find_blocks(qmodel, calib[:2].to(device), opts.max_block_layers)
+    teacher_modules = dict(teacher.named_modules())
+    limit = opts.cache_mb * 2 ** 20
+    gen = torch.Generator().manual_seed(cfg.seed)
+    report = []
+    was_training = qmodel.training
+    qmodel.eval()
+    with quantizers_disabled(teacher):
+        for block in progress_bar(blocks, desc="blocks", enable=cfg.progress and len(blocks) > 1):
+            inputs, _ = capture_block_io(qmodel, block.module, calib, cfg.batch_size, limit, device,
+                                         want_output=False)
+            _, targets = capture_block_io(teacher, teacher_modules[block.name], calib, cfg.batch_size,
+                                          limit, device)
+            with torch.enable_grad():
+                losses = reconstruct_block(block, inputs, targets, opts, gen, progress=cfg.progress)
+            report.append({"block": block.name, "layers": len(block.layers), **losses})
+            inputs.close()
+            targets.close()
+    qmodel.train(was_training)
+    return report
+
+
+@register_method("brecq", ReconOptions,
+                 description="block reconstruction: learned rounding + activation steps per block (BRECQ)")
+def brecq(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: ReconOptions) -> None:
+    qmodel.lowbit_recon = reconstruct(qmodel, calib, cfg, opts)
+
+
+@register_method("qdrop", QDropOptions,
+                 description="block reconstruction with random activation-quantization dropping (QDrop)")
+def qdrop(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: QDropOptions) -> None:
+    qmodel.lowbit_recon = reconstruct(qmodel, calib, cfg, opts)
+

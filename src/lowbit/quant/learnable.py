@@ -1,0 +1,118 @@
+"""Trainable stand-ins for the quantizers: learned step sizes (LSQ) and learned rounding (AdaRound).
+
+Each wraps a calibrated ``WeightQuantizer`` / ``ActQuantizer``, is swapped into a layer while it
+is optimised, and writes what it learned back (``commit``) so the plain quantizers, the
+artifact and the ONNX export see ordinary scales and integer weights.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .quantizer import ActQuantizer, WeightQuantizer
+from .uniform import fake_quantize
+
+# AdaRound's stretched sigmoid (Nagel et al. 2020): h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1)
+ZETA, GAMMA = 1.1, -0.1
+
+
+def scale_grad(x: Tensor, factor: float) -> Tensor:
+    """``x`` in the forward pass, gradient multiplied by ``factor`` (LSQ's step-size gradient scale)."""
+    return (x - x * factor).detach() + x * factor
+
+
+class LearnedStepWeight(nn.Module):
+    """Weight fake-quantizer with a trainable step size per group (LSQ)."""
+
+    def __init__(self, quant: WeightQuantizer, weight: Tensor, lsq_grad_scale: bool = True) -> None:
+        super().__init__()
+        self.quant = quant
+        self.scale = nn.Parameter(quant.scale.detach().clone())
+        qmax = max(abs(q) for q in quant.qrange)
+        self.grad_factor = 1.0 / math.sqrt(weight.numel() / quant.num_groups * qmax) if lsq_grad_scale else 1.0
+
+    def forward(self, w: Tensor) -> Tensor:
+        q = self.quant
+        rep = q.channels // q.num_groups
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        s = scale_grad(self.scale.abs().clamp_min(1e-8), self.grad_factor).repeat_interleave(rep).view(shape)
+        z = q.zero_point.repeat_interleave(rep).view(shape)
+        qmin, qmax = q.qrange
+        return fake_quantize(w, s, z, qmin, qmax, q.binary)
+
+    @torch.no_grad()
+    def commit(self) -> WeightQuantizer:
+        self.quant.scale.copy_(self.scale.abs().clamp_min(1e-8))
+        return self.quant
+
+
+class LearnedStepAct(nn.Module):
+    """Activation fake-quantizer with a trainable step size and optional QDrop.
+
+    With ``drop_prob`` > 0 and ``dropping`` on, each element keeps its unquantized value with that
+    probability (QDrop, Wei et al. 2022), which flattens the loss landscape seen by later blocks.
+    """
+
+    def __init__(self, quant: ActQuantizer, drop_prob: float = 0.0, lsq_grad_scale: bool = False) -> None:
+        super().__init__()
+        self.quant = quant
+        self.scale = nn.Parameter(quant.scale.detach().clone())
+        self.drop_prob = drop_prob
+        self.dropping = drop_prob > 0
+        self.lsq_grad_scale = lsq_grad_scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        q = self.quant
+        if not q.enabled:
+            return x
+        qmin, qmax = q.qrange
+        s = self.scale.abs().clamp_min(1e-8)
+        if self.lsq_grad_scale:
+            s = scale_grad(s, 1.0 / math.sqrt(x[0].numel() * max(abs(qmin), qmax)))
+        out = fake_quantize(x, s, q.zero_point, qmin, qmax)
+        if self.dropping and self.training:
+            out = torch.where(torch.rand_like(x) < self.drop_prob, x, out)
+        return out
+
+    @torch.no_grad()
+    def commit(self) -> ActQuantizer:
+        self.quant.scale.copy_(self.scale.abs().clamp_min(1e-8))
+        return self.quant
+
+
+class SoftRoundWeight(nn.Module):
+    """AdaRound: integer weights ``floor(w / s) + h(V)`` with a learned rounding variable ``V``."""
+
+    def __init__(self, quant: WeightQuantizer, weight: Tensor) -> None:
+        super().__init__()
+        self.quant = quant
+        s, z = quant.channel_params(weight.dim())
+        w = weight.detach() / s
+        self.register_buffer("floor", torch.floor(w))
+        rest = (w - self.floor).clamp(1e-4, 1 - 1e-4)
+        # initialise so that h(V) equals the fractional part: the soft weight starts at the FP weight
+        self.v = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+        self.hard = False
+
+    def h(self) -> Tensor:
+        return torch.clamp(torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    def forward(self, w: Tensor) -> Tensor:
+        q = self.quant
+        s, z = q.channel_params(w.dim())
+        qmin, qmax = q.qrange
+        up = (self.v >= 0).to(w.dtype) if self.hard else self.h()
+        return (torch.clamp(self.floor + up + z, qmin, qmax) - z) * s
+
+    def regularizer(self, beta: float) -> Tensor:
+        """AdaRound's term pushing every ``h`` to 0 or 1 (sharper as ``beta`` falls)."""
+        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+
+    @torch.no_grad()
+    def commit(self, layer: nn.Module) -> WeightQuantizer:
+        """Write the hard-rounded weights into ``layer.weight`` (exactly on the grid)."""
+        self.hard = True
+        layer.weight.copy_(self.forward(layer.weight).to(layer.weight.dtype))
+        return self.quant
