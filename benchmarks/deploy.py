@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 import lowbit
+from lowbit.deploy.integer import integer_agreement, integer_model, with_int32_bias
+from lowbit.deploy.onnx_qdq import export_float_onnx, export_onnx, onnx_predict, onnx_session
+from lowbit.deploy.size import MB, quantized_bytes
 from lowbit.evaluate import predict
-from lowbit.export.integer import integer_agreement, integer_model, with_int32_bias
-from lowbit.export.onnx_qdq import export_float_onnx, export_onnx, onnx_predict, onnx_session
-from lowbit.export.size import MB, quantized_bytes
 
 from common import add_data_args, load_data, table, write_section
 
@@ -76,7 +76,7 @@ def bench_model(name: str, args: argparse.Namespace, calib: torch.Tensor, x_test
     fp_acc = top1(fp_logits, y_test)
     fp_onnx = export_float_onnx(fp, folder / f"{name}_fp32.onnx")
     fp_ort_acc = top1(onnx_predict(fp_onnx, x_test), y_test)
-    sizes = [[name, "FP32", fp32_state_dict_mb(fp, folder), "-", "-", file_mb(fp_onnx)]]
+    sizes = [[name, "FP32", fp32_state_dict_mb(fp, folder), "-", "-", "-", file_mb(fp_onnx)]]
     accs, speed_rows = [], []
     graphs = {"FP32": (fp_onnx, False)}
     x_int, y_int = x_test[:args.integer_size], y_test[:args.integer_size]
@@ -87,7 +87,9 @@ def bench_model(name: str, args: argparse.Namespace, calib: torch.Tensor, x_test
         onnx_path = lowbit.export(q, folder / f"{name}_{config}.onnx")
         graphs[f"{config} QDQ"] = (onnx_path, False)
         graphs[f"{config} QDQ, weights folded at load"] = (onnx_path, True)
-        sizes.append([name, config, "-", quantized_bytes(q) / MB, file_mb(artifact), file_mb(onnx_path)])
+        theoretical = quantized_bytes(q)
+        over = f"{100.0 * (artifact.stat().st_size / theoretical - 1):+.1f}%"
+        sizes.append([name, config, "-", theoretical / MB, file_mb(artifact), over, file_mb(onnx_path)])
         sim = predict(q, x_test)
         ort = onnx_predict(onnx_path, x_test)
         agree = 100.0 * (sim.argmax(1) == ort.argmax(1)).float().mean().item()
@@ -150,9 +152,10 @@ def main() -> None:
          + "; ".join(heads) + "."),
         "### File sizes (MB)",
         ("`theoretical` = weights at their bit width + scales/zero points + everything else at 32 bit "
-         "(the seed 002 \"Size (MB)\" column); `.lowbit` = the packed safetensors artifact; `.onnx` = the QDQ "
+         "(the seed 002 \"Size (MB)\" column); `.lowbit` = the packed safetensors artifact (`vs theoretical`: its "
+         "header and manifest); `.onnx` = the QDQ "
          "graph (INT4/INT2 initializers packed two/four per byte, per-channel float scales, graph structure)."),
-        table(["model", "config", "FP32 state dict", "theoretical", ".lowbit", ".onnx"], sizes),
+        table(["model", "config", "FP32 state dict", "theoretical", ".lowbit", "vs theoretical", ".onnx"], sizes),
         "### ONNX Runtime and integer path versus the PyTorch simulation (top-1 %)",
         ("`ORT agree` = % of test images whose ONNX Runtime argmax equals the simulation's. The integer path "
          "uses int32 biases at s_x*s_w and fixed-point requantization; `agree (int32-bias sim)` compares it "

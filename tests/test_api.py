@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lowbit
 from lowbit.data import sample_calibration
+from lowbit.deploy import read_artifact, unpack_codes
 from lowbit.errors import LowbitError
-from lowbit.export import read_artifact, unpack_codes
 from lowbit.quant.layers import quant_layers
 from lowbit.quant.uniform import int_range
 from tests.conftest import ZOO_SPECS, calib_tensor, make_model
@@ -306,9 +306,14 @@ def test_artifact_smaller_than_fp32(resnet20, tmp_path, calib):
 # ---------------------------------------------------------------- regressions and known bugs
 
 def test_public_export_stays_callable(resnet20, tmp_path, calib):
-    """The ``lowbit.export`` subpackage must not shadow the ``lowbit.export`` function."""
-    import lowbit.export.artifact  # noqa: F401  (what export()/load() import internally)
-    import lowbit.export.packing  # noqa: F401
+    """``lowbit.export`` is only the function: the deployment subpackage is ``lowbit.deploy``."""
+    import importlib
+
+    import lowbit.deploy.artifact  # noqa: F401  (what export()/load() import internally)
+    import lowbit.deploy.packing  # noqa: F401
+
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("lowbit.export")
 
     q = lowbit.quantize(resnet20, calib)
     lowbit.export(q, tmp_path / "a.safetensors")

@@ -54,7 +54,7 @@ def test_export_weights_only_with_groups_and_method_option(setup, capsys) -> Non
                             "--method", "bitsplit", "--option", "samples=500", "--calib-size", "16",
                             "--out", str(tmp / "g.lowbit")])
     assert res["a_bits"] is None and "quant_top1" not in res
-    from lowbit.export import read_artifact
+    from lowbit.deploy import read_artifact
 
     manifest, _ = read_artifact(tmp / "g.lowbit")
     assert manifest["options"]["samples"] == 500

@@ -1,5 +1,4 @@
 """lowbit: low-bit (8 to 1 bit) quantization of PyTorch CNNs, with real integer export."""
-from . import export as _export_package  # noqa: F401  (loaded first: the function below takes the name)
 from .api import export, integer_model, load, methods, quantize
 from .config import QuantConfig
 from .errors import LowbitError

@@ -69,7 +69,8 @@ def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = DEFAULT_B
             a QuantConfig, and the method's own options.
 
     Returns:
-        The quantized simulation, in eval mode, on ``device``.
+        The quantized simulation, in eval mode, on ``device``; its ``lowbit_info`` records the
+        method, config, options, folded BN pairs and the calibration ``input_shape``.
     """
     spec = get_method(method)
     cfg, method_options = build_config(w_bits, a_bits, options)
@@ -89,7 +90,9 @@ def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = DEFAULT_B
     arch = getattr(model, "lowbit_arch", None)
     qmodel.lowbit_info = {
         "arch": arch, "method": method, "config": cfg.to_dict(),
-        "options": asdict(opts) if is_dataclass(opts) else {}, **record,
+        "options": asdict(opts) if is_dataclass(opts) else {},
+        "input_shape": [int(d) for d in x.shape[1:]],  # one calibration input, e.g. (C, H, W)
+        **record,
     }
     return qmodel.eval()
 
@@ -98,13 +101,14 @@ def export(qmodel: nn.Module, path: str | os.PathLike, **onnx_options: Any) -> P
     """Write the deployable artifact of a quantized model.
 
     A path ending in ``.onnx`` gives a QDQ ONNX graph (``onnx_options``: ``opset``,
-    ``input_shape``, ``int32_bias``); any other path the packed safetensors artifact.
+    ``input_shape`` (default: the calibration input's shape), ``int32_bias``); any other path the
+    packed safetensors artifact.
     """
-    from .export.artifact import save_artifact
+    from .deploy.artifact import save_artifact
 
     path = Path(path)
     if path.suffix == ".onnx":
-        from .export.onnx_qdq import export_onnx
+        from .deploy.onnx_qdq import export_onnx
         return export_onnx(qmodel, path, **onnx_options)
     if onnx_options:
         raise LowbitError(f"options {sorted(onnx_options)} apply to .onnx exports only")
@@ -113,14 +117,14 @@ def export(qmodel: nn.Module, path: str | os.PathLike, **onnx_options: Any) -> P
 
 def integer_model(qmodel: nn.Module, bias_frac_bits: int = 0) -> nn.Module:
     """The integer-only reference of a quantized model (integer weights, codes and accumulation)."""
-    from .export.integer import integer_model as build
+    from .deploy.integer import integer_model as build
 
     return build(qmodel, bias_frac_bits)
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None, device: str = "cpu") -> nn.Module:
     """Rebuild a quantized model from an artifact; ``model`` gives the architecture (zoo models may omit it)."""
-    from .export.artifact import load_artifact
+    from .deploy.artifact import load_artifact
 
     _check_device(device)
     return load_artifact(path, model, device)

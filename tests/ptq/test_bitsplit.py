@@ -170,7 +170,7 @@ def _cnn() -> torch.nn.Module:
 
 @pytest.mark.parametrize("w_bits,a_bits", [(4, 4), (2, 8), (3, 3)])
 def test_bitsplit_on_a_non_zoo_cnn_exports_exact_integers(tmp_path, w_bits: int, a_bits: int) -> None:
-    from lowbit.export import read_artifact, unpack_codes
+    from lowbit.deploy import read_artifact, unpack_codes
 
     net = _cnn()
     x = torch.randn(64, 1, 12, 12)

@@ -11,7 +11,7 @@ from torch import nn
 
 import lowbit
 from lowbit import LowbitError
-from lowbit.export.integer import (IntClamp, fixed_point_rescale, integer_agreement, integer_model,
+from lowbit.deploy.integer import (IntClamp, fixed_point_rescale, integer_agreement, integer_model,
                                    quantize_multiplier, with_int32_bias)
 from lowbit.quant.layers import quant_layers
 from lowbit.quant.quantizer import WeightQuantizer

@@ -561,7 +561,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, opset: int | None = 
             default the recorded calibration shape, else the first layer's channels at 28x28.
         int32_bias: write biases as int32 at ``s_x * s_w`` (what an integer device stores; ONNX
             Runtime then runs 8-bit layers as QLinearConv). The graph then matches
-            ``lowbit.export.integer.with_int32_bias(qmodel)`` rather than ``qmodel``. Default:
+            ``lowbit.deploy.integer.with_int32_bias(qmodel)`` rather than ``qmodel``. Default:
             biases stay float and ONNX Runtime reproduces the simulation.
 
     Returns:

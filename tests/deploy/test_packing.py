@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit import LowbitError
-from lowbit.export import pack_codes, unpack_codes
-from lowbit.export.packing import packed_nbytes
+from lowbit.deploy import pack_codes, unpack_codes
+from lowbit.deploy.packing import packed_nbytes
 from lowbit.quant.uniform import int_range
 
 

@@ -15,8 +15,13 @@ def fp32_bytes(model: nn.Module) -> int:
 
 
 def quantized_bytes(qmodel: nn.Module) -> int:
-    """Theoretical size: quantized weights at their bit width, their scales and zero points at
-    32 bit, activation scales, and every other parameter/buffer at 32 bit."""
+    """Theoretical size: quantized weights at their bit width, their scales (and zero points when
+    asymmetric) at 32 bit, enabled input quantizers' scale and zero point, and every other
+    parameter/buffer (biases, unfolded BN) at 32 bit, integers at their own size.
+
+    This is exactly the tensor data ``lowbit.export`` writes to a ``.lowbit`` file; the file adds
+    only its safetensors header and JSON manifest.
+    """
     state = qmodel.state_dict()
     total = 0
     counted: set[str] = set()
@@ -38,5 +43,6 @@ def quantized_bytes(qmodel: nn.Module) -> int:
 
 
 def size_report(fp_model: nn.Module, qmodel: nn.Module) -> dict[str, float]:
+    """FP32 and theoretical quantized sizes in MB, and their ratio."""
     fp, q = fp32_bytes(fp_model), quantized_bytes(qmodel)
     return {"fp32_mb": fp / MB, "quantized_mb": q / MB, "compression": fp / max(q, 1)}

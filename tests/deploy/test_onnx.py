@@ -14,7 +14,7 @@ from torch import nn
 
 import lowbit
 from lowbit import LowbitError
-from lowbit.export.onnx_qdq import (build_onnx, export_onnx, int_initializer, onnx_parity, onnx_session,
+from lowbit.deploy.onnx_qdq import (build_onnx, export_onnx, int_initializer, onnx_parity, onnx_session,
                                     onnx_weight_report)
 from lowbit.quant.layers import quant_layers
 from lowbit.quant.quantizer import WeightQuantizer
@@ -242,7 +242,7 @@ def test_export_leaves_the_model_unchanged(tmp_path) -> None:
 
 
 def test_int32_bias_graph_and_folded_weight_sessions(tmp_path) -> None:
-    from lowbit.export.integer import with_int32_bias
+    from lowbit.deploy.integer import with_int32_bias
 
     q = lowbit.quantize(make_model("resnet20"), calib_tensor(32), w_bits=8, a_bits=8)
     images = calib_tensor(32, seed=11)
