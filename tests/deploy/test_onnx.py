@@ -133,8 +133,10 @@ def test_other_widths_and_layouts(bits, a_bits, options, tmp_path) -> None:
 
 def test_other_methods_and_a_zoo_free_model(tmp_path) -> None:
     images = calib_tensor(16, seed=9)
+    quick = {"brecq": {"iters": 5}, "qdrop": {"iters": 5}, "distill": {"block_iters": 5, "joint_iters": 5}}
     for method in lowbit.methods():
-        q = lowbit.quantize(make_model("zoofree"), calib_tensor(16), w_bits=4, a_bits=4, method=method)
+        q = lowbit.quantize(make_model("zoofree"), calib_tensor(16), w_bits=4, a_bits=4, method=method,
+                            **quick.get(method, {}))
         assert_matches_simulation(q, export(q, tmp_path / f"{method}.onnx"), images)
 
 

@@ -160,6 +160,14 @@ class TensorCache:
             pass
 
 
+def loss_summary(losses: list[float]) -> dict[str, float]:
+    """Mean loss over the first and the last fifth of a run (at most 20 steps each)."""
+    if not losses:
+        return {"first": float("nan"), "last": float("nan")}
+    k = max(1, min(20, len(losses) // 5))
+    return {"first": sum(losses[:k]) / k, "last": sum(losses[-k:]) / k}
+
+
 class _StopForward(Exception):
     pass
 

@@ -30,7 +30,7 @@ from ..quant.layers import QuantConv2d, QuantLinear, quant_layers
 from ..quant.learnable import LearnedStepAct, LearnedStepWeight
 from ..train import augment_batch
 from .baselines import MseOptions, mse
-from .blocks import capture_block_io, find_blocks
+from .blocks import capture_block_io, find_blocks, loss_summary
 from .common import quantizers_disabled
 from .reconstruct import block_loss
 from .registry import register_method
@@ -103,11 +103,11 @@ class _Learnable:
 
 
 def _train_steps(params_owner: _Learnable, opts: DistillOptions, iters: int, loss_fn, desc: str,
-                 progress: bool) -> tuple[float, float]:
+                 progress: bool) -> dict[str, float]:
     """Adam with cosine decay over ``iters`` steps of ``loss_fn(step)``; returns first/last loss."""
     opt = params_owner.optimizer(opts)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters)
-    first = last = float("nan")
+    history: list[float] = []
     bar = progress_bar(range(iters), desc=desc, enable=progress)
     for step in bar:
         loss = loss_fn(step)
@@ -115,12 +115,10 @@ def _train_steps(params_owner: _Learnable, opts: DistillOptions, iters: int, los
         loss.backward()
         opt.step()
         sched.step()
-        if step == 0:
-            first = loss.item()
-        if step % 50 == 0 or step == iters - 1:
-            last = loss.item()
-            bar.set_postfix(loss=f"{last:.4g}")
-    return first, last
+        history.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{history[-1]:.4g}")
+    return loss_summary(history)
 
 
 def _trainable_only(model: nn.Module, learn: _Learnable) -> list[tuple[Tensor, bool]]:
@@ -154,15 +152,15 @@ def block_stage(qmodel: nn.Module, teacher: nn.Module, calib: Tensor, cfg: Quant
 
         try:
             with torch.enable_grad():
-                first, last = _train_steps(learn, opts, opts.block_iters, loss_fn, f"distilling {block.name}",
-                                           cfg.progress)
+                losses = _train_steps(learn, opts, opts.block_iters, loss_fn, f"distilling {block.name}",
+                                      cfg.progress)
         finally:
             learn.commit()
             for p, g in saved:
                 p.requires_grad_(g)
             inputs.close()
             targets.close()
-        report.append({"stage": "block", "block": block.name, "first": first, "last": last})
+        report.append({"stage": "block", "block": block.name, **losses})
     return report
 
 
@@ -186,12 +184,12 @@ def joint_stage(qmodel: nn.Module, teacher: nn.Module, calib: Tensor, cfg: Quant
 
     try:
         with torch.enable_grad():
-            first, last = _train_steps(learn, opts, opts.joint_iters, loss_fn, "joint distillation", cfg.progress)
+            losses = _train_steps(learn, opts, opts.joint_iters, loss_fn, "joint distillation", cfg.progress)
     finally:
         learn.commit()
         for p, g in saved:
             p.requires_grad_(g)
-    return {"stage": "joint", "first": first, "last": last}
+    return {"stage": "joint", **losses}
 
 
 @register_method("distill", DistillOptions,

@@ -20,7 +20,7 @@ from ..errors import LowbitError
 from ..progress import progress_bar
 from ..quant.learnable import LearnedStepAct, SoftRoundWeight
 from .baselines import MseOptions, mse
-from .blocks import Block, capture_block_io, find_blocks
+from .blocks import Block, capture_block_io, find_blocks, loss_summary
 from .common import quantizers_disabled
 from .registry import register_method
 
@@ -127,7 +127,7 @@ def reconstruct_block(block: Block, inputs, targets, opts: ReconOptions, gen: to
     block.module.eval()  # dropout/BN keep inference behaviour; only QDrop is stochastic
     for _, a in acts:
         a.train()
-    losses = {"first": float("nan"), "last": float("nan")}
+    history: list[float] = []
     try:
         if groups:
             n = len(inputs)
@@ -147,11 +147,9 @@ def reconstruct_block(block: Block, inputs, targets, opts: ReconOptions, gen: to
                     opt.step()
                 for s in scheds:
                     s.step()
-                if step == 0:
-                    losses["first"] = rec.item()
-                if step % 50 == 0 or step == opts.iters - 1:
-                    losses["last"] = rec.item()
-                    bar.set_postfix(rec=f"{rec.item():.4g}")
+                history.append(rec.item())
+                if step % 50 == 0:
+                    bar.set_postfix(rec=f"{history[-1]:.4g}")
     finally:
         for layer, r in rounders:
             layer.weight_quant = r.commit(layer)
@@ -160,7 +158,7 @@ def reconstruct_block(block: Block, inputs, targets, opts: ReconOptions, gen: to
         for p, g in zip(params, saved_grad):
             p.requires_grad_(g)
         block.module.train(was_training)
-    return losses
+    return loss_summary(history)
 
 
 def reconstruct(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: ReconOptions,
