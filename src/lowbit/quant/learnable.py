@@ -23,6 +23,39 @@ def scale_grad(x: Tensor, factor: float) -> Tensor:
     return (x - x * factor).detach() + x * factor
 
 
+class _LsqFakeQuant(torch.autograd.Function):
+    """Per-tensor fake quantization with LSQ gradients and an optional keep-FP mask, in few passes.
+
+    Same values and gradients as ``fake_quantize`` with a trainable scale followed by
+    ``where(keep, x, out)``, but the backward pass reuses two saved tensors instead of replaying
+    a dozen elementwise ops: activation quantizers dominate block reconstruction time on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                keep: Tensor | None) -> Tensor:
+        v = x / scale
+        r = torch.round(v).add_(zero_point)
+        inside = (r >= qmin) & (r <= qmax)
+        c = r.clamp_(qmin, qmax).sub_(zero_point)
+        out = c * scale
+        # d out / d scale: round(v) - v inside the range, the clipped code outside it
+        ds = c.sub_(v.mul_(inside))
+        if keep is not None:
+            out = torch.where(keep, x, out)
+            inside = inside | keep
+            ds.masked_fill_(keep, 0.0)
+        ctx.save_for_backward(inside, ds)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        inside, ds = ctx.saved_tensors
+        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        grad_s = (grad * ds).sum().reshape(1) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_s, None, None, None, None
+
+
 class LearnedStepWeight(nn.Module):
     """Weight fake-quantizer with a trainable step size per group (LSQ)."""
 
@@ -71,10 +104,8 @@ class LearnedStepAct(nn.Module):
         s = self.scale.abs().clamp_min(1e-8)
         if self.lsq_grad_scale:
             s = scale_grad(s, 1.0 / math.sqrt(x[0].numel() * max(abs(qmin), qmax)))
-        out = fake_quantize(x, s, q.zero_point, qmin, qmax)
-        if self.dropping and self.training:
-            out = torch.where(torch.rand_like(x) < self.drop_prob, x, out)
-        return out
+        keep = torch.rand_like(x) < self.drop_prob if self.dropping and self.training else None
+        return _LsqFakeQuant.apply(x, s, q.zero_point, qmin, qmax, keep)
 
     @torch.no_grad()
     def commit(self) -> ActQuantizer:
