@@ -1,0 +1,314 @@
+"""Quantization-aware training: the loop, exact resume, logs and plots, DistributedDataParallel.
+
+Every source of randomness is derived from ``(seed, epoch)`` (batch order) or ``(seed, step)``
+(augmentation, dropout), so a run stopped at any step and resumed from its checkpoint ends with
+the same weights as one that never stopped. Under ``torchrun`` each process takes a slice of
+every global batch and DDP averages the gradients (gloo on CPU, NCCL on GPU); only rank 0 writes.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import LowbitError
+from ..evaluate import accuracy
+from ..progress import progress_bar
+from ..train import augment_batch
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass(frozen=True)
+class QatConfig:
+    """Training hyper-parameters of QAT (quantization settings live in ``QuantConfig``).
+
+    Attributes:
+        epochs: passes over the training data.
+        batch_size: global batch (split across processes under torchrun).
+        optimizer: "sgd" (nesterov momentum) or "adam".
+        lr: learning rate of weights and biases.
+        scale_lr: learning rate of quantizer step sizes (default: ``lr``).
+        momentum: SGD momentum.
+        weight_decay: on weights only (not biases, BN or step sizes).
+        schedule: "cosine" (to zero, after warm-up) or "constant".
+        warmup_steps: linear learning-rate warm-up.
+        label_smoothing: cross-entropy label smoothing.
+        augment: random shifts and flips.
+        checkpoint: file written every ``checkpoint_every`` steps and at each epoch end (atomic).
+        checkpoint_every: steps between checkpoints.
+        resume: continue from ``checkpoint`` when it exists.
+        log_dir: per-epoch log (CSV and JSON) and training-curve PNG.
+        max_steps: stop this process after that many steps (checkpointed; resume later).
+    """
+
+    epochs: int = 3
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    scale_lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 5e-5
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    label_smoothing: float = 0.0
+    augment: bool = True
+    checkpoint: str | None = None
+    checkpoint_every: int = 200
+    resume: bool = False
+    log_dir: str | None = None
+    max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
+            raise LowbitError("qat: epochs, batch_size and checkpoint_every must be >= 1")
+        if self.optimizer not in OPTIMIZERS:
+            raise LowbitError(f"qat optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise LowbitError(f"qat schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.lr <= 0 or (self.scale_lr is not None and self.scale_lr < 0) or self.weight_decay < 0:
+            raise LowbitError("qat: lr > 0, scale_lr >= 0 and weight_decay >= 0")
+        if self.resume and not self.checkpoint:
+            raise LowbitError("qat: resume needs a checkpoint path")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise LowbitError("qat: max_steps must be >= 1")
+
+
+QAT_FIELDS = {f.name for f in fields(QatConfig)}
+
+
+@dataclass
+class Distributed:
+    """Process-group facts (world 1 when not launched by torchrun)."""
+
+    world: int = 1
+    rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device: torch.device) -> "Distributed":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls(1, 0, device)
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        return cls(dist.get_world_size(), dist.get_rank(), device)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def _is_quantizer_param(name: str) -> bool:
+    return ".weight_quant." in name or ".input_quant." in name or name.startswith(("weight_quant.", "input_quant."))
+
+
+def build_optimizer(model: nn.Module, cfg: QatConfig) -> torch.optim.Optimizer:
+    """Weights with decay, biases/BN without, quantizer step sizes at ``scale_lr`` without decay."""
+    decay, no_decay, scales = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if _is_quantizer_param(name):
+            scales.append(p)
+        elif p.ndim <= 1:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    scale_lr = cfg.lr if cfg.scale_lr is None else cfg.scale_lr
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0},
+              {"params": scales, "weight_decay": 0.0, "lr": scale_lr}]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+
+
+def lr_factor(step: int, total: int, cfg: QatConfig) -> float:
+    """Multiplier of the base learning rate at ``step`` (warm-up, then cosine or constant)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step) % (2 ** 63)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic write: a temporary file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, run: dict) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise LowbitError(f"{path} is not a lowbit QAT checkpoint: {exc}") from None
+    if not isinstance(state, dict) or state.get("format") != "lowbit-qat-1":
+        raise LowbitError(f"{path} is not a lowbit QAT checkpoint")
+    if state["run"] != run:
+        diff = {k: (state["run"].get(k), v) for k, v in run.items() if state["run"].get(k) != v}
+        raise LowbitError(f"checkpoint {path} belongs to a different run (checkpoint vs now: {diff})")
+    return state
+
+
+class EpochLog:
+    """Per-epoch history as CSV, JSON and a PNG of loss and accuracy curves."""
+
+    def __init__(self, log_dir: str | None) -> None:
+        self.dir = Path(log_dir) if log_dir else None
+
+    def write(self, history: list[dict]) -> None:
+        if self.dir is None or not history:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        keys = list(dict.fromkeys(k for h in history for k in h))
+        with open(self.dir / "qat_log.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(history)
+        (self.dir / "qat_log.json").write_text(json.dumps(history, indent=1) + "\n")
+        self.plot(history)
+
+    def plot(self, history: list[dict]) -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            warnings.warn("matplotlib is not installed: no training-curve plot", stacklevel=2)
+            return
+        epochs = [h["epoch"] for h in history]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+        ax1.plot(epochs, [h["train_loss"] for h in history], marker="o")
+        ax1.set_xlabel("epoch")
+        ax1.set_ylabel("train loss")
+        ax2.plot(epochs, [h["train_acc"] for h in history], marker="o", label="train")
+        if any("val_acc" in h for h in history):
+            ax2.plot(epochs, [h.get("val_acc", float("nan")) for h in history], marker="o", label="val")
+        ax2.set_xlabel("epoch")
+        ax2.set_ylabel("top-1 (%)")
+        ax2.legend()
+        fig.tight_layout()
+        fig.savefig(self.dir / "qat_curve.png", dpi=100)
+        plt.close(fig)
+
+
+def fit(model: nn.Module, x_train: Tensor, y_train: Tensor, val: tuple[Tensor, Tensor] | None,
+        cfg: QatConfig, run: dict, seed: int, device: torch.device, progress: bool = True,
+        log: Callable[[str], Any] = print) -> dict:
+    """Train ``model`` (its quantizers already in place) and return the run summary."""
+    dist = Distributed.from_env(device)
+    model.to(dist.device)
+    net: nn.Module = model
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    opt = build_optimizer(model, cfg)
+    n = len(x_train)
+    per_epoch = math.ceil(n / cfg.batch_size)
+    total = cfg.epochs * per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg))
+    step, history, running = 0, [], {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+    ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
+    if cfg.resume and ckpt is not None and ckpt.exists():
+        state = load_checkpoint(ckpt, run)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, history, running = state["step"], state["history"], state["running"]
+        log(f"resumed from {ckpt} at step {step}/{total}")
+
+    def checkpoint() -> None:
+        if ckpt is not None and dist.main:
+            save_checkpoint(ckpt, {"format": "lowbit-qat-1", "run": run, "model": model.state_dict(),
+                                   "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                   "step": step, "history": history, "running": running})
+        dist.barrier()
+
+    epoch_log = EpochLog(cfg.log_dir if dist.main else None)
+    ran = 0
+    stopped = False
+    while step < total and not stopped:
+        epoch = step // per_epoch
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_step_seed(seed, -1 - epoch)))
+        net.train()
+        start = time.perf_counter()
+        bar = progress_bar(range(step % per_epoch, per_epoch), desc=f"qat epoch {epoch + 1}/{cfg.epochs}",
+                           enable=progress and dist.main)
+        for s in bar:
+            idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size][dist.rank::dist.world]
+            torch.manual_seed(_step_seed(seed, step))  # dropout and friends, reproducible on resume
+            gen = torch.Generator().manual_seed(_step_seed(seed, step))
+            xb, yb = x_train[idx].to(dist.device), y_train[idx].to(dist.device)
+            if cfg.augment:
+                xb = augment_batch(xb, gen)
+            logits = net(xb)
+            loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            ran += 1
+            running["loss"] += loss.item() * len(idx)
+            running["correct"] += int((logits.argmax(1) == yb).sum())
+            running["seen"] += len(idx)
+            if s % 10 == 0:
+                bar.set_postfix(loss=f"{running['loss'] / running['seen']:.3f}",
+                                acc=f"{100 * running['correct'] / running['seen']:.1f}")
+            if cfg.max_steps is not None and ran >= cfg.max_steps and step < total:
+                stopped = True
+                break
+            if step % cfg.checkpoint_every == 0 and step % per_epoch:
+                running["seconds"] += time.perf_counter() - start
+                start = time.perf_counter()
+                checkpoint()
+        running["seconds"] += time.perf_counter() - start
+        if not stopped:
+            entry = {"epoch": epoch + 1, "step": step, "lr": opt.param_groups[0]["lr"],
+                     "train_loss": running["loss"] / max(1, running["seen"]),
+                     "train_acc": 100 * running["correct"] / max(1, running["seen"]),
+                     "seconds": running["seconds"]}
+            if val is not None:
+                entry["val_acc"] = accuracy(model, val[0], val[1], device=dist.device)
+            history.append(entry)
+            running = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+            log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
+            epoch_log.write(history)
+        checkpoint()
+    model.eval()
+    return {"history": history, "steps": step, "total_steps": total, "finished": step >= total,
+            "world_size": dist.world, "config": asdict(cfg)}

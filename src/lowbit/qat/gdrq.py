@@ -1,0 +1,225 @@
+"""GDRQ: Scale-Clip distribution reshaping with group-based quantization folded into BN.
+
+Han et al., "Low-bit Quantization Needs Good Distribution" (CVPRW 2020).
+
+* Scale-Clip on weights: each group of output filters is clipped to ``[-T, T]`` with
+  ``T = k * mean|w|`` recomputed at every step and quantized uniformly (step ``T / qmax``), which
+  turns bell-shaped weights into uniform-like ones; straight-through inside ``[-T, T]``.
+* Scale-Clip on activations: ``T = k * mean|x|`` tracked as an exponential moving average.
+* Group-based quantization: G groups of filters, each with its own step. BN stays in the network
+  during training; ``finalize`` folds it, and each group's step merges into the folded BN
+  multiplier: the integer codes are unchanged and the layer gets one multiplier per output
+  channel, the per-channel requantization scale a device applies anyway (no extra operation).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..config import QuantConfig
+from ..errors import LowbitError
+from ..graph.fold import apply_fold_structure
+from ..graph.modules import get_submodule
+from ..ptq.baselines import MseOptions, mse
+from ..quant.layers import quant_layers
+from ..quant.quantizer import ActQuantizer, WeightQuantizer
+from ..quant.uniform import fake_quantize, qparams_from_range
+from .registry import register_qat_method
+
+
+@dataclass(frozen=True)
+class GdrqOptions:
+    """Attributes:
+        k_weight: weight clipping threshold in units of mean |w| (per group).
+        k_act: activation clipping threshold in units of mean |x|.
+        momentum: moving-average momentum of the activation threshold.
+    """
+
+    k_weight: float = 2.5
+    k_act: float = 3.0
+    momentum: float = 0.99
+
+    def __post_init__(self) -> None:
+        if self.k_weight <= 0 or self.k_act <= 0 or not 0 <= self.momentum < 1:
+            raise LowbitError("gdrq: k_weight, k_act > 0 and 0 <= momentum < 1")
+
+
+def scale_clip_threshold(x: Tensor, k: float, dims: int = 1) -> Tensor:
+    """``k * mean|x|`` over all but the first ``dims`` dimensions (per group for weights)."""
+    return k * x.detach().abs().reshape(*x.shape[:dims], -1).mean(-1)
+
+
+class ScaleClipWeight(nn.Module):
+    """Per-group Scale-Clip weight quantizer: threshold recomputed from the weights at every call."""
+
+    def __init__(self, quant: WeightQuantizer, k: float) -> None:
+        super().__init__()
+        if not quant.symmetric:
+            raise LowbitError("gdrq quantizes weights symmetrically (w_symmetric=True)")
+        self.quant = quant
+        self.k = k
+
+    def step(self, w: Tensor) -> Tensor:
+        _, qmax = self.quant.qrange
+        t = scale_clip_threshold(self.quant.grouped(w), self.k)
+        return (t / max(qmax, 1)).clamp_min(1e-8)
+
+    def forward(self, w: Tensor) -> Tensor:
+        q = self.quant
+        if q.binary:
+            return q(w)
+        rep = q.channels // q.num_groups
+        s = self.step(w).repeat_interleave(rep).view((-1,) + (1,) * (w.dim() - 1))
+        qmin, qmax = q.qrange
+        return fake_quantize(w, s, torch.zeros_like(s), qmin, qmax)
+
+    @torch.no_grad()
+    def commit(self, w: Tensor) -> WeightQuantizer:
+        if not self.quant.binary:
+            self.quant.scale.copy_(self.step(w))
+            self.quant.zero_point.zero_()
+        return self.quant
+
+
+class ScaleClipAct(nn.Module):
+    """Activation Scale-Clip: ``T = k * mean|x|`` as a moving average, range ``[0, T]`` or ``[-T, T]``."""
+
+    def __init__(self, quant: ActQuantizer, k: float, momentum: float, two_sided: bool) -> None:
+        super().__init__()
+        self.quant = quant
+        self.k = k
+        self.momentum = momentum
+        self.two_sided = two_sided
+        self.register_buffer("threshold", torch.zeros(1, device=quant.scale.device))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=quant.scale.device))
+
+    def qparams(self) -> tuple[Tensor, Tensor]:
+        q = self.quant
+        t = self.threshold.clamp_min(1e-8)
+        lo = -t if self.two_sided else torch.zeros_like(t)
+        return qparams_from_range(lo, t, q.bits, q.signed, q.signed)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q = self.quant
+        if not q.enabled:
+            return x
+        if self.training:
+            with torch.no_grad():
+                batch_t = scale_clip_threshold(x.reshape(1, -1), self.k)
+                if not self.initialized:
+                    self.threshold.copy_(batch_t)
+                    self.initialized.fill_(True)
+                else:
+                    self.threshold.mul_(self.momentum).add_((1 - self.momentum) * batch_t)
+        scale, zp = self.qparams()
+        qmin, qmax = q.qrange
+        return fake_quantize(x, scale, zp, qmin, qmax)
+
+    @torch.no_grad()
+    def commit(self) -> ActQuantizer:
+        scale, zp = self.qparams()
+        self.quant.scale.copy_(scale)
+        self.quant.zero_point.copy_(zp)
+        return self.quant
+
+
+def _align_bn_signs(qmodel: nn.Module, pairs: list[tuple[str, str]]) -> None:
+    """Make every BN multiplier positive without changing the function.
+
+    Negating filter c, gamma_c and running_mean_c leaves conv -> BN unchanged; with positive
+    multipliers the folded per-channel scales stay positive and the codes need no sign flip.
+    """
+    with torch.no_grad():
+        for conv_name, bn_name in pairs:
+            conv, bn = get_submodule(qmodel, conv_name), get_submodule(qmodel, bn_name)
+            if bn.weight is None:
+                continue
+            neg = bn.weight < 0
+            if not neg.any():
+                continue
+            sign = torch.where(neg, -1.0, 1.0).to(conv.weight.dtype)
+            conv.weight.mul_(sign.view(-1, *([1] * (conv.weight.dim() - 1))))
+            if conv.bias is not None:
+                conv.bias.mul_(sign)
+            bn.weight.mul_(sign)
+            bn.running_mean.mul_(sign)
+
+
+def gdrq_setup(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: GdrqOptions) -> None:
+    pairs = qmodel.lowbit_bn_pairs  # found on the FP model by the engine (tracing stops at torch.nn layers)
+    mse(qmodel, calib, cfg, MseOptions())  # activation signs and the first thresholds' scale
+    _align_bn_signs(qmodel, pairs)
+    for _, layer in quant_layers(qmodel):
+        if layer.weight_quant.enabled:
+            layer.weight_quant = ScaleClipWeight(layer.weight_quant, opts.k_weight)
+        aq = layer.input_quant
+        if aq.enabled:
+            two_sided = bool(aq.zero_point.item() > 0 or aq.signed)
+            layer.input_quant = ScaleClipAct(aq, opts.k_act, opts.momentum, two_sided)
+
+
+@torch.no_grad()
+def fold_group_steps_into_bn(qmodel: nn.Module, pairs: list[tuple[str, str]], cfg: QuantConfig) -> float:
+    """Fold every BN after a quantized conv; group steps become per-channel multipliers (exact).
+
+    Every layer ends with per-channel scales (groups repeated), the integer codes unchanged.
+    Returns the largest code change (0 when the folding is exact).
+    """
+    layers = dict(quant_layers(qmodel))
+    worst = 0.0
+    for name, layer in layers.items():
+        wq = layer.weight_quant
+        if not wq.enabled:
+            continue
+        codes = wq.quantize(layer.weight).int_value.to(layer.weight.dtype)
+        s, z = wq.channel_params(layer.weight.dim())
+        scale = s.reshape(-1).clone()
+        mult = torch.ones_like(scale)
+        bn_name = next((b for c, b in pairs if c == name), None)
+        if bn_name is not None:
+            bn = get_submodule(qmodel, bn_name)
+            inv_std = torch.rsqrt(bn.running_var + bn.eps)
+            gamma = bn.weight if bn.weight is not None else torch.ones_like(inv_std)
+            beta = bn.bias if bn.bias is not None else torch.zeros_like(inv_std)
+            mult = gamma * inv_std
+            bias = layer.bias if layer.bias is not None else torch.zeros_like(inv_std)
+            new_bias = (bias - bn.running_mean) * mult + beta
+            if layer.bias is None:
+                layer.bias = nn.Parameter(new_bias)
+            else:
+                layer.bias.copy_(new_bias)
+        channel = WeightQuantizer(wq.bits, wq.channels, "channel", None, wq.symmetric, wq.narrow).to(scale.device)
+        sign = torch.where(mult < 0, -1.0, 1.0).to(scale.dtype)
+        flipped = codes * sign.view(-1, *([1] * (codes.dim() - 1)))
+        qmin, qmax = channel.qrange
+        exact = flipped.clamp(qmin, qmax)
+        worst = max(worst, (exact - flipped).abs().max().item())
+        channel.scale.copy_(scale * mult.abs())
+        channel.zero_point.zero_()
+        layer.weight.copy_(exact * channel.scale.view(-1, *([1] * (codes.dim() - 1))))
+        channel.enabled = wq.enabled
+        layer.weight_quant = channel
+    apply_fold_structure(qmodel, pairs)
+    if worst:
+        warnings.warn(f"gdrq: a BN multiplier turned negative during training; codes clipped by {worst:.0f}",
+                      stacklevel=2)
+    return worst
+
+
+def gdrq_finalize(qmodel: nn.Module, cfg: QuantConfig, opts: GdrqOptions) -> QuantConfig:
+    for _, layer in quant_layers(qmodel):
+        if isinstance(layer.weight_quant, ScaleClipWeight):
+            layer.weight_quant = layer.weight_quant.commit(layer.weight)
+        if isinstance(layer.input_quant, ScaleClipAct):
+            layer.input_quant = layer.input_quant.commit()
+    pairs = getattr(qmodel, "lowbit_bn_pairs", [])
+    fold_group_steps_into_bn(qmodel, pairs, cfg)
+    # what a device sees: BN folded, one multiplier per output channel (groups merged into BN)
+    return cfg.with_(fold_bn=True, granularity="channel", groups=None)
+
+
+register_qat_method("gdrq", gdrq_setup, gdrq_finalize, GdrqOptions,
+                    "Scale-Clip distribution reshaping + group steps folded into BN (GDRQ)", fold_bn=False)

@@ -1,0 +1,222 @@
+"""QAT engine, LSQ and GDRQ: STE gradients, Scale-Clip, exact group/BN folding, resume, DDP, export."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.config import QuantConfig
+from lowbit.errors import LowbitError
+from lowbit.graph.fold import find_conv_bn_pairs
+from lowbit.graph.surgery import prepare
+from lowbit.qat.engine import QatConfig, lr_factor
+from lowbit.qat.gdrq import ScaleClipAct, ScaleClipWeight, fold_group_steps_into_bn, gdrq_setup, GdrqOptions
+from lowbit.quant.layers import quant_layers
+from lowbit.quant.quantizer import ActQuantizer, WeightQuantizer
+
+from ..conftest import calib_tensor, make_model, rel_err
+
+
+def _data(n: int = 64, seed: int = 0):
+    fp = make_model("resnet20", seed)
+    x = calib_tensor(n, seed=seed + 5)
+    with torch.no_grad():
+        logits = fp(x)
+    y = logits.argmax(1)
+    return fp, x, y
+
+
+def test_scale_clip_weight_threshold_and_ste() -> None:
+    w = torch.randn(8, 4, 3, 3, requires_grad=True)
+    wq = WeightQuantizer(2, 8, "group", 4)
+    sc = ScaleClipWeight(wq, k=2.0)
+    out = sc(w)
+    t = 2.0 * w.detach().abs().reshape(4, -1).mean(1)  # per group of 2 filters
+    step = t / 1  # 2-bit narrow range: qmax = 1
+    for g in range(4):
+        vals = out[2 * g:2 * g + 2].detach().unique()
+        assert set(torch.round(vals / step[g]).tolist()) <= {-1.0, 0.0, 1.0}
+    out.sum().backward()
+    clip = (w.detach().abs().reshape(4, -1) / step.view(4, 1)).round() <= 1  # STE: 1 inside the clip range
+    inside = (w.detach().reshape(4, -1).abs() <= step.view(4, 1) * 1.5)
+    assert torch.equal(w.grad.reshape(4, -1) != 0, inside & clip | inside)
+    # the threshold follows the weights at every call
+    with torch.no_grad():
+        w.mul_(3)
+    assert torch.allclose(sc.step(w), 3 * step)
+
+
+def test_scale_clip_act_moving_average() -> None:
+    aq = ActQuantizer(4)
+    aq.set_range(0.0, 1.0)
+    sc = ScaleClipAct(aq, k=3.0, momentum=0.9, two_sided=False)
+    sc.train()
+    x1 = torch.rand(1000)
+    sc(x1)
+    assert sc.threshold.item() == pytest.approx(3 * x1.abs().mean().item(), rel=1e-5)
+    x2 = torch.rand(1000) * 4
+    sc(x2)
+    expected = 0.9 * 3 * x1.abs().mean() + 0.1 * 3 * x2.abs().mean()
+    assert sc.threshold.item() == pytest.approx(expected.item(), rel=1e-5)
+    sc.eval()
+    before = sc.threshold.clone()
+    out = sc(x2 * 100)
+    assert torch.equal(sc.threshold, before)  # frozen at inference
+    assert out.max().item() == pytest.approx(before.item(), rel=1e-5)  # clipped at T
+    q = sc.commit()
+    assert torch.allclose(q(x2 * 100), out) and torch.allclose(q(x2), sc(x2))
+
+
+def test_ste_gradients_of_learned_steps() -> None:
+    from lowbit.quant.learnable import LearnedStepWeight
+
+    w = torch.randn(4, 8, requires_grad=True)
+    wq = WeightQuantizer(3, 4, "channel")
+    wq.scale.fill_(0.2)
+    lsq = LearnedStepWeight(wq, w)
+    lsq(w).sum().backward()
+    inside = (w.detach().abs() / 0.2).round() <= 3
+    assert torch.equal(w.grad != 0, inside)  # straight through inside, zero when clipped
+    assert lsq.scale.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_group_steps_fold_into_bn_exactly(groups: int) -> None:
+    fp = make_model("resnet20")
+    x = calib_tensor(8)
+    cfg = QuantConfig(w_bits=3, a_bits=None, granularity="group", groups=groups, fold_bn=False)
+    qmodel, _ = prepare(fp, cfg, x[:2])
+    qmodel.lowbit_bn_pairs = find_conv_bn_pairs(fp)
+    gdrq_setup(qmodel, x, cfg, GdrqOptions())
+    # BN in inference mode with trained-looking statistics; commit the Scale-Clip steps
+    for _, layer in quant_layers(qmodel):
+        if isinstance(layer.weight_quant, ScaleClipWeight):
+            layer.weight_quant = layer.weight_quant.commit(layer.weight)
+    qmodel.eval()
+    codes_before = {n: l.weight_quant.quantize(l.weight).int_value.clone() for n, l in quant_layers(qmodel)}
+    with torch.no_grad():
+        ref = qmodel(x)
+    worst = fold_group_steps_into_bn(qmodel, qmodel.lowbit_bn_pairs, cfg)
+    assert worst == 0
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in qmodel.modules())
+    with torch.no_grad():
+        assert rel_err(qmodel(x), ref) < 1e-5
+    for n, l in quant_layers(qmodel):
+        res = l.weight_quant.quantize(l.weight)
+        assert l.weight_quant.num_groups == l.weight.shape[0]  # one multiplier per channel
+        assert torch.equal(res.int_value.abs(), codes_before[n].abs())  # same integers
+        assert (l.weight_quant.scale > 0).all()
+
+
+def _qat(fp, x, y, **kw):
+    base = dict(w_bits=2, a_bits=4, epochs=2, batch_size=16, lr=0.01, progress=False, log=lambda s: None)
+    base.update(kw)
+    return lowbit.qat(fp, (x, y), **base)
+
+
+@pytest.mark.parametrize("method", ["lsq", "gdrq"])
+def test_resume_gives_the_same_weights(method: str, tmp_path) -> None:
+    fp, x, y = _data()
+    full = _qat(fp, x, y, method=method)
+    ckpt = tmp_path / "run.ckpt"
+    part = _qat(fp, x, y, method=method, checkpoint=str(ckpt), max_steps=3, checkpoint_every=2)
+    assert not part.lowbit_qat["finished"] and ckpt.exists()
+    part = _qat(fp, x, y, method=method, checkpoint=str(ckpt), resume=True, max_steps=2)
+    assert not part.lowbit_qat["finished"]
+    done = _qat(fp, x, y, method=method, checkpoint=str(ckpt), resume=True)
+    for (n, a), b in zip(full.state_dict().items(), done.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert done.lowbit_info["qat"]["history"] == full.lowbit_info["qat"]["history"] or all(
+        {k: v for k, v in h.items() if k != "seconds"} == {k: v for k, v in g.items() if k != "seconds"}
+        for h, g in zip(done.lowbit_info["qat"]["history"], full.lowbit_info["qat"]["history"]))
+
+
+def test_resume_refuses_another_run(tmp_path) -> None:
+    fp, x, y = _data()
+    ckpt = tmp_path / "run.ckpt"
+    _qat(fp, x, y, method="lsq", checkpoint=str(ckpt), max_steps=1)
+    with pytest.raises(LowbitError, match="different run"):
+        _qat(fp, x, y, method="lsq", w_bits=3, checkpoint=str(ckpt), resume=True)
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(LowbitError, match="not a lowbit QAT checkpoint"):
+        _qat(fp, x, y, method="lsq", checkpoint=str(ckpt), resume=True)
+
+
+@pytest.mark.parametrize("method", ["lsq", "gdrq"])
+def test_qat_improves_on_ptq_and_round_trips(method: str, tmp_path) -> None:
+    import onnxruntime  # noqa: F401
+    from lowbit.deploy.onnx_qdq import onnx_predict, onnx_session
+
+    fp, x, y = _data(128)
+    before = [p.clone() for p in fp.parameters()]
+    q = _qat(fp, x, y, method=method, epochs=3, log_dir=str(tmp_path / "log"), granularity="group", groups=2)
+    assert all(torch.equal(a, b) for a, b in zip(before, fp.parameters()))  # FP model untouched
+    ptq = lowbit.quantize(fp, x, 2, 4, method="mse", granularity="group", groups=2, progress=False)
+    with torch.no_grad():
+        acc_q = (q(x).argmax(1) == y).float().mean()
+        acc_ptq = (ptq(x).argmax(1) == y).float().mean()
+    assert acc_q >= acc_ptq
+    for name in ("qat_log.csv", "qat_log.json", "qat_curve.png"):
+        assert (tmp_path / "log" / name).stat().st_size > 0
+    loaded = lowbit.load(lowbit.export(q, tmp_path / "m.lowbit"), model=fp)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).argmax(1), q(x).argmax(1))
+        assert rel_err(loaded(x), q(x)) < 1e-5
+    onnx_path = lowbit.export(q, tmp_path / "m.onnx")
+    sess = onnx_session(onnx_path)
+    with torch.no_grad():
+        assert (onnx_predict(sess, x).argmax(1) == q(x).argmax(1)).float().mean() >= 0.98
+    if method == "gdrq":  # groups merged into BN: no BN and no extra ops in the exported graph
+        import onnx
+        ops = {n.op_type for n in onnx.load(str(onnx_path)).graph.node}
+        assert "BatchNormalization" not in ops and ops <= {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm",
+                                                           "Relu", "Add", "GlobalAveragePool", "Flatten", "Clip",
+                                                           "Reshape", "MatMul", "ReduceMean", "Cast"}
+
+
+def test_lr_schedule_and_config_errors() -> None:
+    cfg = QatConfig(warmup_steps=2)
+    assert lr_factor(0, 10, cfg) == 0.5 and lr_factor(2, 10, cfg) == 1.0
+    assert lr_factor(10, 10, cfg) == pytest.approx(0.0)
+    for bad in ({"optimizer": "rmsprop"}, {"epochs": 0}, {"resume": True}, {"schedule": "step"}):
+        with pytest.raises(LowbitError):
+            QatConfig(**bad)
+    fp, x, y = _data(8)
+    with pytest.raises(LowbitError, match="unknown QAT method"):
+        lowbit.qat(fp, (x, y), method="nope")
+    with pytest.raises(LowbitError, match="labels"):
+        lowbit.qat(fp, (x, y.float()), method="lsq")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    fp, x, y = _data(64)
+    q = _qat(fp, x, y, method="lsq", epochs=1, batch_size=16, augment=False)
+    torch.save({k: v.detach().clone() for k, v in q.state_dict().items()}, f"{out}.{rank}")
+    import torch.distributed as dist
+    dist.destroy_process_group()
+
+
+def test_two_process_ddp_agrees_with_itself_and_one_process(tmp_path) -> None:
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "state")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    s0, s1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    fp, x, y = _data(64)
+    single = _qat(fp, x, y, method="lsq", epochs=1, batch_size=16, augment=False).state_dict()
+    for k in s0:
+        assert torch.equal(s0[k], s1[k]), k  # replicas stay identical
+        assert torch.allclose(s0[k], single[k], rtol=1e-4, atol=1e-5), k  # same as one process, full batch
