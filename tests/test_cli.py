@@ -71,3 +71,20 @@ def test_bad_input_is_a_clear_error(setup, capsys) -> None:
     assert "no artifact" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["export", *common])  # --out is required
+
+
+def test_qat_stops_resumes_logs_and_exports(setup, capsys) -> None:
+    tmp, common = setup
+    ckpt, logs, out = tmp / "q.ckpt", tmp / "logs", tmp / "qat.lowbit"
+    args = ["qat", *common, "--method", "gdrq", "--w-bits", "2", "--a-bits", "4", "--groups", "2", "--epochs", "2",
+            "--batch-size", "16", "--checkpoint", str(ckpt), "--log-dir", str(logs), "--calib-size", "32"]
+    first = run_json(capsys, args + ["--max-steps", "3"])
+    assert not first["finished"] and first["steps"] == 3 and ckpt.exists()
+    res = run_json(capsys, args + ["--resume", "--out", str(out)])
+    assert res["finished"] and res["steps"] == 8 and len(res["history"]) == 2
+    assert 0 <= res["quant_top1"] <= 100 and out.exists()
+    assert (logs / "qat_log.csv").exists() and (logs / "qat_curve.png").exists()
+    ev = run_json(capsys, ["eval", str(out), "--data", str(tmp / "fmnist"), "--no-progress"])
+    assert ev["top1"] == res["quant_top1"]
+    names = {(m["name"], m["kind"]) for m in run_json(capsys, ["methods"])["methods"]}
+    assert {("lsq", "qat"), ("gdrq", "qat"), ("qdrop", "ptq"), ("distill", "ptq")} <= names

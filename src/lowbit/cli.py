@@ -68,9 +68,12 @@ def _eval_subset(x, y, limit: int | None):
 
 def cmd_methods(args: argparse.Namespace) -> int:
     from .ptq.registry import method_table
+    from .qat.registry import get_qat_method, qat_methods
 
-    table = method_table()
-    _emit(args, {"methods": table}, [f"{m['name']:<12} {m['description']}" for m in table])
+    table = [{**m, "kind": "ptq"} for m in method_table()]
+    table += [{"name": n, "description": get_qat_method(n).description, "kind": "qat"} for n in qat_methods()]
+    _emit(args, {"methods": table},
+          [f"{m['name']:<12} {m['kind'].upper():<4} {m['description']}" for m in table])
     return 0
 
 
@@ -193,6 +196,61 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_qat(args: argparse.Namespace) -> int:
+    import os
+
+    import lowbit
+    from .evaluate import accuracy
+
+    fp = _load_fp_model(args)
+    x_train, y_train = _data(args, "train")
+    if args.train_size:
+        x_train, y_train = x_train[:args.train_size], y_train[:args.train_size]
+    x_test, y_test = _eval_subset(*_data(args, "test"), args.eval_size)
+    main_process = os.environ.get("RANK", "0") == "0"
+    log = (lambda s: print(s, file=sys.stderr)) if args.json or not main_process else print
+    options = dict(args.option or [])
+    if args.granularity:
+        options["granularity"] = args.granularity
+    if args.groups:
+        options.setdefault("granularity", "group")
+        options["groups"] = args.groups
+    train = {k: v for k, v in (("lr", args.lr), ("scale_lr", args.scale_lr), ("optimizer", args.optimizer),
+                               ("batch_size", args.batch_size), ("checkpoint", args.checkpoint),
+                               ("log_dir", args.log_dir), ("max_steps", args.max_steps)) if v is not None}
+    start = time.perf_counter()
+    qmodel = lowbit.qat(fp, (x_train, y_train), (x_test, y_test), method=args.method, w_bits=args.w_bits,
+                        a_bits=args.a_bits, epochs=args.epochs, resume=args.resume, seed=args.seed,
+                        device=args.device, quantize_all=args.quantize_all, progress=_progress(args), log=log,
+                        calib_size=args.calib_size, equalize=args.equalize,
+                        **({"fold_bn": False} if args.no_fold else {}), **train, **options)
+    seconds = time.perf_counter() - start
+    if not main_process:
+        return 0
+    summary = getattr(qmodel, "lowbit_qat", None) or qmodel.lowbit_info["qat"]
+    result: dict[str, Any] = {"model": args.model, "method": args.method, "w_bits": args.w_bits,
+                              "a_bits": args.a_bits, "seconds": round(seconds, 1), "finished": summary["finished"],
+                              "steps": summary["steps"], "history": summary["history"]}
+    lines = [f"{args.model} W{args.w_bits}A{args.a_bits or 'fp'} QAT method={args.method}: "
+             f"{summary['steps']}/{summary['total_steps']} steps in {seconds:.0f}s"]
+    if not summary["finished"]:
+        lines.append(f"  stopped early (--max-steps); continue with --resume --checkpoint {args.checkpoint}")
+        _emit(args, result, lines)
+        return 0
+    fp_acc = accuracy(fp.to(args.device), x_test, y_test, device=args.device)
+    q_acc = accuracy(qmodel, x_test, y_test, device=args.device)
+    result.update(fp_top1=round(fp_acc, 2), quant_top1=round(q_acc, 2), drop=round(fp_acc - q_acc, 2),
+                  eval_images=len(x_test))
+    lines.append(f"  top-1 on {len(x_test)} test images: FP {fp_acc:.2f}%  quantized {q_acc:.2f}%  "
+                 f"(drop {fp_acc - q_acc:.2f} points)")
+    if args.out:
+        path = lowbit.export(qmodel, args.out)
+        result["artifact"] = str(path)
+        lines.append(f"  wrote {path}")
+    _emit(args, result, lines)
+    return 0
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -259,6 +317,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", action="store_true", help="also evaluate accuracy")
     _common(p)
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("qat", help="quantization-aware fine-tuning (lsq, gdrq); torchrun for several processes")
+    _quant_args(p)
+    p.set_defaults(method="lsq")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--scale-lr", type=float, help="learning rate of step sizes (default: --lr)")
+    p.add_argument("--optimizer", choices=["sgd", "adam"])
+    p.add_argument("--train-size", type=int, help="first N training images only")
+    p.add_argument("--checkpoint", help="checkpoint file (written periodically, atomically)")
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    p.add_argument("--max-steps", type=int, help="stop after N steps in this run (resume later)")
+    p.add_argument("--log-dir", help="per-epoch CSV/JSON log and training-curve PNG")
+    _common(p)
+    p.set_defaults(func=cmd_qat)
     p = sub.add_parser("eval", help="accuracy of an artifact or a zoo FP model")
     p.add_argument("artifact", nargs="?", help="a .lowbit artifact (or an .onnx file)")
     p.add_argument("--onnx", metavar="FILE", help="evaluate an ONNX model in ONNX Runtime (CPU)")

@@ -220,3 +220,22 @@ def test_two_process_ddp_agrees_with_itself_and_one_process(tmp_path) -> None:
     for k in s0:
         assert torch.equal(s0[k], s1[k]), k  # replicas stay identical
         assert torch.allclose(s0[k], single[k], rtol=1e-4, atol=1e-5), k  # same as one process, full batch
+
+
+def test_zero_bn_multiplier_folds_to_zero_codes() -> None:
+    torch.manual_seed(0)
+    fp = lowbit.create_model("resnet20", width=4).eval()  # zero-initialised last BN of each block
+    x = calib_tensor(8)
+    cfg = QuantConfig(w_bits=2, a_bits=None, fold_bn=False)
+    qmodel, _ = prepare(fp, cfg, x[:2])
+    qmodel.lowbit_bn_pairs = find_conv_bn_pairs(fp)
+    gdrq_setup(qmodel, x, cfg, GdrqOptions())
+    for _, layer in quant_layers(qmodel):
+        layer.weight_quant = layer.weight_quant.commit(layer.weight)
+    with torch.no_grad():
+        ref = qmodel(x)
+    fold_group_steps_into_bn(qmodel, qmodel.lowbit_bn_pairs, cfg)
+    with torch.no_grad():
+        assert rel_err(qmodel(x), ref) < 1e-5
+    for _, l in quant_layers(qmodel):
+        assert (l.weight_quant.scale > 0).all() and torch.isfinite(l.weight).all()

@@ -197,7 +197,11 @@ def fold_group_steps_into_bn(qmodel: nn.Module, pairs: list[tuple[str, str]], cf
         qmin, qmax = channel.qrange
         exact = flipped.clamp(qmin, qmax)
         worst = max(worst, (exact - flipped).abs().max().item())
-        channel.scale.copy_(scale * mult.abs())
+        # a zero BN multiplier (e.g. zero-initialised residual branches) makes the channel constant:
+        # its codes become 0 and it keeps the group step, so every scale stays positive
+        dead = mult == 0
+        exact = torch.where(dead.view(-1, *([1] * (codes.dim() - 1))), torch.zeros_like(exact), exact)
+        channel.scale.copy_(torch.where(dead, scale, scale * mult.abs()))
         channel.zero_point.zero_()
         layer.weight.copy_(exact * channel.scale.view(-1, *([1] * (codes.dim() - 1))))
         channel.enabled = wq.enabled
