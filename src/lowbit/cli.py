@@ -105,6 +105,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    """--option pairs plus --granularity / --groups."""
+    options = dict(args.option or [])
+    if args.granularity:
+        options["granularity"] = args.granularity
+    if args.groups:
+        options.setdefault("granularity", "group")
+        options["groups"] = args.groups
+    return options
+
+
 def _quantize_from_args(args: argparse.Namespace):
     import torch
 
@@ -114,12 +125,7 @@ def _quantize_from_args(args: argparse.Namespace):
     fp = _load_fp_model(args)
     x_train, _ = _data(args, "train")
     calib = sample_calibration(x_train, min(args.calib_size, len(x_train)), args.seed)
-    options = dict(args.option or [])
-    if args.granularity:
-        options["granularity"] = args.granularity
-    if args.groups:
-        options.setdefault("granularity", "group")
-        options["groups"] = args.groups
+    options = _method_options(args)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     qmodel = lowbit.quantize(fp, calib, w_bits=args.w_bits, a_bits=args.a_bits, method=args.method,
@@ -209,12 +215,7 @@ def cmd_qat(args: argparse.Namespace) -> int:
     x_test, y_test = _eval_subset(*_data(args, "test"), args.eval_size)
     main_process = os.environ.get("RANK", "0") == "0"
     log = (lambda s: print(s, file=sys.stderr)) if args.json or not main_process else print
-    options = dict(args.option or [])
-    if args.granularity:
-        options["granularity"] = args.granularity
-    if args.groups:
-        options.setdefault("granularity", "group")
-        options["groups"] = args.groups
+    options = _method_options(args)
     train = {k: v for k, v in (("lr", args.lr), ("scale_lr", args.scale_lr), ("optimizer", args.optimizer),
                                ("batch_size", args.batch_size), ("checkpoint", args.checkpoint),
                                ("log_dir", args.log_dir), ("max_steps", args.max_steps)) if v is not None}

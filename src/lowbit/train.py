@@ -48,6 +48,20 @@ def augment_batch(x: Tensor, gen: torch.Generator, pad: int = 2) -> Tensor:
     return torch.where(flip.view(n, 1, 1, 1), out.flip(3), out)
 
 
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched, xb: Tensor, yb: Tensor,
+               gen: torch.Generator, augment: bool, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
+    """One optimizer and scheduler step on a batch (augmented if asked); returns loss and logits."""
+    if augment:
+        xb = augment_batch(xb, gen)
+    logits = model(xb)
+    loss = F.cross_entropy(logits, yb, label_smoothing=label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.detach(), logits.detach()
+
+
 def train_model(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None,
                 y_test: Tensor | None = None, cfg: TrainConfig = TrainConfig(), progress: bool = True,
                 log=print) -> TrainResult:
@@ -76,14 +90,7 @@ def train_model(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tens
         for step in bar:
             idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             xb, yb = x_train[idx].to(device), y_train[idx].to(device)
-            if cfg.augment:
-                xb = augment_batch(xb, gen)
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            loss, logits = train_step(model, opt, sched, xb, yb, gen, cfg.augment, cfg.label_smoothing)
             loss_sum += loss.item() * len(idx)
             correct += (logits.argmax(1) == yb).sum().item()
             seen += len(idx)

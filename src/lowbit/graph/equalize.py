@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fold import module_graph
+from .fold import module_calls
 from .modules import get_submodule
 
 _PASS_THROUGH_MODULES = (nn.Identity, nn.ReLU)
@@ -21,13 +21,10 @@ def find_equalization_pairs(model: nn.Module) -> list[tuple[str, str]]:
     ReLU is positively homogeneous, so scaling a channel by s > 0 before it and 1/s after it
     leaves the function unchanged; ReLU6 is not, so its pairs are skipped.
     """
-    traced = module_graph(model)
-    if traced is None:
-        return []
-    graph, modules, calls = traced
+    nodes, modules, calls = module_calls(model, nn.Conv2d)
     pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.Conv2d) or calls[node.target] != 1:
+    for node in nodes:
+        if calls[node.target] != 1:
             continue
         cur = node
         while len(cur.users) == 1:

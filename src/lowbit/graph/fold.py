@@ -32,16 +32,23 @@ def module_graph(model: nn.Module) -> tuple[torch.fx.Graph, dict[str, nn.Module]
     return graph, dict(model.named_modules()), calls
 
 
-def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """``(conv_name, bn_name)`` for each BatchNorm2d fed only by a Conv2d used exactly once."""
+def module_calls(model: nn.Module, kind: type | tuple[type, ...]
+                 ) -> tuple[list[torch.fx.Node], dict[str, nn.Module], dict[str, int]]:
+    """Graph nodes that call a module of type ``kind``, with modules by name and call counts
+    (empty when the model cannot be traced)."""
     traced = module_graph(model)
     if traced is None:
-        return []
+        return [], {}, {}
     graph, modules, calls = traced
+    nodes = [n for n in graph.nodes if n.op == "call_module" and isinstance(modules.get(n.target), kind)]
+    return nodes, modules, calls
+
+
+def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """``(conv_name, bn_name)`` for each BatchNorm2d fed only by a Conv2d used exactly once."""
+    nodes, modules, calls = module_calls(model, nn.BatchNorm2d)
     pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
-            continue
+    for node in nodes:
         if modules[node.target].running_var is None:  # batch statistics at inference: not foldable
             continue
         src = node.args[0] if node.args else None

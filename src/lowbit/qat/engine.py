@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LowbitError
 from ..evaluate import accuracy
 from ..progress import progress_bar
-from ..train import augment_batch
+from ..train import train_step
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "constant")
@@ -273,14 +272,7 @@ def fit(model: nn.Module, x_train: Tensor, y_train: Tensor, val: tuple[Tensor, T
             torch.manual_seed(_step_seed(seed, step))  # dropout and friends, reproducible on resume
             gen = torch.Generator().manual_seed(_step_seed(seed, step))
             xb, yb = x_train[idx].to(dist.device), y_train[idx].to(dist.device)
-            if cfg.augment:
-                xb = augment_batch(xb, gen)
-            logits = net(xb)
-            loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            loss, logits = train_step(net, opt, sched, xb, yb, gen, cfg.augment, cfg.label_smoothing)
             step += 1
             ran += 1
             running["loss"] += loss.item() * len(idx)
