@@ -98,9 +98,10 @@ def test_distill_stages_reduce_error(stages, data) -> None:
             assert r["last"] < r["first"]
 
 
-def test_distill_keeps_group_scales_and_round_trips(data, tmp_path) -> None:
+@pytest.mark.parametrize("name", ["mobilenetv2", "zoofree", "untraceable"])
+def test_distill_keeps_group_scales_and_round_trips(name: str, data, tmp_path) -> None:
     calib, held = data
-    fp = make_model("mobilenetv2")
+    fp = make_model(name)
     q = lowbit.quantize(fp, calib, 4, 4, method="distill", block_iters=10, joint_iters=10,
                         granularity="group", groups=4, progress=False)
     for _, layer in lowbit.quant.layers.quant_layers(q):
@@ -109,3 +110,11 @@ def test_distill_keeps_group_scales_and_round_trips(data, tmp_path) -> None:
     loaded = lowbit.load(lowbit.export(q, tmp_path / "m.lowbit"), model=fp)
     with torch.no_grad():
         assert torch.allclose(loaded(held), q(held), atol=1e-5)
+
+
+def test_untraceable_model_reconstructs_with_unfolded_bn(data) -> None:
+    calib, held = data
+    fp = make_model("untraceable")
+    base = lowbit.quantize(fp, calib, 3, 4, method="mse", progress=False)
+    q = lowbit.quantize(fp, calib, 3, 4, method="qdrop", iters=60, progress=False)
+    assert _output_error(q, fp, held) < _output_error(base, fp, held)
