@@ -82,7 +82,7 @@ def methods_table(name, fp, fp_acc, calib, x, y, configs, methods, opts) -> str:
         for config in configs:
             w, a = parse_config(config)
             acc, secs = run(fp, calib, x, y, w, a, method, **opts.get(method, {}))
-            row += [acc, acc - fp_acc, f"{secs:.0f}"]
+            row += [acc, fp_acc - acc, f"{secs:.0f}"]
         rows.append(row)
         print(rows[-1], flush=True)
     head = f"### {name}: methods (FP {fp_acc:.2f}; 1024 images; per-channel; options {opts or 'default'})\n\n"
@@ -97,11 +97,11 @@ def curve_table(name, fp, fp_acc, calib, x, y, config, method, iters_list, sizes
         # distillation: the joint stage gets three times the block-wise steps, as in the defaults
         steps = {"block_iters": iters, "joint_iters": 3 * iters} if method == "distill" else {"iters": iters}
         acc, secs = run(fp, calib, x, y, w, a, method, **{**opts, **steps})
-        rows.append([", ".join(f"{k}={v}" for k, v in steps.items()), len(calib), acc, acc - fp_acc, f"{secs:.0f}"])
+        rows.append([", ".join(f"{k}={v}" for k, v in steps.items()), len(calib), acc, fp_acc - acc, f"{secs:.0f}"])
         print(rows[-1], flush=True)
     for n in sizes:
         acc, secs = run(fp, calib[:n], x, y, w, a, method, **opts)
-        rows.append(["default", n, acc, acc - fp_acc, f"{secs:.0f}"])
+        rows.append(["default", n, acc, fp_acc - acc, f"{secs:.0f}"])
         print(rows[-1], flush=True)
     head = f"### {name}: {method} at {config} against iterations and images (FP {fp_acc:.2f})\n\n"
     return head + table(["setting", "images", "top-1", "drop", "s"], rows)
