@@ -117,7 +117,7 @@ def main() -> None:
     ap.add_argument("--curve-method", default="qdrop")
     ap.add_argument("--curve-config", default="W2A4")
     ap.add_argument("--curve-iters", nargs="+", type=int, default=[100, 250, 500, 1000])
-    ap.add_argument("--curve-sizes", nargs="+", type=int, default=[256, 64])
+    ap.add_argument("--curve-sizes", nargs="*", type=int, default=[256, 64], help="image counts (none: skip)")
     ap.add_argument("--option", nargs=2, action="append", metavar=("METHOD", "K=V"), default=[],
                     help="method option, e.g. --option qdrop iters=1000")
     args = ap.parse_args()
