@@ -63,3 +63,18 @@ def calibrate_inputs(model: nn.Module, observers: dict[str, ActObserver], range_
     layers = dict(quant_layers(model))
     for name, obs in observers.items():
         layers[name].input_quant.calibrate(obs.values(), range_fn, **kwargs)
+
+
+def train_only(model: nn.Module, trainable: list[Tensor]) -> list[tuple[Tensor, bool]]:
+    """Freeze every parameter of ``model`` except ``trainable``; returns what ``restore_grad`` needs."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    return saved
+
+
+def restore_grad(saved: list[tuple[Tensor, bool]]) -> None:
+    for p, flag in saved:
+        p.requires_grad_(flag)

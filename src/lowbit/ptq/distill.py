@@ -31,7 +31,7 @@ from ..quant.learnable import LearnedStepAct, LearnedStepWeight
 from ..train import augment_batch
 from .baselines import MseOptions, mse
 from .blocks import capture_block_io, find_blocks, loss_summary
-from .common import quantizers_disabled
+from .common import quantizers_disabled, restore_grad, train_only
 from .reconstruct import block_loss
 from .registry import register_method
 
@@ -121,15 +121,6 @@ def _train_steps(params_owner: _Learnable, opts: DistillOptions, iters: int, los
     return loss_summary(history)
 
 
-def _trainable_only(model: nn.Module, learn: _Learnable) -> list[tuple[Tensor, bool]]:
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in learn.weights + learn.scales:
-        p.requires_grad_(True)
-    return saved
-
-
 def block_stage(qmodel: nn.Module, teacher: nn.Module, calib: Tensor, cfg: QuantConfig,
                 opts: DistillOptions, gen: torch.Generator) -> list[dict]:
     """Stage (a): every block fits the teacher's block output from the teacher's block input."""
@@ -143,7 +134,7 @@ def block_stage(qmodel: nn.Module, teacher: nn.Module, calib: Tensor, cfg: Quant
             inputs, targets = capture_block_io(teacher, teacher_modules[block.name], calib, cfg.batch_size,
                                                limit, device)
         learn = _Learnable(block.layers)
-        saved = _trainable_only(block.module, learn)
+        saved = train_only(block.module, learn.weights + learn.scales)
         n = len(inputs)
 
         def loss_fn(_step: int) -> Tensor:
@@ -156,8 +147,7 @@ def block_stage(qmodel: nn.Module, teacher: nn.Module, calib: Tensor, cfg: Quant
                                       cfg.progress)
         finally:
             learn.commit()
-            for p, g in saved:
-                p.requires_grad_(g)
+            restore_grad(saved)
             inputs.close()
             targets.close()
         report.append({"stage": "block", "block": block.name, **losses})
@@ -169,7 +159,7 @@ def joint_stage(qmodel: nn.Module, teacher: nn.Module, calib: Tensor, cfg: Quant
     """Stage (b): the whole student fits the teacher's softened logits."""
     device = torch.device(cfg.device)
     learn = _Learnable(quant_layers(qmodel))
-    saved = _trainable_only(qmodel, learn)
+    saved = train_only(qmodel, learn.weights + learn.scales)
     t = opts.temperature
     n = len(calib)
 
@@ -187,8 +177,7 @@ def joint_stage(qmodel: nn.Module, teacher: nn.Module, calib: Tensor, cfg: Quant
             losses = _train_steps(learn, opts, opts.joint_iters, loss_fn, "joint distillation", cfg.progress)
     finally:
         learn.commit()
-        for p, g in saved:
-            p.requires_grad_(g)
+        restore_grad(saved)
     return {"stage": "joint", **losses}
 
 

@@ -21,7 +21,7 @@ from ..progress import progress_bar
 from ..quant.learnable import LearnedStepAct, SoftRoundWeight
 from .baselines import MseOptions, mse
 from .blocks import Block, capture_block_io, find_blocks, loss_summary
-from .common import quantizers_disabled
+from .common import quantizers_disabled, restore_grad, train_only
 from .registry import register_method
 
 
@@ -106,14 +106,7 @@ def reconstruct_block(block: Block, inputs, targets, opts: ReconOptions, gen: to
                       progress: bool = True) -> dict[str, float]:
     """Fit one block's rounding and activation steps to ``targets``; returns first/last loss."""
     rounders, acts = _swap_in(block, opts)
-    params = [p for p in block.module.parameters()]
-    saved_grad = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    for _, r in rounders:
-        r.v.requires_grad_(True)
-    for _, a in acts:
-        a.scale.requires_grad_(opts.act_lr > 0)
+    saved = train_only(block.module, [r.v for _, r in rounders] + [a.scale for _, a in acts if opts.act_lr > 0])
     groups = []
     if rounders:
         groups.append(torch.optim.Adam([r.v for _, r in rounders], lr=opts.lr))
@@ -155,8 +148,7 @@ def reconstruct_block(block: Block, inputs, targets, opts: ReconOptions, gen: to
             layer.weight_quant = r.commit(layer)
         for layer, a in acts:
             layer.input_quant = a.commit()
-        for p, g in zip(params, saved_grad):
-            p.requires_grad_(g)
+        restore_grad(saved)
         block.module.train(was_training)
     return loss_summary(history)
 
