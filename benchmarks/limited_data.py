@@ -85,7 +85,8 @@ def methods_table(name, fp, fp_acc, calib, x, y, configs, methods, opts) -> str:
             row += [acc, fp_acc - acc, f"{secs:.0f}"]
         rows.append(row)
         print(rows[-1], flush=True)
-    head = f"### {name}: methods (FP {fp_acc:.2f}; 1024 images; per-channel; options {opts or 'default'})\n\n"
+    head = (f"### {name}: methods (FP {fp_acc:.2f} on {len(x)} test images; {len(calib)} calibration images; "
+            f"per-channel; options {opts or 'default'})\n\n")
     cols = ["method"] + [c for config in configs for c in (config, "drop", "s")]
     return head + table(cols, rows)
 
@@ -118,6 +119,7 @@ def main() -> None:
     ap.add_argument("--curve-config", default="W2A4")
     ap.add_argument("--curve-iters", nargs="+", type=int, default=[100, 250, 500, 1000])
     ap.add_argument("--curve-sizes", nargs="*", type=int, default=[256, 64], help="image counts (none: skip)")
+    ap.add_argument("--tag", default="", help="suffix of the RESULTS.md section names (keeps other runs)")
     ap.add_argument("--option", nargs=2, action="append", metavar=("METHOD", "K=V"), default=[],
                     help="method option, e.g. --option qdrop iters=1000")
     args = ap.parse_args()
@@ -142,7 +144,7 @@ def main() -> None:
             body = sections[t]()
             print(body, flush=True)
             if not args.no_write:
-                write_section(f"limited-{name}-{t}", body)
+                write_section(f"limited-{name}-{t}" + (f"-{args.tag}" if args.tag else ""), body)
 
 
 def _parse(text: str, default):

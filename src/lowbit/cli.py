@@ -218,7 +218,8 @@ def cmd_qat(args: argparse.Namespace) -> int:
     options = _method_options(args)
     train = {k: v for k, v in (("lr", args.lr), ("scale_lr", args.scale_lr), ("optimizer", args.optimizer),
                                ("batch_size", args.batch_size), ("checkpoint", args.checkpoint),
-                               ("log_dir", args.log_dir), ("max_steps", args.max_steps)) if v is not None}
+                               ("log_dir", args.log_dir), ("max_steps", args.max_steps),
+                               ("kd_weight", args.kd), ("kd_temperature", args.kd_temperature)) if v is not None}
     start = time.perf_counter()
     qmodel = lowbit.qat(fp, (x_train, y_train), (x_test, y_test), method=args.method, w_bits=args.w_bits,
                         a_bits=args.a_bits, epochs=args.epochs, resume=args.resume, seed=args.seed,
@@ -331,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     p.add_argument("--max-steps", type=int, help="stop after N steps in this run (resume later)")
     p.add_argument("--log-dir", help="per-epoch CSV/JSON log and training-curve PNG")
+    p.add_argument("--kd", type=float, metavar="WEIGHT",
+                   help="distil from the FP model: weight of KL to its logits (1: pure KD, default 0)")
+    p.add_argument("--kd-temperature", type=float)
     _common(p)
     p.set_defaults(func=cmd_qat)
     p = sub.add_parser("eval", help="accuracy of an artifact or a zoo FP model")

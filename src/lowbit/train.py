@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -49,12 +50,20 @@ def augment_batch(x: Tensor, gen: torch.Generator, pad: int = 2) -> Tensor:
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched, xb: Tensor, yb: Tensor,
-               gen: torch.Generator, augment: bool, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
-    """One optimizer and scheduler step on a batch (augmented if asked); returns loss and logits."""
+               gen: torch.Generator, augment: bool, label_smoothing: float = 0.0,
+               loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """One optimizer and scheduler step on a batch (augmented if asked); returns loss and logits.
+
+    ``loss_fn(logits, inputs, labels)``, when given, replaces cross-entropy (it sees the augmented
+    inputs, so a teacher can be run on the same images).
+    """
     if augment:
         xb = augment_batch(xb, gen)
     logits = model(xb)
-    loss = F.cross_entropy(logits, yb, label_smoothing=label_smoothing)
+    if loss_fn is None:
+        loss = F.cross_entropy(logits, yb, label_smoothing=label_smoothing)
+    else:
+        loss = loss_fn(logits, xb, yb)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

@@ -13,7 +13,7 @@ from lowbit.config import QuantConfig
 from lowbit.errors import LowbitError
 from lowbit.graph.fold import find_conv_bn_pairs
 from lowbit.graph.surgery import prepare
-from lowbit.qat.engine import QatConfig, lr_factor
+from lowbit.qat.engine import QatConfig, distillation_loss, lr_factor
 from lowbit.qat.gdrq import ScaleClipAct, ScaleClipWeight, fold_group_steps_into_bn, gdrq_setup, GdrqOptions
 from lowbit.quant.layers import quant_layers
 from lowbit.quant.quantizer import ActQuantizer, WeightQuantizer
@@ -95,7 +95,7 @@ def test_group_steps_fold_into_bn_exactly(groups: int) -> None:
     # BN in inference mode with trained-looking statistics; commit the Scale-Clip steps
     for _, layer in quant_layers(qmodel):
         if isinstance(layer.weight_quant, ScaleClipWeight):
-            layer.weight_quant = layer.weight_quant.commit(layer.weight)
+            layer.weight_quant = layer.weight_quant.commit(layer)
     qmodel.eval()
     codes_before = {n: l.weight_quant.quantize(l.weight).int_value.clone() for n, l in quant_layers(qmodel)}
     with torch.no_grad():
@@ -192,6 +192,28 @@ def test_lr_schedule_and_config_errors() -> None:
         lowbit.qat(fp, (x, y.float()), method="lsq")
 
 
+def test_distillation_loss_follows_the_teacher_not_the_labels() -> None:
+    fp, x, y = _data(64)
+    with torch.no_grad():
+        logits = fp(x)
+    pure = distillation_loss(fp, QatConfig(kd_weight=1.0, kd_temperature=2.0))
+    assert pure(logits, x, (y + 1) % 10).item() == pytest.approx(0.0, abs=1e-5)  # labels ignored
+    half = distillation_loss(fp, QatConfig(kd_weight=0.5))
+    ce = torch.nn.functional.cross_entropy(logits, y)
+    assert half(logits, x, y).item() == pytest.approx(0.5 * ce.item(), rel=1e-4)
+    # wrong labels: pure distillation still learns the teacher's function, cross-entropy does not
+    wrong = (y + 1) % 10
+    kd = _qat(fp, x, wrong, method="lsq", epochs=3, kd_weight=1.0)
+    plain = _qat(fp, x, wrong, method="lsq", epochs=3)
+    with torch.no_grad():
+        agree_kd = (kd(x).argmax(1) == y).float().mean()
+        agree_plain = (plain(x).argmax(1) == y).float().mean()
+    assert agree_kd > 0.8 and agree_kd > agree_plain + 0.3
+    assert kd.lowbit_info["qat"]["config"]["kd_weight"] == 1.0
+    with pytest.raises(LowbitError, match="kd_weight"):
+        QatConfig(kd_weight=1.5)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -231,7 +253,7 @@ def test_zero_bn_multiplier_folds_to_zero_codes() -> None:
     qmodel.lowbit_bn_pairs = find_conv_bn_pairs(fp)
     gdrq_setup(qmodel, x, cfg, GdrqOptions())
     for _, layer in quant_layers(qmodel):
-        layer.weight_quant = layer.weight_quant.commit(layer.weight)
+        layer.weight_quant = layer.weight_quant.commit(layer)
     with torch.no_grad():
         ref = qmodel(x)
     fold_group_steps_into_bn(qmodel, qmodel.lowbit_bn_pairs, cfg)

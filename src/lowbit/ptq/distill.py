@@ -27,7 +27,7 @@ from ..config import QuantConfig
 from ..errors import LowbitError
 from ..progress import progress_bar
 from ..quant.layers import QuantConv2d, QuantLinear, quant_layers
-from ..quant.learnable import LearnedStepAct, LearnedStepWeight
+from ..quant.learnable import LearnedStepAct, LearnedStepWeight, commit_stand_ins
 from ..train import augment_batch
 from .baselines import MseOptions, mse
 from .blocks import capture_block_io, find_blocks, loss_summary
@@ -95,11 +95,7 @@ class _Learnable:
         return torch.optim.Adam(groups)
 
     def commit(self) -> None:
-        for layer in self.layers:
-            if isinstance(layer.weight_quant, LearnedStepWeight):
-                layer.weight_quant = layer.weight_quant.commit()
-            if isinstance(layer.input_quant, LearnedStepAct):
-                layer.input_quant = layer.input_quant.commit()
+        commit_stand_ins(self.layers)
 
 
 def _train_steps(params_owner: _Learnable, opts: DistillOptions, iters: int, loss_fn, desc: str,

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..config import QuantConfig
 from ..errors import LowbitError
 from ..progress import progress_bar
-from ..quant.learnable import LearnedStepAct, SoftRoundWeight
+from ..quant.learnable import LearnedStepAct, SoftRoundWeight, commit_stand_ins
 from .baselines import MseOptions, mse
 from .blocks import Block, capture_block_io, find_blocks, loss_summary
 from .common import quantizers_disabled, restore_grad, train_only
@@ -144,10 +144,7 @@ def reconstruct_block(block: Block, inputs, targets, opts: ReconOptions, gen: to
                 if step % 50 == 0:
                     bar.set_postfix(rec=f"{history[-1]:.4g}")
     finally:
-        for layer, r in rounders:
-            layer.weight_quant = r.commit(layer)
-        for layer, a in acts:
-            layer.input_quant = a.commit()
+        commit_stand_ins(layer for _, layer in block.layers)
         restore_grad(saved)
         block.module.train(was_training)
     return loss_summary(history)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LowbitError
@@ -44,6 +45,9 @@ class QatConfig:
         schedule: "cosine" (to zero, after warm-up) or "constant".
         warmup_steps: linear learning-rate warm-up.
         label_smoothing: cross-entropy label smoothing.
+        kd_weight: weight of the distillation loss to the FP model's logits (KL at
+            ``kd_temperature``); the rest goes to cross-entropy. 0: plain cross-entropy, 1: pure KD.
+        kd_temperature: softmax temperature of that loss.
         augment: random shifts and flips.
         checkpoint: file written every ``checkpoint_every`` steps and at each epoch end (atomic).
         checkpoint_every: steps between checkpoints.
@@ -62,6 +66,8 @@ class QatConfig:
     schedule: str = "cosine"
     warmup_steps: int = 0
     label_smoothing: float = 0.0
+    kd_weight: float = 0.0
+    kd_temperature: float = 1.0
     augment: bool = True
     checkpoint: str | None = None
     checkpoint_every: int = 200
@@ -82,6 +88,8 @@ class QatConfig:
             raise LowbitError("qat: resume needs a checkpoint path")
         if self.max_steps is not None and self.max_steps < 1:
             raise LowbitError("qat: max_steps must be >= 1")
+        if not 0.0 <= self.kd_weight <= 1.0 or self.kd_temperature <= 0:
+            raise LowbitError("qat: kd_weight must be in [0, 1] and kd_temperature > 0")
 
 
 QAT_FIELDS = {f.name for f in fields(QatConfig)}
@@ -224,12 +232,35 @@ class EpochLog:
         plt.close(fig)
 
 
+def distillation_loss(teacher: nn.Module, cfg: QatConfig) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """``loss(logits, inputs, labels)``: cross-entropy blended with KL to ``teacher``'s logits."""
+    t, w = cfg.kd_temperature, cfg.kd_weight
+
+    def loss(logits: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
+        with torch.no_grad():
+            target = F.log_softmax(teacher(xb) / t, dim=1)
+        kd = F.kl_div(F.log_softmax(logits / t, dim=1), target, reduction="batchmean", log_target=True) * t * t
+        if w >= 1.0:
+            return kd
+        return w * kd + (1 - w) * F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
+
+    return loss
+
+
 def fit(model: nn.Module, x_train: Tensor, y_train: Tensor, val: tuple[Tensor, Tensor] | None,
         cfg: QatConfig, run: dict, seed: int, device: torch.device, progress: bool = True,
-        log: Callable[[str], Any] = print) -> dict:
-    """Train ``model`` (its quantizers already in place) and return the run summary."""
+        log: Callable[[str], Any] = print, teacher: nn.Module | None = None) -> dict:
+    """Train ``model`` (its quantizers already in place) and return the run summary.
+
+    ``teacher`` (an FP model in eval mode) is needed when ``cfg.kd_weight`` > 0.
+    """
     dist = Distributed.from_env(device)
     model.to(dist.device)
+    loss_fn = None
+    if cfg.kd_weight > 0:
+        if teacher is None:
+            raise LowbitError("qat: kd_weight > 0 needs the FP teacher model")
+        loss_fn = distillation_loss(teacher.to(dist.device).eval(), cfg)
     net: nn.Module = model
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -272,7 +303,7 @@ def fit(model: nn.Module, x_train: Tensor, y_train: Tensor, val: tuple[Tensor, T
             torch.manual_seed(_step_seed(seed, step))  # dropout and friends, reproducible on resume
             gen = torch.Generator().manual_seed(_step_seed(seed, step))
             xb, yb = x_train[idx].to(dist.device), y_train[idx].to(dist.device)
-            loss, logits = train_step(net, opt, sched, xb, yb, gen, cfg.augment, cfg.label_smoothing)
+            loss, logits = train_step(net, opt, sched, xb, yb, gen, cfg.augment, cfg.label_smoothing, loss_fn)
             step += 1
             ran += 1
             running["loss"] += loss.item() * len(idx)

@@ -25,6 +25,7 @@ from ..graph.fold import apply_fold_structure
 from ..graph.modules import get_submodule
 from ..ptq.baselines import MseOptions, mse
 from ..quant.layers import quant_layers
+from ..quant.learnable import commit_stand_ins
 from ..quant.quantizer import ActQuantizer, WeightQuantizer
 from ..quant.uniform import fake_quantize, qparams_from_range
 from .registry import register_qat_method
@@ -77,9 +78,9 @@ class ScaleClipWeight(nn.Module):
         return fake_quantize(w, s, torch.zeros_like(s), qmin, qmax)
 
     @torch.no_grad()
-    def commit(self, w: Tensor) -> WeightQuantizer:
+    def commit(self, layer: nn.Module) -> WeightQuantizer:
         if not self.quant.binary:
-            self.quant.scale.copy_(self.step(w))
+            self.quant.scale.copy_(self.step(layer.weight))
             self.quant.zero_point.zero_()
         return self.quant
 
@@ -214,11 +215,7 @@ def fold_group_steps_into_bn(qmodel: nn.Module, pairs: list[tuple[str, str]], cf
 
 
 def gdrq_finalize(qmodel: nn.Module, cfg: QuantConfig, opts: GdrqOptions) -> QuantConfig:
-    for _, layer in quant_layers(qmodel):
-        if isinstance(layer.weight_quant, ScaleClipWeight):
-            layer.weight_quant = layer.weight_quant.commit(layer.weight)
-        if isinstance(layer.input_quant, ScaleClipAct):
-            layer.input_quant = layer.input_quant.commit()
+    commit_stand_ins(layer for _, layer in quant_layers(qmodel))
     pairs = getattr(qmodel, "lowbit_bn_pairs", [])
     fold_group_steps_into_bn(qmodel, pairs, cfg)
     # what a device sees: BN folded, one multiplier per output channel (groups merged into BN)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ..config import QuantConfig
 from ..ptq.baselines import MseOptions, mse
 from ..quant.layers import quant_layers
-from ..quant.learnable import LearnedStepAct, LearnedStepWeight
+from ..quant.learnable import LearnedStepAct, LearnedStepWeight, commit_stand_ins
 from .registry import register_qat_method
 
 
@@ -34,17 +34,8 @@ def lsq_setup(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: LsqOptio
             layer.input_quant = LearnedStepAct(layer.input_quant, lsq_grad_scale=opts.grad_scale)
 
 
-def commit_learned(qmodel: nn.Module) -> None:
-    """Swap every learned-step stand-in back for its plain quantizer, with the learned steps."""
-    for _, layer in quant_layers(qmodel):
-        if hasattr(layer.weight_quant, "commit"):
-            layer.weight_quant = layer.weight_quant.commit()
-        if hasattr(layer.input_quant, "commit"):
-            layer.input_quant = layer.input_quant.commit()
-
-
 def lsq_finalize(qmodel: nn.Module, cfg: QuantConfig, opts: LsqOptions) -> None:
-    commit_learned(qmodel)
+    commit_stand_ins(layer for _, layer in quant_layers(qmodel))
 
 
 register_qat_method("lsq", lsq_setup, lsq_finalize, LsqOptions,

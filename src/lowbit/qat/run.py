@@ -1,6 +1,7 @@
 """``lowbit.qat``: quantization-aware fine-tuning of an FP model with a registered QAT method."""
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, is_dataclass
 from typing import Any, Iterable
 
@@ -73,8 +74,13 @@ def qat(model: nn.Module, train_data: Tensor | Iterable, val_data: Any = None, m
         run = {"method": method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "granularity": cfg.granularity,
                "groups": cfg.groups, "epochs": tcfg.epochs, "batch_size": tcfg.batch_size, "seed": cfg.seed,
                "train_size": len(x_train)}
+        teacher = None
+        if tcfg.kd_weight > 0:
+            teacher = copy.deepcopy(model).eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
         summary = fit(qmodel, x_train, y_train, val, tcfg, run, cfg.seed, torch.device(cfg.device),
-                      progress=cfg.progress, log=log)
+                      progress=cfg.progress, log=log, teacher=teacher)
     if not summary["finished"]:
         qmodel.lowbit_qat = summary
         return qmodel  # stopped by max_steps: still training-time quantizers, resume to finish

@@ -7,6 +7,7 @@ artifact and the ONNX export see ordinary scales and integer weights.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -76,7 +77,8 @@ class LearnedStepWeight(nn.Module):
         return fake_quantize(w, s, z, qmin, qmax, q.binary)
 
     @torch.no_grad()
-    def commit(self) -> WeightQuantizer:
+    def commit(self, layer: nn.Module | None = None) -> WeightQuantizer:
+        """The plain quantizer with the learned step (``layer`` only for the common signature)."""
         self.quant.scale.copy_(self.scale.abs().clamp_min(1e-8))
         return self.quant
 
@@ -147,3 +149,16 @@ class SoftRoundWeight(nn.Module):
         self.hard = True
         layer.weight.copy_(self.forward(layer.weight).to(layer.weight.dtype))
         return self.quant
+
+
+def commit_stand_ins(layers: Iterable[nn.Module]) -> None:
+    """Swap every trainable stand-in on ``layers`` back for its plain quantizer, keeping what it learned.
+
+    Weight stand-ins take ``commit(layer)`` (some write grid weights into it), activation ones
+    ``commit()``; anything without ``commit`` is already a plain quantizer and stays.
+    """
+    for layer in layers:
+        if hasattr(layer.weight_quant, "commit"):
+            layer.weight_quant = layer.weight_quant.commit(layer)
+        if hasattr(layer.input_quant, "commit"):
+            layer.input_quant = layer.input_quant.commit()
