@@ -95,11 +95,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train_zoo_model
 
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                      seed=args.seed, device=args.device)
+                      seed=args.seed, device=args.device, kd_weight=args.kd if args.teacher else 0.0,
+                      kd_temperature=args.kd_temperature)
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
     kwargs = json.loads(args.model_kwargs or "{}")
     _, result = train_zoo_model(args.model, cfg, args.data, save=not args.no_save, progress=_progress(args),
-                                log=log, resume=args.resume, **kwargs)
+                                log=log, resume=args.resume, teachers=tuple(args.teacher or ()), **kwargs)
     _emit(args, {"model": args.model, "test_accuracy": result.test_accuracy, "history": result.history},
           [f"{args.model}: test accuracy {result.test_accuracy:.2f}%"])
     return 0
@@ -307,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-save", action="store_true", help="do not overwrite the shipped checkpoint")
     p.add_argument("--resume", action="store_true",
                    help="start from the shipped checkpoint (fine-tune with a fresh schedule)")
+    p.add_argument("--teacher", nargs="+", metavar="MODEL",
+                   help="distil from these shipped zoo checkpoints (their averaged predictions)")
+    p.add_argument("--kd", type=float, default=1.0, metavar="WEIGHT",
+                   help="with --teacher: weight of the distillation loss (1: soft targets only)")
+    p.add_argument("--kd-temperature", type=float, default=1.0)
     _common(p)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("quantize", help="quantize a model and report FP vs quantized accuracy, size, time")

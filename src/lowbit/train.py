@@ -16,7 +16,7 @@ from .progress import progress_bar
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters of FP training."""
+    """Hyper-parameters of FP training (``kd_*``: distillation from a teacher, see ``distillation_loss``)."""
 
     epochs: int = 30
     batch_size: int = 128
@@ -24,6 +24,8 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
+    kd_weight: float = 0.0
+    kd_temperature: float = 1.0
     augment: bool = True
     seed: int = 0
     device: str = "cpu"
@@ -47,6 +49,41 @@ def augment_batch(x: Tensor, gen: torch.Generator, pad: int = 2) -> Tensor:
     out = out.gather(3, cols)
     flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
     return torch.where(flip.view(n, 1, 1, 1), out.flip(3), out)
+
+
+def distillation_loss(teacher: nn.Module, weight: float, temperature: float = 1.0,
+                      label_smoothing: float = 0.0) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """``loss(logits, inputs, labels)``: ``weight`` x KL to ``teacher``'s logits + the rest cross-entropy.
+
+    The KL term is scaled by ``temperature**2`` (Hinton et al.), so its gradients keep their size.
+    """
+    if not 0.0 <= weight <= 1.0 or temperature <= 0:
+        raise LowbitError("distillation: weight must be in [0, 1] and temperature > 0")
+
+    def loss(logits: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
+        with torch.no_grad():
+            target = F.log_softmax(teacher(xb) / temperature, dim=1)
+        kd = F.kl_div(F.log_softmax(logits / temperature, dim=1), target, reduction="batchmean",
+                      log_target=True) * temperature ** 2
+        if weight >= 1.0:
+            return kd
+        return weight * kd + (1 - weight) * F.cross_entropy(logits, yb, label_smoothing=label_smoothing)
+
+    return loss
+
+
+class Ensemble(nn.Module):
+    """Averages the softmax outputs of several models; returns log-probabilities (a distillation teacher)."""
+
+    def __init__(self, models: list[nn.Module]) -> None:
+        super().__init__()
+        if not models:
+            raise LowbitError("an ensemble needs at least one model")
+        self.members = nn.ModuleList(models)
+
+    def forward(self, x: Tensor) -> Tensor:
+        logp = torch.stack([m(x).log_softmax(1) for m in self.members])
+        return torch.logsumexp(logp, 0) - math.log(len(self.members))  # log of the mean probability
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched, xb: Tensor, yb: Tensor,
@@ -73,12 +110,21 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched, xb: Tensor, 
 
 def train_model(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None,
                 y_test: Tensor | None = None, cfg: TrainConfig = TrainConfig(), progress: bool = True,
-                log=print) -> TrainResult:
-    """Train ``model`` in place with SGD + nesterov and a one-cycle-like cosine schedule."""
+                log=print, teacher: nn.Module | None = None) -> TrainResult:
+    """Train ``model`` in place with SGD + nesterov and a one-cycle-like cosine schedule.
+
+    With ``cfg.kd_weight`` > 0, ``teacher`` (kept frozen, in eval mode) supplies soft targets.
+    """
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     model.to(device)
+    loss_fn = None
+    if cfg.kd_weight > 0:
+        if teacher is None:
+            raise LowbitError("train: kd_weight > 0 needs a teacher model")
+        teacher = teacher.to(device).eval().requires_grad_(False)
+        loss_fn = distillation_loss(teacher, cfg.kd_weight, cfg.kd_temperature, cfg.label_smoothing)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)
@@ -99,7 +145,7 @@ def train_model(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tens
         for step in bar:
             idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             xb, yb = x_train[idx].to(device), y_train[idx].to(device)
-            loss, logits = train_step(model, opt, sched, xb, yb, gen, cfg.augment, cfg.label_smoothing)
+            loss, logits = train_step(model, opt, sched, xb, yb, gen, cfg.augment, cfg.label_smoothing, loss_fn)
             loss_sum += loss.item() * len(idx)
             correct += (logits.argmax(1) == yb).sum().item()
             seen += len(idx)
@@ -117,12 +163,14 @@ def train_model(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tens
 
 
 def train_zoo_model(name: str, cfg: TrainConfig, data_root: str | None = None, save: bool = True,
-                    progress: bool = True, log=print, resume: bool = False,
+                    progress: bool = True, log=print, resume: bool = False, teachers: tuple[str, ...] = (),
                     **model_kwargs) -> tuple[nn.Module, TrainResult]:
     """Train zoo model ``name`` on Fashion-MNIST and (optionally) store it as the shipped checkpoint.
 
     With ``resume`` the shipped checkpoint is the starting point (a fresh schedule of ``cfg.epochs``
     epochs, typically with a smaller ``lr``), and the stored metadata keeps the earlier runs.
+    ``teachers`` names shipped zoo checkpoints whose averaged predictions are distilled
+    (``cfg.kd_weight``); their copies are loaded before training starts, so ``name`` may be one.
     """
     import time
 
@@ -133,6 +181,13 @@ def train_zoo_model(name: str, cfg: TrainConfig, data_root: str | None = None, s
     x_train, y_train = load_fashion_mnist("train", data_root)
     x_test, y_test = load_fashion_mnist("test", data_root)
     torch.manual_seed(cfg.seed)
+    teacher = None
+    if teachers:
+        from .models.zoo import load_pretrained as _load
+
+        teacher = Ensemble([_load(t) for t in teachers])
+    elif cfg.kd_weight > 0:
+        raise LowbitError("train: kd_weight > 0 needs teachers (zoo model names)")
     earlier: list[dict] = []
     if resume:
         from .models.zoo import load_pretrained, pretrained_info
@@ -148,12 +203,14 @@ def train_zoo_model(name: str, cfg: TrainConfig, data_root: str | None = None, s
     if cfg.device == "cpu":
         model = model.to(memory_format=torch.channels_last)
     start = time.perf_counter()
-    result = train_model(model, x_train, y_train, x_test, y_test, cfg, progress=progress, log=log)
+    result = train_model(model, x_train, y_train, x_test, y_test, cfg, progress=progress, log=log, teacher=teacher)
     model = model.to(memory_format=torch.contiguous_format)
     if save:
         run = {"test_accuracy": round(result.test_accuracy, 2), "epochs": cfg.epochs,
                "batch_size": cfg.batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
                "seed": cfg.seed, "train_seconds": round(time.perf_counter() - start, 1),
+               **({"teachers": list(teachers), "kd_weight": cfg.kd_weight, "kd_temperature": cfg.kd_temperature}
+                  if teachers else {}),
                "history": result.history}
         info = {"name": name, "kwargs": model_kwargs, "dataset": "fashion-mnist", **run}
         if earlier:

@@ -13,7 +13,8 @@ from lowbit.config import QuantConfig
 from lowbit.errors import LowbitError
 from lowbit.graph.fold import find_conv_bn_pairs
 from lowbit.graph.surgery import prepare
-from lowbit.qat.engine import QatConfig, distillation_loss, lr_factor
+from lowbit.qat.engine import QatConfig, lr_factor
+from lowbit.train import Ensemble, distillation_loss
 from lowbit.qat.gdrq import ScaleClipAct, ScaleClipWeight, fold_group_steps_into_bn, gdrq_setup, GdrqOptions
 from lowbit.quant.layers import quant_layers
 from lowbit.quant.quantizer import ActQuantizer, WeightQuantizer
@@ -196,9 +197,9 @@ def test_distillation_loss_follows_the_teacher_not_the_labels() -> None:
     fp, x, y = _data(64)
     with torch.no_grad():
         logits = fp(x)
-    pure = distillation_loss(fp, QatConfig(kd_weight=1.0, kd_temperature=2.0))
+    pure = distillation_loss(fp, 1.0, temperature=2.0)
     assert pure(logits, x, (y + 1) % 10).item() == pytest.approx(0.0, abs=1e-5)  # labels ignored
-    half = distillation_loss(fp, QatConfig(kd_weight=0.5))
+    half = distillation_loss(fp, 0.5)
     ce = torch.nn.functional.cross_entropy(logits, y)
     assert half(logits, x, y).item() == pytest.approx(0.5 * ce.item(), rel=1e-4)
     # wrong labels: pure distillation still learns the teacher's function, cross-entropy does not
@@ -212,6 +213,8 @@ def test_distillation_loss_follows_the_teacher_not_the_labels() -> None:
     assert kd.lowbit_info["qat"]["config"]["kd_weight"] == 1.0
     with pytest.raises(LowbitError, match="kd_weight"):
         QatConfig(kd_weight=1.5)
+    with torch.no_grad():  # an ensemble of one is the model itself, as log-probabilities
+        assert torch.allclose(Ensemble([fp])(x), logits.log_softmax(1), atol=1e-5)
 
 
 def _free_port() -> int:

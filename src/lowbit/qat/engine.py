@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LowbitError
 from ..evaluate import accuracy
 from ..progress import progress_bar
-from ..train import train_step
+from ..train import distillation_loss, train_step
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "constant")
@@ -232,21 +231,6 @@ class EpochLog:
         plt.close(fig)
 
 
-def distillation_loss(teacher: nn.Module, cfg: QatConfig) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    """``loss(logits, inputs, labels)``: cross-entropy blended with KL to ``teacher``'s logits."""
-    t, w = cfg.kd_temperature, cfg.kd_weight
-
-    def loss(logits: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
-        with torch.no_grad():
-            target = F.log_softmax(teacher(xb) / t, dim=1)
-        kd = F.kl_div(F.log_softmax(logits / t, dim=1), target, reduction="batchmean", log_target=True) * t * t
-        if w >= 1.0:
-            return kd
-        return w * kd + (1 - w) * F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
-
-    return loss
-
-
 def fit(model: nn.Module, x_train: Tensor, y_train: Tensor, val: tuple[Tensor, Tensor] | None,
         cfg: QatConfig, run: dict, seed: int, device: torch.device, progress: bool = True,
         log: Callable[[str], Any] = print, teacher: nn.Module | None = None) -> dict:
@@ -260,7 +244,8 @@ def fit(model: nn.Module, x_train: Tensor, y_train: Tensor, val: tuple[Tensor, T
     if cfg.kd_weight > 0:
         if teacher is None:
             raise LowbitError("qat: kd_weight > 0 needs the FP teacher model")
-        loss_fn = distillation_loss(teacher.to(dist.device).eval(), cfg)
+        loss_fn = distillation_loss(teacher.to(dist.device).eval(), cfg.kd_weight, cfg.kd_temperature,
+                                    cfg.label_smoothing)
     net: nn.Module = model
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
