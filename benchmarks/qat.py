@@ -48,7 +48,15 @@ def main() -> None:
     ap.add_argument("--train-size", type=int, default=20000)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--kd", type=float, default=0.0, help="distillation weight from the FP model (QatConfig.kd_weight)")
+    ap.add_argument("--option", nargs=2, action="append", metavar=("METHOD", "K=V"), default=[],
+                    help="method option, e.g. --option gdrq k_act=2.5")
+    ap.add_argument("--tag", default="", help="suffix of the RESULTS.md section name (keeps other runs)")
     args = ap.parse_args()
+    extra: dict[str, dict] = {}
+    for method, kv in args.option:
+        k, v = kv.split("=", 1)
+        extra.setdefault(method, {})[k] = float(v)
     from lowbit.data import load_fashion_mnist
 
     x_train, y_train = load_fashion_mnist("train")
@@ -72,21 +80,23 @@ def main() -> None:
                 t = time.perf_counter()
                 q = lowbit.qat(fp, (x_train, y_train), method=method, w_bits=int(w), a_bits=int(a),
                                epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, progress=False,
-                               log=lambda s: None, **opts)
+                               log=lambda s: None, kd_weight=args.kd, **opts, **extra.get(method, {}))
                 secs = time.perf_counter() - t
                 per_epoch = sum(h["seconds"] for h in q.lowbit_info["qat"]["history"]) / args.epochs
                 acc = accuracy(q, x_test, y_test)
-                row += [acc, acc - fp_acc, f"{secs / 60:.1f}", f"{per_epoch / fp_epoch:.2f}x"]
+                row += [acc, fp_acc - acc, f"{secs / 60:.1f}", f"{per_epoch / fp_epoch:.2f}x"]
                 print(row, flush=True)
             rows.append(row)
         head = (f"### {name}: QAT, {args.epochs} epochs over the first {len(x_train)} training images, "
-                f"batch {args.batch_size}, SGD lr {args.lr} cosine (FP {fp_acc:.2f}; FP training epoch "
-                f"{fp_epoch:.0f} s on the same images)\n\n")
+                f"batch {args.batch_size}, SGD lr {args.lr} cosine"
+                + (f", distilled from the FP model (kd weight {args.kd})" if args.kd else "")
+                + (f", options {extra}" if extra else "")
+                + f" (FP {fp_acc:.2f}; FP training epoch {fp_epoch:.0f} s on the same images)\n\n")
         cols = ["method"] + [c for config in args.configs for c in (config, "drop", "min", "epoch vs FP")]
         body = head + table(cols, rows)
         print(body, flush=True)
         if not args.no_write:
-            write_section(f"qat-{name}", body)
+            write_section(f"qat-{name}" + (f"-{args.tag}" if args.tag else ""), body)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Baseline PTQ methods: TF-Lite min/max, Lp-error clipping search, ACIQ analytic clipping."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -44,6 +45,17 @@ def mse(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: MseOptions) ->
     calibrate_weights(qmodel, lp_search_range, p=opts.p_weight, candidates=opts.candidates, shrink=opts.shrink)
     calibrate_inputs(qmodel, observe_fp_inputs(qmodel, calib, cfg), lp_search_range, p=opts.p_act,
                      candidates=opts.candidates, shrink=opts.shrink)
+
+
+def mse_start_with_teacher(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig,
+                           init: MseOptions = MseOptions()) -> nn.Module:
+    """Calibrate ``qmodel`` with MSE clipping, the start of every learned PTQ method, and return its teacher.
+
+    The teacher is a copy in eval mode; run it under ``quantizers_disabled`` to get the FP network
+    with exactly the student's structure (folded BN, same module names).
+    """
+    mse(qmodel, calib, cfg, init)
+    return copy.deepcopy(qmodel).eval()
 
 
 @dataclass(frozen=True)

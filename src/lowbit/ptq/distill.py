@@ -15,7 +15,6 @@ teacher, with a few images:
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -29,7 +28,7 @@ from ..progress import progress_bar
 from ..quant.layers import QuantConv2d, QuantLinear, quant_layers
 from ..quant.learnable import LearnedStepAct, LearnedStepWeight, commit_stand_ins
 from ..train import augment_batch
-from .baselines import MseOptions, mse
+from .baselines import MseOptions, mse_start_with_teacher
 from .blocks import capture_block_io, find_blocks, loss_summary
 from .common import quantizers_disabled, restore_grad, train_only
 from .reconstruct import block_loss
@@ -181,8 +180,7 @@ def joint_stage(qmodel: nn.Module, teacher: nn.Module, calib: Tensor, cfg: Quant
                  description="two-stage distillation with limited data: block-wise, then joint (Yuan et al.)")
 def distill(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: DistillOptions,
             init: MseOptions = MseOptions()) -> None:
-    mse(qmodel, calib, cfg, init)
-    teacher = copy.deepcopy(qmodel).eval()
+    teacher = mse_start_with_teacher(qmodel, calib, cfg, init)
     gen = torch.Generator().manual_seed(cfg.seed)
     was_training = qmodel.training
     qmodel.eval()  # BN (if unfolded) and dropout keep inference behaviour while the weights learn

@@ -9,7 +9,6 @@ during the fit (``drop_prob=0.5``), which is the ``qdrop`` method.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +18,7 @@ from ..config import QuantConfig
 from ..errors import LowbitError
 from ..progress import progress_bar
 from ..quant.learnable import LearnedStepAct, SoftRoundWeight, commit_stand_ins
-from .baselines import MseOptions, mse
+from .baselines import MseOptions, mse_start_with_teacher
 from .blocks import Block, capture_block_io, find_blocks, loss_summary
 from .common import quantizers_disabled, restore_grad, train_only
 from .registry import register_method
@@ -153,9 +152,8 @@ def reconstruct_block(block: Block, inputs, targets, opts: ReconOptions, gen: to
 def reconstruct(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: ReconOptions,
                 init: MseOptions = MseOptions()) -> list[dict]:
     """Block-by-block reconstruction of ``qmodel`` in place; returns per-block losses."""
-    mse(qmodel, calib, cfg, init)
+    teacher = mse_start_with_teacher(qmodel, calib, cfg, init)
     device = torch.device(cfg.device)
-    teacher = copy.deepcopy(qmodel).eval()
     blocks = find_blocks(qmodel, calib[:2].to(device), opts.max_block_layers)
     teacher_modules = dict(teacher.named_modules())
     limit = opts.cache_mb * 2 ** 20
