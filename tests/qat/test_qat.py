@@ -13,9 +13,11 @@ from lowbit.config import QuantConfig
 from lowbit.errors import LowbitError
 from lowbit.graph.fold import find_conv_bn_pairs
 from lowbit.graph.surgery import prepare
+from lowbit.ptq.baselines import MseOptions, mse
 from lowbit.qat.engine import QatConfig, lr_factor
 from lowbit.train import Ensemble, distillation_loss
-from lowbit.qat.gdrq import ScaleClipAct, ScaleClipWeight, fold_group_steps_into_bn, gdrq_setup, GdrqOptions
+from lowbit.qat.gdrq import (GdrqOptions, ScaleClipAct, ScaleClipWeight, fold_group_steps_into_bn, gdrq_setup,
+                             least_error_k)
 from lowbit.quant.layers import quant_layers
 from lowbit.quant.quantizer import ActQuantizer, WeightQuantizer
 
@@ -70,6 +72,33 @@ def test_scale_clip_act_moving_average() -> None:
     assert out.max().item() == pytest.approx(before.item(), rel=1e-5)  # clipped at T
     q = sc.commit()
     assert torch.allclose(q(x2 * 100), out) and torch.allclose(q(x2), sc(x2))
+
+
+def test_per_layer_k_minimises_error_and_starts_at_the_mse_ranges() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(16, 8, 3, 3)
+    ternary, four = WeightQuantizer(2, 16, "group", 4), WeightQuantizer(4, 16, "group", 4)
+    k2, k4 = least_error_k(ternary, w), least_error_k(four, w)
+    assert 1.3 <= k2 <= 1.9 and k4 > k2  # ternary codes want a tight threshold, more bits a wider one
+    err = lambda q, k: (ScaleClipWeight(q, k)(w) - w).pow(2).sum().item()  # noqa: E731
+    assert err(ternary, k2) <= min(err(ternary, 1.0), err(ternary, 2.5))
+    # default options: every activation threshold starts at the MSE start point's range
+    fp, x, _ = _data(32)
+    cfg = QuantConfig(w_bits=2, a_bits=4, fold_bn=False, progress=False)
+    qmodel, _ = prepare(fp, cfg, x[:2])
+    qmodel.lowbit_bn_pairs = find_conv_bn_pairs(fp)
+    ref, _ = prepare(fp, cfg.with_(fold_bn=False), x[:2])
+    mse(ref, x, cfg, MseOptions())
+    gdrq_setup(qmodel, x, cfg, GdrqOptions())
+    refs = dict(quant_layers(ref))
+    checked = 0
+    for name, layer in quant_layers(qmodel):
+        if isinstance(layer.input_quant, ScaleClipAct) and not layer.input_quant.two_sided:
+            scale, _ = layer.input_quant.qparams()
+            assert torch.allclose(scale, refs[name].input_quant.scale, rtol=1e-4), name
+            checked += 1
+    scale_clipped = {f"{n}.weight" for n, l in quant_layers(qmodel) if isinstance(l.weight_quant, ScaleClipWeight)}
+    assert checked > 5 and scale_clipped and scale_clipped <= set(qmodel.lowbit_gdrq_k)
 
 
 def test_ste_gradients_of_learned_steps() -> None:

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..config import QuantConfig
 from ..errors import LowbitError
+from ..quant.quantizer import ActObserver
 from ..quant.ranges import aciq_range, lp_search_range, minmax_range
 from .common import calibrate_inputs, calibrate_weights, observe_fp_inputs
 from .registry import register_method
@@ -41,10 +42,13 @@ class MseOptions:
 
 
 @register_method("mse", MseOptions, description="Lp-error clipping search (p=2 weights, p=2.4 activations)")
-def mse(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: MseOptions) -> None:
+def mse(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: MseOptions) -> dict[str, ActObserver]:
+    """Calibrate every range by Lp-error search; returns the FP input statistics it searched on."""
     calibrate_weights(qmodel, lp_search_range, p=opts.p_weight, candidates=opts.candidates, shrink=opts.shrink)
-    calibrate_inputs(qmodel, observe_fp_inputs(qmodel, calib, cfg), lp_search_range, p=opts.p_act,
-                     candidates=opts.candidates, shrink=opts.shrink)
+    observers = observe_fp_inputs(qmodel, calib, cfg)
+    calibrate_inputs(qmodel, observers, lp_search_range, p=opts.p_act, candidates=opts.candidates,
+                     shrink=opts.shrink)
+    return observers
 
 
 def mse_start_with_teacher(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig,

@@ -34,18 +34,22 @@ from .registry import register_qat_method
 @dataclass(frozen=True)
 class GdrqOptions:
     """Attributes:
-        k_weight: weight clipping threshold in units of mean |w| (per group).
-        k_act: activation clipping threshold in units of mean |x|.
+        k_weight: weight clipping threshold in units of mean |w| (per group). None: per layer, the
+            k of least weight-quantization error at the start (about 1.6 for ternary codes, 3-4 at
+            4 bit); the paper's fixed k is 2 to 3.
+        k_act: activation clipping threshold in units of mean |x|. None: per layer, the start
+            point's MSE clipping threshold over mean |x| (post-ReLU inputs are sparse, so this is
+            6 to 12 rather than the 2 to 3 that suits bell-shaped data).
         momentum: moving-average momentum of the activation threshold.
     """
 
-    k_weight: float = 2.5
-    k_act: float = 3.0
+    k_weight: float | None = None
+    k_act: float | None = None
     momentum: float = 0.99
 
     def __post_init__(self) -> None:
-        if self.k_weight <= 0 or self.k_act <= 0 or not 0 <= self.momentum < 1:
-            raise LowbitError("gdrq: k_weight, k_act > 0 and 0 <= momentum < 1")
+        if any(k is not None and k <= 0 for k in (self.k_weight, self.k_act)) or not 0 <= self.momentum < 1:
+            raise LowbitError("gdrq: k_weight, k_act > 0 (or None: per layer) and 0 <= momentum < 1")
 
 
 def scale_clip_threshold(x: Tensor, k: float, dims: int = 1) -> Tensor:
@@ -96,6 +100,12 @@ class ScaleClipAct(nn.Module):
         self.two_sided = two_sided
         self.register_buffer("threshold", torch.zeros(1, device=quant.scale.device))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=quant.scale.device))
+
+    @torch.no_grad()
+    def start(self, threshold: float) -> None:
+        """Begin the moving average at ``threshold`` (else the first training batch sets it)."""
+        self.threshold.fill_(max(threshold, 1e-8))
+        self.initialized.fill_(True)
 
     def qparams(self) -> tuple[Tensor, Tensor]:
         q = self.quant
@@ -149,17 +159,48 @@ def _align_bn_signs(qmodel: nn.Module, pairs: list[tuple[str, str]]) -> None:
             bn.running_mean.mul_(sign)
 
 
+K_GRID = tuple(0.5 + 0.1 * i for i in range(76))  # 0.5 ... 8.0
+
+
+@torch.no_grad()
+def least_error_k(quant: WeightQuantizer, w: Tensor, grid: tuple[float, ...] = K_GRID) -> float:
+    """The Scale-Clip ``k`` whose per-group step ``k * mean|w| / qmax`` quantizes ``w`` with least error."""
+    best, best_err = grid[0], float("inf")
+    for k in grid:
+        err = (ScaleClipWeight(quant, k)(w) - w).pow(2).sum().item()
+        if err < best_err:
+            best, best_err = k, err
+    return best
+
+
+@torch.no_grad()
+def _act_k(quant: ActQuantizer, mean_abs: float) -> float:
+    """The start point's (MSE) clipping threshold in units of the observed mean |x|."""
+    qmin, qmax = quant.qrange
+    zp, s = quant.zero_point.float(), quant.scale.float()
+    t = torch.maximum((qmax - zp) * s, (zp - qmin) * s).max().item()
+    return t / mean_abs if mean_abs > 0 else 1.0
+
+
 def gdrq_setup(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: GdrqOptions) -> None:
     pairs = qmodel.lowbit_bn_pairs  # found on the FP model by the engine (tracing stops at torch.nn layers)
-    mse(qmodel, calib, cfg, MseOptions())  # activation signs and the first thresholds' scale
+    observers = mse(qmodel, calib, cfg, MseOptions())  # activation signs, per-layer k of the inputs
     _align_bn_signs(qmodel, pairs)
-    for _, layer in quant_layers(qmodel):
+    chosen = {}
+    for name, layer in quant_layers(qmodel):
         if layer.weight_quant.enabled:
-            layer.weight_quant = ScaleClipWeight(layer.weight_quant, opts.k_weight)
+            k = opts.k_weight or least_error_k(layer.weight_quant, layer.weight)
+            layer.weight_quant = ScaleClipWeight(layer.weight_quant, k)
+            chosen[f"{name}.weight"] = round(k, 2)
         aq = layer.input_quant
         if aq.enabled:
             two_sided = bool(aq.zero_point.item() > 0 or aq.signed)
-            layer.input_quant = ScaleClipAct(aq, opts.k_act, opts.momentum, two_sided)
+            mean_abs = observers[name].values().abs().mean().item()
+            k = opts.k_act or _act_k(aq, mean_abs)
+            layer.input_quant = ScaleClipAct(aq, k, opts.momentum, two_sided)
+            layer.input_quant.start(k * mean_abs)  # the calibration images' threshold, not one batch's
+            chosen[f"{name}.input"] = round(k, 2)
+    qmodel.lowbit_gdrq_k = chosen
 
 
 @torch.no_grad()
