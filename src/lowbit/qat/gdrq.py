@@ -6,6 +6,9 @@ Han et al., "Low-bit Quantization Needs Good Distribution" (CVPRW 2020).
   ``T = k * mean|w|`` recomputed at every step and quantized uniformly (step ``T / qmax``), which
   turns bell-shaped weights into uniform-like ones; straight-through inside ``[-T, T]``.
 * Scale-Clip on activations: ``T = k * mean|x|`` tracked as an exponential moving average.
+* ``k`` is chosen per layer at the start unless given (``GdrqOptions``): the paper's k of 2 to 3
+  suits bell-shaped tensors, but post-ReLU inputs are about half zeros, so their least-error k
+  is 6 to 12, and ternary (2-bit) weight codes want about 1.6.
 * Group-based quantization: G groups of filters, each with its own step. BN stays in the network
   during training; ``finalize`` folds it, and each group's step merges into the folded BN
   multiplier: the integer codes are unchanged and the layer gets one multiplier per output
