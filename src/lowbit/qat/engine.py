@@ -24,6 +24,7 @@ from ..errors import LowbitError
 from ..evaluate import accuracy
 from ..progress import progress_bar
 from ..train import distillation_loss, train_step
+from .bn import global_batch_norm
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "constant")
@@ -273,50 +274,52 @@ def fit(model: nn.Module, x_train: Tensor, y_train: Tensor, val: tuple[Tensor, T
                                    "step": step, "history": history, "running": running})
         dist.barrier()
 
-    epoch_log = EpochLog(cfg.log_dir if dist.main else None)
-    ran = 0
-    stopped = False
-    while step < total and not stopped:
-        epoch = step // per_epoch
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_step_seed(seed, -1 - epoch)))
-        net.train()
-        start = time.perf_counter()
-        bar = progress_bar(range(step % per_epoch, per_epoch), desc=f"qat epoch {epoch + 1}/{cfg.epochs}",
-                           enable=progress and dist.main)
-        for s in bar:
-            idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size][dist.rank::dist.world]
-            torch.manual_seed(_step_seed(seed, step))  # dropout and friends, reproducible on resume
-            gen = torch.Generator().manual_seed(_step_seed(seed, step))
-            xb, yb = x_train[idx].to(dist.device), y_train[idx].to(dist.device)
-            loss, logits = train_step(net, opt, sched, xb, yb, gen, cfg.augment, cfg.label_smoothing, loss_fn)
-            step += 1
-            ran += 1
-            running["loss"] += loss.item() * len(idx)
-            running["correct"] += int((logits.argmax(1) == yb).sum())
-            running["seen"] += len(idx)
-            if s % 10 == 0:
-                bar.set_postfix(loss=f"{running['loss'] / running['seen']:.3f}",
-                                acc=f"{100 * running['correct'] / running['seen']:.1f}")
-            if cfg.max_steps is not None and ran >= cfg.max_steps and step < total:
-                stopped = True
-                break
-            if step % cfg.checkpoint_every == 0 and step % per_epoch:
-                running["seconds"] += time.perf_counter() - start
-                start = time.perf_counter()
-                checkpoint()
-        running["seconds"] += time.perf_counter() - start
-        if not stopped:
-            entry = {"epoch": epoch + 1, "step": step, "lr": opt.param_groups[0]["lr"],
-                     "train_loss": running["loss"] / max(1, running["seen"]),
-                     "train_acc": 100 * running["correct"] / max(1, running["seen"]),
-                     "seconds": running["seconds"]}
-            if val is not None:
-                entry["val_acc"] = accuracy(model, val[0], val[1], device=dist.device)
-            history.append(entry)
-            running = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
-            log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
-            epoch_log.write(history)
-        checkpoint()
+    # BN statistics over the global batch under DDP, as one process would compute them
+    with global_batch_norm(model, dist.world > 1):
+        epoch_log = EpochLog(cfg.log_dir if dist.main else None)
+        ran = 0
+        stopped = False
+        while step < total and not stopped:
+            epoch = step // per_epoch
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(_step_seed(seed, -1 - epoch)))
+            net.train()
+            start = time.perf_counter()
+            bar = progress_bar(range(step % per_epoch, per_epoch), desc=f"qat epoch {epoch + 1}/{cfg.epochs}",
+                               enable=progress and dist.main)
+            for s in bar:
+                idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size][dist.rank::dist.world]
+                torch.manual_seed(_step_seed(seed, step))  # dropout and friends, reproducible on resume
+                gen = torch.Generator().manual_seed(_step_seed(seed, step))
+                xb, yb = x_train[idx].to(dist.device), y_train[idx].to(dist.device)
+                loss, logits = train_step(net, opt, sched, xb, yb, gen, cfg.augment, cfg.label_smoothing, loss_fn)
+                step += 1
+                ran += 1
+                running["loss"] += loss.item() * len(idx)
+                running["correct"] += int((logits.argmax(1) == yb).sum())
+                running["seen"] += len(idx)
+                if s % 10 == 0:
+                    bar.set_postfix(loss=f"{running['loss'] / running['seen']:.3f}",
+                                    acc=f"{100 * running['correct'] / running['seen']:.1f}")
+                if cfg.max_steps is not None and ran >= cfg.max_steps and step < total:
+                    stopped = True
+                    break
+                if step % cfg.checkpoint_every == 0 and step % per_epoch:
+                    running["seconds"] += time.perf_counter() - start
+                    start = time.perf_counter()
+                    checkpoint()
+            running["seconds"] += time.perf_counter() - start
+            if not stopped:
+                entry = {"epoch": epoch + 1, "step": step, "lr": opt.param_groups[0]["lr"],
+                         "train_loss": running["loss"] / max(1, running["seen"]),
+                         "train_acc": 100 * running["correct"] / max(1, running["seen"]),
+                         "seconds": running["seconds"]}
+                if val is not None:
+                    entry["val_acc"] = accuracy(model, val[0], val[1], device=dist.device)
+                history.append(entry)
+                running = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+                log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
+                epoch_log.write(history)
+            checkpoint()
     model.eval()
     return {"history": history, "steps": step, "total_steps": total, "finished": step >= total,
             "world_size": dist.world, "config": asdict(cfg)}

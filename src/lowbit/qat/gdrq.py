@@ -16,7 +16,6 @@ Han et al., "Low-bit Quantization Needs Good Distribution" (CVPRW 2020).
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -24,13 +23,12 @@ from torch import Tensor, nn
 
 from ..config import QuantConfig
 from ..errors import LowbitError
-from ..graph.fold import apply_fold_structure
-from ..graph.modules import get_submodule
 from ..ptq.baselines import MseOptions, mse
 from ..quant.layers import quant_layers
 from ..quant.learnable import commit_stand_ins
 from ..quant.quantizer import ActQuantizer, WeightQuantizer
 from ..quant.uniform import fake_quantize, qparams_from_range
+from .bn import align_bn_signs, fold_steps_into_bn
 from .registry import register_qat_method
 
 
@@ -140,28 +138,6 @@ class ScaleClipAct(nn.Module):
         return self.quant
 
 
-def _align_bn_signs(qmodel: nn.Module, pairs: list[tuple[str, str]]) -> None:
-    """Make every BN multiplier positive without changing the function.
-
-    Negating filter c, gamma_c and running_mean_c leaves conv -> BN unchanged; with positive
-    multipliers the folded per-channel scales stay positive and the codes need no sign flip.
-    """
-    with torch.no_grad():
-        for conv_name, bn_name in pairs:
-            conv, bn = get_submodule(qmodel, conv_name), get_submodule(qmodel, bn_name)
-            if bn.weight is None:
-                continue
-            neg = bn.weight < 0
-            if not neg.any():
-                continue
-            sign = torch.where(neg, -1.0, 1.0).to(conv.weight.dtype)
-            conv.weight.mul_(sign.view(-1, *([1] * (conv.weight.dim() - 1))))
-            if conv.bias is not None:
-                conv.bias.mul_(sign)
-            bn.weight.mul_(sign)
-            bn.running_mean.mul_(sign)
-
-
 K_GRID = tuple(0.5 + 0.1 * i for i in range(76))  # 0.5 ... 8.0
 
 
@@ -187,8 +163,8 @@ def _act_k(quant: ActQuantizer, mean_abs: float) -> float:
 
 def gdrq_setup(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: GdrqOptions) -> None:
     pairs = qmodel.lowbit_bn_pairs  # found on the FP model by the engine (tracing stops at torch.nn layers)
+    align_bn_signs(qmodel, pairs)
     observers = mse(qmodel, calib, cfg, MseOptions())  # activation signs, per-layer k of the inputs
-    _align_bn_signs(qmodel, pairs)
     chosen = {}
     for name, layer in quant_layers(qmodel):
         if layer.weight_quant.enabled:
@@ -206,62 +182,10 @@ def gdrq_setup(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: GdrqOpt
     qmodel.lowbit_gdrq_k = chosen
 
 
-@torch.no_grad()
-def fold_group_steps_into_bn(qmodel: nn.Module, pairs: list[tuple[str, str]], cfg: QuantConfig) -> float:
-    """Fold every BN after a quantized conv; group steps become per-channel multipliers (exact).
-
-    Every layer ends with per-channel scales (groups repeated), the integer codes unchanged.
-    Returns the largest code change (0 when the folding is exact).
-    """
-    layers = dict(quant_layers(qmodel))
-    worst = 0.0
-    for name, layer in layers.items():
-        wq = layer.weight_quant
-        if not wq.enabled:
-            continue
-        codes = wq.quantize(layer.weight).int_value.to(layer.weight.dtype)
-        s, z = wq.channel_params(layer.weight.dim())
-        scale = s.reshape(-1).clone()
-        mult = torch.ones_like(scale)
-        bn_name = next((b for c, b in pairs if c == name), None)
-        if bn_name is not None:
-            bn = get_submodule(qmodel, bn_name)
-            inv_std = torch.rsqrt(bn.running_var + bn.eps)
-            gamma = bn.weight if bn.weight is not None else torch.ones_like(inv_std)
-            beta = bn.bias if bn.bias is not None else torch.zeros_like(inv_std)
-            mult = gamma * inv_std
-            bias = layer.bias if layer.bias is not None else torch.zeros_like(inv_std)
-            new_bias = (bias - bn.running_mean) * mult + beta
-            if layer.bias is None:
-                layer.bias = nn.Parameter(new_bias)
-            else:
-                layer.bias.copy_(new_bias)
-        channel = WeightQuantizer(wq.bits, wq.channels, "channel", None, wq.symmetric, wq.narrow).to(scale.device)
-        sign = torch.where(mult < 0, -1.0, 1.0).to(scale.dtype)
-        flipped = codes * sign.view(-1, *([1] * (codes.dim() - 1)))
-        qmin, qmax = channel.qrange
-        exact = flipped.clamp(qmin, qmax)
-        worst = max(worst, (exact - flipped).abs().max().item())
-        # a zero BN multiplier (e.g. zero-initialised residual branches) makes the channel constant:
-        # its codes become 0 and it keeps the group step, so every scale stays positive
-        dead = mult == 0
-        exact = torch.where(dead.view(-1, *([1] * (codes.dim() - 1))), torch.zeros_like(exact), exact)
-        channel.scale.copy_(torch.where(dead, scale, scale * mult.abs()))
-        channel.zero_point.zero_()
-        layer.weight.copy_(exact * channel.scale.view(-1, *([1] * (codes.dim() - 1))))
-        channel.enabled = wq.enabled
-        layer.weight_quant = channel
-    apply_fold_structure(qmodel, pairs)
-    if worst:
-        warnings.warn(f"gdrq: a BN multiplier turned negative during training; codes clipped by {worst:.0f}",
-                      stacklevel=2)
-    return worst
-
-
 def gdrq_finalize(qmodel: nn.Module, cfg: QuantConfig, opts: GdrqOptions) -> QuantConfig:
     commit_stand_ins(layer for _, layer in quant_layers(qmodel))
     pairs = getattr(qmodel, "lowbit_bn_pairs", [])
-    fold_group_steps_into_bn(qmodel, pairs, cfg)
+    fold_steps_into_bn(qmodel, pairs, cfg)
     # what a device sees: BN folded, one multiplier per output channel (groups merged into BN)
     return cfg.with_(fold_bn=True, granularity="channel", groups=None)
 

@@ -1,7 +1,10 @@
 """LSQ: learned step size quantization (Esser et al. 2020), the QAT anchor.
 
-Starts from the MSE-clipping PTQ model (BN folded), then trains the latent weights and every
-step size with LSQ's gradient scale ``1 / sqrt(n * qmax)``.
+Starts from the MSE-clipping PTQ model, then trains the latent weights and every step size with
+LSQ's gradient scale ``1 / sqrt(n * qmax)``. BN stays in the network while it trains, as in the
+paper: a low-bit start point (ternary weights lose most of the accuracy before training) recovers
+only when BN can re-normalise the layers, and with BN folded away SGD diverges from there. At the
+end BN folds into the per-channel steps exactly (``qat.bn``).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from ..config import QuantConfig
 from ..ptq.baselines import MseOptions, mse
 from ..quant.layers import quant_layers
 from ..quant.learnable import LearnedStepAct, LearnedStepWeight, commit_stand_ins
+from .bn import align_bn_signs, fold_steps_into_bn
 from .registry import register_qat_method
 
 
@@ -26,6 +30,7 @@ class LsqOptions:
 
 
 def lsq_setup(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: LsqOptions) -> None:
+    align_bn_signs(qmodel, qmodel.lowbit_bn_pairs)  # before calibration: asymmetric grids see final signs
     mse(qmodel, calib, cfg, MseOptions())
     for _, layer in quant_layers(qmodel):
         if layer.weight_quant.enabled:
@@ -34,9 +39,12 @@ def lsq_setup(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: LsqOptio
             layer.input_quant = LearnedStepAct(layer.input_quant, lsq_grad_scale=opts.grad_scale)
 
 
-def lsq_finalize(qmodel: nn.Module, cfg: QuantConfig, opts: LsqOptions) -> None:
+def lsq_finalize(qmodel: nn.Module, cfg: QuantConfig, opts: LsqOptions) -> QuantConfig:
     commit_stand_ins(layer for _, layer in quant_layers(qmodel))
+    fold_steps_into_bn(qmodel, getattr(qmodel, "lowbit_bn_pairs", []), cfg)
+    # what a device sees: BN folded, one multiplier per output channel
+    return cfg.with_(fold_bn=True, granularity="channel", groups=None)
 
 
 register_qat_method("lsq", lsq_setup, lsq_finalize, LsqOptions,
-                    "learned step size quantization (LSQ), from the MSE PTQ start point")
+                    "learned step size quantization (LSQ), from the MSE PTQ start point", fold_bn=False)
