@@ -150,7 +150,14 @@ def main() -> None:
 def _parse(text: str, default):
     if isinstance(default, bool):
         return text.lower() in ("1", "true", "yes", "on")
-    return type(default)(text) if default is not None else text
+    if default is not None:
+        return type(default)(text)
+    for kind in (int, float):  # optional fields (default None): numbers when they look like numbers
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _default(method: str, key: str):
@@ -158,8 +165,10 @@ def _default(method: str, key: str):
 
     from lowbit.ptq.registry import get_method
 
+    from lowbit.config import QuantConfig
+
     spec = get_method(method)
-    for f in fields(spec.options) if spec.options else ():
+    for f in [*(fields(spec.options) if spec.options else ()), *fields(QuantConfig)]:
         if f.name == key:
             return f.default
     return None
