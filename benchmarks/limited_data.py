@@ -86,7 +86,7 @@ def methods_table(name, fp, fp_acc, calib, x, y, configs, methods, opts) -> str:
         rows.append(row)
         print(rows[-1], flush=True)
     head = (f"### {name}: methods (FP {fp_acc:.2f} on {len(x)} test images; {len(calib)} calibration images; "
-            f"per-channel; options {opts or 'default'})\n\n")
+            f"scales per channel unless the options set a granularity; options {opts or 'default'})\n\n")
     cols = ["method"] + [c for config in configs for c in (config, "drop", "s")]
     return head + table(cols, rows)
 
