@@ -56,6 +56,8 @@ def distillation_loss(teacher: nn.Module, weight: float, temperature: float = 1.
     """``loss(logits, inputs, labels)``: ``weight`` x KL to ``teacher``'s logits + the rest cross-entropy.
 
     The KL term is scaled by ``temperature**2`` (Hinton et al.), so its gradients keep their size.
+    The teacher runs under ``no_grad`` as it is (pass it in eval mode). With ``weight`` 1 the labels
+    are never read.
     """
     if not 0.0 <= weight <= 1.0 or temperature <= 0:
         raise LowbitError("distillation: weight must be in [0, 1] and temperature > 0")

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import QuantConfig
@@ -27,7 +26,7 @@ from ..errors import LowbitError
 from ..progress import progress_bar
 from ..quant.layers import QuantConv2d, QuantLinear, quant_layers
 from ..quant.learnable import LearnedStepAct, LearnedStepWeight, commit_stand_ins
-from ..train import augment_batch
+from ..train import augment_batch, distillation_loss
 from .baselines import MseOptions, mse_start_with_teacher
 from .blocks import capture_block_io, find_blocks, loss_summary
 from .common import quantizers_disabled, restore_grad, train_only
@@ -155,7 +154,7 @@ def joint_stage(qmodel: nn.Module, teacher: nn.Module, calib: Tensor, cfg: Quant
     device = torch.device(cfg.device)
     learn = _Learnable(quant_layers(qmodel))
     saved = train_only(qmodel, learn.weights + learn.scales)
-    t = opts.temperature
+    kd = distillation_loss(teacher, 1.0, opts.temperature)
     n = len(calib)
 
     def loss_fn(_step: int) -> Tensor:
@@ -163,9 +162,9 @@ def joint_stage(qmodel: nn.Module, teacher: nn.Module, calib: Tensor, cfg: Quant
         x = calib[idx].to(device)
         if opts.augment:
             x = augment_batch(x, gen)
-        with torch.no_grad(), quantizers_disabled(teacher):
-            soft = F.softmax(teacher(x) / t, dim=1)
-        return F.kl_div(F.log_softmax(qmodel(x) / t, dim=1), soft, reduction="batchmean") * t * t
+        logits = qmodel(x)
+        with quantizers_disabled(teacher):  # the teacher is the FP network
+            return kd(logits, x, None)
 
     try:
         with torch.enable_grad():

@@ -74,11 +74,7 @@ def qat(model: nn.Module, train_data: Tensor | Iterable, val_data: Any = None, m
         run = {"method": method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "granularity": cfg.granularity,
                "groups": cfg.groups, "epochs": tcfg.epochs, "batch_size": tcfg.batch_size, "seed": cfg.seed,
                "train_size": len(x_train)}
-        teacher = None
-        if tcfg.kd_weight > 0:
-            teacher = copy.deepcopy(model).eval()
-            for p in teacher.parameters():
-                p.requires_grad_(False)
+        teacher = copy.deepcopy(model).eval() if tcfg.kd_weight > 0 else None  # fit runs it under no_grad
         summary = fit(qmodel, x_train, y_train, val, tcfg, run, cfg.seed, torch.device(cfg.device),
                       progress=cfg.progress, log=log, teacher=teacher)
     if not summary["finished"]:
