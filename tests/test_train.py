@@ -58,3 +58,61 @@ def test_distillation_needs_a_teacher_and_sane_weights() -> None:
                     teacher=student)
     with pytest.raises(LowbitError, match="at least one"):
         Ensemble([])
+
+
+def test_schedule_without_swa_is_warmup_then_cosine_to_zero() -> None:
+    from lowbit.train import lr_factor
+
+    f = lr_factor(TrainConfig(epochs=4, lr=0.1), steps_per_epoch=10)
+    assert f(0) == pytest.approx(0.2) and f(4) == pytest.approx(1.0)
+    assert f(39) == pytest.approx(0.0, abs=0.01)
+    assert all(f(s) >= f(s + 1) for s in range(4, 39))
+
+
+def test_schedule_with_swa_holds_the_swa_rate() -> None:
+    from lowbit.train import lr_factor
+
+    f = lr_factor(TrainConfig(epochs=4, lr=0.1, swa_epochs=2, swa_lr=0.02), steps_per_epoch=10)
+    assert f(4) == pytest.approx(1.0)
+    assert [f(s) for s in range(20, 40)] == pytest.approx([0.2] * 20)
+    assert f(19) > 0.2
+    g = lr_factor(TrainConfig(epochs=3, lr=0.1, swa_epochs=3, swa_lr=0.02), steps_per_epoch=10)
+    assert g(4) == pytest.approx(0.2) and g(29) == pytest.approx(0.2)
+
+
+def test_swa_returns_the_mean_weights_with_fresh_bn_statistics() -> None:
+    from lowbit.train import WeightAverage
+
+    _, x, y = _task(64)
+    torch.manual_seed(1)
+    student = lowbit.create_model("resnet20", width=4)
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05, augment=False, swa_epochs=2, swa_lr=0.02, swa_per_epoch=2)
+    snapshots = []
+    orig_add = WeightAverage.add
+
+    def spy(self, model):
+        snapshots.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        orig_add(self, model)
+
+    WeightAverage.add = spy
+    try:
+        result = train_model(student, x, y, x, y, cfg, progress=False, log=lambda s: None)
+    finally:
+        WeightAverage.add = orig_add
+    assert len(snapshots) == 4  # 2 epochs x 2 per epoch
+    for n, p in student.named_parameters():
+        assert torch.allclose(p, torch.stack([s[n] for s in snapshots]).mean(0), atol=1e-6)
+    assert result.history[-1]["epoch"] == "swa" and result.test_accuracy == result.history[-1]["test_acc"]
+    # BN statistics are those of the averaged model on the training images (recomputed, not averaged)
+    bn = next(m for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d))  # follows first_conv
+    first_conv = next(m for m in student.modules() if isinstance(m, torch.nn.Conv2d))
+    with torch.no_grad():
+        h = first_conv(x)
+    assert torch.allclose(bn.running_mean, h.mean((0, 2, 3)), atol=1e-4)
+
+
+def test_swa_settings_are_checked() -> None:
+    with pytest.raises(LowbitError, match="swa_epochs"):
+        TrainConfig(epochs=2, swa_epochs=3)
+    with pytest.raises(LowbitError, match="swa"):
+        TrainConfig(epochs=2, swa_epochs=1, swa_lr=0.0)

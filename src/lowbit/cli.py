@@ -96,7 +96,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       seed=args.seed, device=args.device, kd_weight=args.kd if args.teacher else 0.0,
-                      kd_temperature=args.kd_temperature)
+                      kd_temperature=args.kd_temperature, swa_epochs=args.swa_epochs, swa_lr=args.swa_lr)
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
     kwargs = json.loads(args.model_kwargs or "{}")
     _, result = train_zoo_model(args.model, cfg, args.data, save=not args.no_save, progress=_progress(args),
@@ -313,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kd", type=float, default=1.0, metavar="WEIGHT",
                    help="with --teacher: weight of the distillation loss (1: soft targets only)")
     p.add_argument("--kd-temperature", type=float, default=1.0)
+    p.add_argument("--swa-epochs", type=int, default=0, metavar="N",
+                   help="average the weights of the last N epochs, run at the constant --swa-lr (SWA)")
+    p.add_argument("--swa-lr", type=float, default=0.01)
     _common(p)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("quantize", help="quantize a model and report FP vs quantized accuracy, size, time")

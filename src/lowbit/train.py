@@ -16,7 +16,13 @@ from .progress import progress_bar
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters of FP training (``kd_*``: distillation from a teacher, see ``distillation_loss``)."""
+    """Hyper-parameters of FP training.
+
+    ``kd_*``: distillation from a teacher (see ``distillation_loss``). ``swa_epochs`` > 0 ends the
+    run with that many epochs at the constant rate ``swa_lr`` whose weights are averaged
+    ``swa_per_epoch`` times an epoch (stochastic weight averaging, Izmailov et al. 2018); the
+    average, with BN statistics recomputed on the training images, is the result.
+    """
 
     epochs: int = 30
     batch_size: int = 128
@@ -27,8 +33,18 @@ class TrainConfig:
     kd_weight: float = 0.0
     kd_temperature: float = 1.0
     augment: bool = True
+    swa_epochs: int = 0
+    swa_lr: float = 0.01
+    swa_per_epoch: int = 4
     seed: int = 0
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise LowbitError("train: epochs and batch_size must be >= 1")
+        if not 0 <= self.swa_epochs <= self.epochs or self.swa_per_epoch < 1 or self.swa_lr <= 0:
+            raise LowbitError(f"train: swa_epochs must be in [0, epochs={self.epochs}], "
+                              "swa_per_epoch >= 1 and swa_lr > 0")
 
 
 @dataclass
@@ -134,10 +150,10 @@ def train_model(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tens
                            {"params": no_decay, "weight_decay": 0.0}],
                           lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
-    warmup = max(1, steps_per_epoch // 2)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps_per_epoch))
+    average = WeightAverage(model) if cfg.swa_epochs else None
+    swa_start = (cfg.epochs - cfg.swa_epochs) * steps_per_epoch
+    swa_every = max(1, steps_per_epoch // cfg.swa_per_epoch)
     result = TrainResult()
     for epoch in range(cfg.epochs):
         model.train()
@@ -148,6 +164,9 @@ def train_model(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tens
             idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             xb, yb = x_train[idx].to(device), y_train[idx].to(device)
             loss, logits = train_step(model, opt, sched, xb, yb, gen, cfg.augment, cfg.label_smoothing, loss_fn)
+            done = epoch * steps_per_epoch + step + 1
+            if average is not None and done > swa_start and (done - swa_start) % swa_every == 0:
+                average.add(model)
             loss_sum += loss.item() * len(idx)
             correct += (logits.argmax(1) == yb).sum().item()
             seen += len(idx)
@@ -158,10 +177,73 @@ def train_model(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tens
             entry["test_acc"] = accuracy(model, x_test, y_test, device=device)
         result.history.append(entry)
         log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
+    if average is not None:
+        average.load_into(model, x_train, cfg.batch_size, device)
+        entry = {"epoch": "swa", "averaged": average.count}
+        if x_test is not None:
+            entry["test_acc"] = accuracy(model, x_test, y_test, device=device)
+        result.history.append(entry)
+        log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
     if result.history and "test_acc" in result.history[-1]:
         result.test_accuracy = result.history[-1]["test_acc"]
     model.eval()
     return result
+
+
+def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Multiplier of ``cfg.lr`` at each step: half-epoch linear warm-up, cosine decay, then SWA's constant.
+
+    Without SWA the cosine reaches 0 at the last step; with it, the cosine ends at ``swa_lr`` when the
+    averaged epochs begin (and a run that is all SWA holds ``swa_lr`` after the warm-up).
+    """
+    warmup = max(1, steps_per_epoch // 2)
+    floor = cfg.swa_lr / cfg.lr if cfg.swa_epochs else 0.0
+    decay_end = max(warmup + 1, (cfg.epochs - cfg.swa_epochs) * steps_per_epoch)
+
+    all_swa = cfg.swa_epochs == cfg.epochs
+    peak = floor if all_swa else 1.0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup * peak
+        if all_swa or step >= decay_end:
+            return floor
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (decay_end - warmup)))
+
+    return factor
+
+
+class WeightAverage:
+    """Running mean of a model's parameters; BN statistics of the mean are recomputed, not averaged."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.sums = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters()}
+        self.count = 0
+
+    @torch.no_grad()
+    def add(self, model: nn.Module) -> None:
+        for n, p in model.named_parameters():
+            self.sums[n] += p.detach().double()
+        self.count += 1
+
+    @torch.no_grad()
+    def load_into(self, model: nn.Module, x: Tensor, batch_size: int, device: torch.device) -> None:
+        """Copy the mean into ``model`` and re-estimate its BN running statistics on ``x`` (no augmentation)."""
+        if self.count == 0:
+            return
+        for n, p in model.named_parameters():
+            p.copy_((self.sums[n] / self.count).to(p.dtype))
+        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        momenta = [bn.momentum for bn in bns]
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average over all batches
+        model.train()
+        for i in range(0, len(x), batch_size):
+            model(x[i:i + batch_size].to(device))
+        for bn, m in zip(bns, momenta):
+            bn.momentum = m
+        model.eval()
 
 
 def train_zoo_model(name: str, cfg: TrainConfig, data_root: str | None = None, save: bool = True,
@@ -213,6 +295,8 @@ def train_zoo_model(name: str, cfg: TrainConfig, data_root: str | None = None, s
                "seed": cfg.seed, "train_seconds": round(time.perf_counter() - start, 1),
                **({"teachers": list(teachers), "kd_weight": cfg.kd_weight, "kd_temperature": cfg.kd_temperature}
                   if teachers else {}),
+               **({"swa_epochs": cfg.swa_epochs, "swa_lr": cfg.swa_lr, "swa_per_epoch": cfg.swa_per_epoch}
+                  if cfg.swa_epochs else {}),
                "history": result.history}
         info = {"name": name, "kwargs": model_kwargs, "dataset": "fashion-mnist", **run}
         if earlier:
