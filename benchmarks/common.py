@@ -16,6 +16,23 @@ HEADER = ("# lowbit benchmark results\n\nEvery section below is written by the c
           "(never by hand); rerun that command to refresh it.\n")
 
 
+def add_method_option_arg(ap) -> None:
+    """``--option METHOD NAME=VALUE`` (repeatable); read back with ``method_options``."""
+    ap.add_argument("--option", nargs=2, action="append", metavar=("METHOD", "NAME=VALUE"), default=[],
+                    help="method option, values read as in the CLI, e.g. --option distill block_iters=1000")
+
+
+def method_options(pairs: list[list[str]]) -> dict[str, dict]:
+    """{method: {name: value}} from ``--option`` pairs, parsed like the ``lowbit`` CLI's ``--option``."""
+    from lowbit.cli import parse_option
+
+    out: dict[str, dict] = {}
+    for method, text in pairs:
+        key, value = parse_option(text)
+        out.setdefault(method, {})[key] = value
+    return out
+
+
 def add_data_args(ap) -> None:
     ap.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv2"])
     ap.add_argument("--calib-size", type=int, default=1024)

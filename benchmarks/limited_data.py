@@ -24,7 +24,7 @@ import time
 import lowbit
 from lowbit.evaluate import accuracy
 
-from common import add_data_args, load_data, table, write_section
+from common import add_data_args, add_method_option_arg, load_data, method_options, table, write_section
 
 TABLES = ("granularity", "ablation", "methods", "curve")
 GRANULARITIES = [("per-channel", {"granularity": "channel"}), ("per-layer", {"granularity": "tensor"}),
@@ -120,13 +120,9 @@ def main() -> None:
     ap.add_argument("--curve-iters", nargs="+", type=int, default=[100, 250, 500, 1000])
     ap.add_argument("--curve-sizes", nargs="*", type=int, default=[256, 64], help="image counts (none: skip)")
     ap.add_argument("--tag", default="", help="suffix of the RESULTS.md section names (keeps other runs)")
-    ap.add_argument("--option", nargs=2, action="append", metavar=("METHOD", "K=V"), default=[],
-                    help="method option, e.g. --option qdrop iters=1000")
+    add_method_option_arg(ap)
     args = ap.parse_args()
-    opts: dict[str, dict] = {}
-    for method, kv in args.option:
-        k, v = kv.split("=", 1)
-        opts.setdefault(method, {})[k] = _parse(v, _default(method, k))
+    opts = method_options(args.option)
     calib, x, y = load_data(args)
     for name in args.models:
         fp = lowbit.load_pretrained(name)
@@ -145,33 +141,6 @@ def main() -> None:
             print(body, flush=True)
             if not args.no_write:
                 write_section(f"limited-{name}-{t}" + (f"-{args.tag}" if args.tag else ""), body)
-
-
-def _parse(text: str, default):
-    if isinstance(default, bool):
-        return text.lower() in ("1", "true", "yes", "on")
-    if default is not None:
-        return type(default)(text)
-    for kind in (int, float):  # optional fields (default None): numbers when they look like numbers
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def _default(method: str, key: str):
-    from dataclasses import fields
-
-    from lowbit.ptq.registry import get_method
-
-    from lowbit.config import QuantConfig
-
-    spec = get_method(method)
-    for f in [*(fields(spec.options) if spec.options else ()), *fields(QuantConfig)]:
-        if f.name == key:
-            return f.default
-    return None
 
 
 if __name__ == "__main__":

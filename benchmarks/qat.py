@@ -18,7 +18,7 @@ import lowbit
 from lowbit.evaluate import accuracy
 from lowbit.train import TrainConfig, train_model
 
-from common import add_data_args, table, write_section
+from common import add_data_args, add_method_option_arg, method_options, table, write_section
 
 RUNS = [("lsq", {}), ("gdrq", {"granularity": "tensor"}), ("gdrq", {"granularity": "group", "groups": 4}),
         ("gdrq", {"granularity": "group", "groups": 8})]
@@ -49,14 +49,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--kd", type=float, default=0.0, help="distillation weight from the FP model (QatConfig.kd_weight)")
-    ap.add_argument("--option", nargs=2, action="append", metavar=("METHOD", "K=V"), default=[],
-                    help="method option, e.g. --option gdrq k_act=2.5")
+    add_method_option_arg(ap)
     ap.add_argument("--tag", default="", help="suffix of the RESULTS.md section name (keeps other runs)")
     args = ap.parse_args()
-    extra: dict[str, dict] = {}
-    for method, kv in args.option:
-        k, v = kv.split("=", 1)
-        extra.setdefault(method, {})[k] = float(v)
+    extra = method_options(args.option)
     from lowbit.data import load_fashion_mnist
 
     x_train, y_train = load_fashion_mnist("train")

@@ -20,7 +20,8 @@ def _bits(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"bits must be an integer 1..16 or 'fp', got {text!r}") from None
 
 
-def _option(text: str) -> tuple[str, Any]:
+def parse_option(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` -> (name, value), the value read as JSON when it is JSON (numbers, true, lists)."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--option takes NAME=VALUE, got {text!r}")
     key, value = text.split("=", 1)
@@ -283,7 +284,7 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
                    help="no 8-bit first/last layers, quantize the network input too")
     p.add_argument("--equalize", action="store_true", help="cross-layer equalization first")
     p.add_argument("--no-fold", action="store_true", help="keep BatchNorm unfolded")
-    p.add_argument("--option", action="append", type=_option, metavar="NAME=VALUE",
+    p.add_argument("--option", action="append", type=parse_option, metavar="NAME=VALUE",
                    help="method option (repeatable), e.g. --option p_act=2.4")
     p.add_argument("--out", help="write the artifact here (.lowbit safetensors, or .onnx)")
 
