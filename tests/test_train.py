@@ -116,3 +116,44 @@ def test_swa_settings_are_checked() -> None:
         TrainConfig(epochs=2, swa_epochs=3)
     with pytest.raises(LowbitError, match="swa"):
         TrainConfig(epochs=2, swa_epochs=1, swa_lr=0.0)
+
+
+def _three_epochs(tmp_path, **kw):
+    _, x, y = _task(48)
+    torch.manual_seed(1)
+    student = lowbit.create_model("resnet20", width=4)
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05, swa_epochs=1, swa_per_epoch=2, **kw)
+    return student, x, y, cfg
+
+
+def test_a_run_stopped_and_continued_ends_exactly_like_one_run(tmp_path) -> None:
+    quiet = {"progress": False, "log": lambda s: None}
+    whole, x, y, cfg = _three_epochs(tmp_path)
+    train_model(whole, x, y, cfg=cfg, **quiet)
+    parts, *_ = _three_epochs(tmp_path)
+    ckpt = tmp_path / "run.pt"
+    first = train_model(parts, x, y, cfg=cfg, checkpoint=str(ckpt), stop_after=1, **quiet)
+    assert not first.finished and len(first.history) == 1 and ckpt.exists()
+    fresh, *_ = _three_epochs(tmp_path)  # a new process: a new model object, state from the file
+    second = train_model(fresh, x, y, cfg=cfg, checkpoint=str(ckpt), stop_after=1, **quiet)
+    assert [e["epoch"] for e in second.history] == [1, 2]
+    fresh2, *_ = _three_epochs(tmp_path)
+    last = train_model(fresh2, x, y, cfg=cfg, checkpoint=str(ckpt), **quiet)
+    assert last.finished and last.history[-1]["epoch"] == "swa"
+    for (n, a), b in zip(whole.state_dict().items(), fresh2.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+def test_a_checkpoint_of_another_run_is_refused(tmp_path) -> None:
+    quiet = {"progress": False, "log": lambda s: None}
+    model, x, y, cfg = _three_epochs(tmp_path)
+    ckpt = tmp_path / "run.pt"
+    train_model(model, x, y, cfg=cfg, checkpoint=str(ckpt), stop_after=1, **quiet)
+    other = TrainConfig(**{**cfg.__dict__, "lr": 0.1})
+    with pytest.raises(LowbitError, match="different run.*lr"):
+        train_model(model, x, y, cfg=other, checkpoint=str(ckpt), **quiet)
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(LowbitError, match="not a lowbit training checkpoint"):
+        train_model(model, x, y, cfg=cfg, checkpoint=str(ckpt), **quiet)
+    with pytest.raises(LowbitError, match="stop_after"):
+        train_model(model, x, y, cfg=cfg, stop_after=1, **quiet)

@@ -101,7 +101,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
     kwargs = json.loads(args.model_kwargs or "{}")
     _, result = train_zoo_model(args.model, cfg, args.data, save=not args.no_save, progress=_progress(args),
-                                log=log, resume=args.resume, teachers=tuple(args.teacher or ()), **kwargs)
+                                log=log, resume=args.resume, teachers=tuple(args.teacher or ()),
+                                checkpoint=args.checkpoint, stop_after=args.stop_after, **kwargs)
+    if not result.finished:
+        _emit(args, {"model": args.model, "finished": False, "history": result.history},
+              [f"{args.model}: stopped after epoch {len(result.history)}/{cfg.epochs}; "
+               f"the same command continues from {args.checkpoint}"])
+        return 0
     _emit(args, {"model": args.model, "test_accuracy": result.test_accuracy, "history": result.history},
           [f"{args.model}: test accuracy {result.test_accuracy:.2f}%"])
     return 0
@@ -317,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--swa-epochs", type=int, default=0, metavar="N",
                    help="average the weights of the last N epochs, run at the constant --swa-lr (SWA)")
     p.add_argument("--swa-lr", type=float, default=0.01)
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="training state after every epoch; the same command continues from it when it exists")
+    p.add_argument("--stop-after", type=int, metavar="N", help="with --checkpoint: stop after N epochs of this run")
     _common(p)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("quantize", help="quantize a model and report FP vs quantized accuracy, size, time")

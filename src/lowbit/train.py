@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import math
+import os
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +54,7 @@ class TrainConfig:
 class TrainResult:
     history: list[dict] = field(default_factory=list)
     test_accuracy: float = float("nan")
+    finished: bool = True
 
 
 def augment_batch(x: Tensor, gen: torch.Generator, pad: int = 2) -> Tensor:
@@ -126,13 +130,46 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched, xb: Tensor, 
     return loss.detach(), logits.detach()
 
 
+TRAIN_FORMAT = "lowbit-train-1"
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic write: a temporary file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, run: dict, fmt: str) -> dict:
+    """A training-state file written by ``save_checkpoint`` for the same ``run`` (else a LowbitError)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise LowbitError(f"{path} is not a lowbit training checkpoint: {exc}") from None
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        raise LowbitError(f"{path} is not a lowbit training checkpoint of this kind ({fmt})")
+    if state["run"] != run:
+        diff = {k: (state["run"].get(k), v) for k, v in run.items() if state["run"].get(k) != v}
+        raise LowbitError(f"checkpoint {path} belongs to a different run (checkpoint vs now: {diff}); "
+                          "delete it or choose another path")
+    return state
+
+
 def train_model(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None,
                 y_test: Tensor | None = None, cfg: TrainConfig = TrainConfig(), progress: bool = True,
-                log=print, teacher: nn.Module | None = None) -> TrainResult:
+                log=print, teacher: nn.Module | None = None, checkpoint: str | None = None,
+                stop_after: int | None = None) -> TrainResult:
     """Train ``model`` in place with SGD + nesterov and a one-cycle-like cosine schedule.
 
     With ``cfg.kd_weight`` > 0, ``teacher`` (kept frozen, in eval mode) supplies soft targets.
+    ``checkpoint``: the training state is written there after every epoch, and a run started with
+    an existing file continues after its last epoch, ending exactly as an uninterrupted run would.
+    ``stop_after``: return after that many epochs of this call (to continue later from ``checkpoint``);
+    the result then has no ``test_accuracy``.
     """
+    if stop_after is not None and (stop_after < 1 or checkpoint is None):
+        raise LowbitError("train: stop_after must be >= 1 and needs a checkpoint to continue from")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     device = torch.device(cfg.device)
@@ -155,8 +192,29 @@ def train_model(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tens
     swa_start = (cfg.epochs - cfg.swa_epochs) * steps_per_epoch
     swa_every = max(1, steps_per_epoch // cfg.swa_per_epoch)
     result = TrainResult()
-    for epoch in range(cfg.epochs):
+    first = 0
+    ckpt = Path(checkpoint) if checkpoint else None
+    run = {**{k: v for k, v in asdict(cfg).items() if k != "device"}, "model": type(model).__name__, "train_images": len(x_train),
+           "parameters": sum(p.numel() for p in model.parameters())}
+    if ckpt is not None and ckpt.exists():
+        state = load_checkpoint(ckpt, run, TRAIN_FORMAT)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        first, result.history = state["epoch"], state["history"]
+        if average is not None:
+            average.sums, average.count = state["average_sums"], state["average_count"]
+        log(f"continuing from {ckpt} after epoch {first}/{cfg.epochs}")
+    for epoch in range(first, cfg.epochs):
+        if stop_after is not None and epoch - first >= stop_after:
+            log(f"stopped after epoch {epoch}/{cfg.epochs}; run again to continue from {ckpt}")
+            model.eval()
+            result.finished = False
+            return result
         model.train()
+        started = time.perf_counter()
         perm = torch.randperm(len(x_train), generator=gen)
         bar = progress_bar(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", enable=progress)
         loss_sum, correct, seen = 0.0, 0, 0
@@ -172,11 +230,19 @@ def train_model(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tens
             seen += len(idx)
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
-        entry = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": 100 * correct / seen}
+        entry = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": 100 * correct / seen,
+                 "seconds": time.perf_counter() - started}
         if x_test is not None:
             entry["test_acc"] = accuracy(model, x_test, y_test, device=device)
         result.history.append(entry)
         log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
+        if ckpt is not None:
+            save_checkpoint(ckpt, {"format": TRAIN_FORMAT, "run": run, "model": model.state_dict(),
+                                   "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                   "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                                   "epoch": epoch + 1, "history": result.history,
+                                   **({"average_sums": average.sums, "average_count": average.count}
+                                      if average is not None else {})})
     if average is not None:
         average.load_into(model, x_train, cfg.batch_size, device)
         entry = {"epoch": "swa", "averaged": average.count}
@@ -248,6 +314,7 @@ class WeightAverage:
 
 def train_zoo_model(name: str, cfg: TrainConfig, data_root: str | None = None, save: bool = True,
                     progress: bool = True, log=print, resume: bool = False, teachers: tuple[str, ...] = (),
+                    checkpoint: str | None = None, stop_after: int | None = None,
                     **model_kwargs) -> tuple[nn.Module, TrainResult]:
     """Train zoo model ``name`` on Fashion-MNIST and (optionally) store it as the shipped checkpoint.
 
@@ -255,9 +322,8 @@ def train_zoo_model(name: str, cfg: TrainConfig, data_root: str | None = None, s
     epochs, typically with a smaller ``lr``), and the stored metadata keeps the earlier runs.
     ``teachers`` names shipped zoo checkpoints whose averaged predictions are distilled
     (``cfg.kd_weight``); their copies are loaded before training starts, so ``name`` may be one.
+    ``checkpoint`` / ``stop_after``: see ``train_model``; a run stopped early stores nothing.
     """
-    import time
-
     from .data import load_fashion_mnist
     from .models import create_model
     from .models.zoo import save_pretrained
@@ -286,13 +352,14 @@ def train_zoo_model(name: str, cfg: TrainConfig, data_root: str | None = None, s
         model = create_model(name, **model_kwargs)
     if cfg.device == "cpu":
         model = model.to(memory_format=torch.channels_last)
-    start = time.perf_counter()
-    result = train_model(model, x_train, y_train, x_test, y_test, cfg, progress=progress, log=log, teacher=teacher)
+    result = train_model(model, x_train, y_train, x_test, y_test, cfg, progress=progress, log=log, teacher=teacher,
+                         checkpoint=checkpoint, stop_after=stop_after)
     model = model.to(memory_format=torch.contiguous_format)
-    if save:
+    if save and result.finished:
         run = {"test_accuracy": round(result.test_accuracy, 2), "epochs": cfg.epochs,
                "batch_size": cfg.batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
-               "seed": cfg.seed, "train_seconds": round(time.perf_counter() - start, 1),
+               "seed": cfg.seed,
+               "train_seconds": round(sum(e.get("seconds", 0.0) for e in result.history), 1),
                **({"teachers": list(teachers), "kd_weight": cfg.kd_weight, "kd_temperature": cfg.kd_temperature}
                   if teachers else {}),
                **({"swa_epochs": cfg.swa_epochs, "swa_lr": cfg.swa_lr, "swa_per_epoch": cfg.swa_per_epoch}

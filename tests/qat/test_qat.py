@@ -172,7 +172,7 @@ def test_resume_refuses_another_run(tmp_path) -> None:
     with pytest.raises(LowbitError, match="different run"):
         _qat(fp, x, y, method="lsq", w_bits=3, checkpoint=str(ckpt), resume=True)
     ckpt.write_bytes(b"not a checkpoint")
-    with pytest.raises(LowbitError, match="not a lowbit QAT checkpoint"):
+    with pytest.raises(LowbitError, match="not a lowbit training checkpoint"):
         _qat(fp, x, y, method="lsq", checkpoint=str(ckpt), resume=True)
 
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..errors import LowbitError
 from ..evaluate import accuracy
 from ..progress import progress_bar
-from ..train import distillation_loss, train_step
+from ..train import distillation_loss, load_checkpoint, save_checkpoint, train_step
 from .bn import global_batch_norm
 
 OPTIMIZERS = ("sgd", "adam")
@@ -168,25 +168,7 @@ def _step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2 ** 63)
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic write: a temporary file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, run: dict) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise LowbitError(f"{path} is not a lowbit QAT checkpoint: {exc}") from None
-    if not isinstance(state, dict) or state.get("format") != "lowbit-qat-1":
-        raise LowbitError(f"{path} is not a lowbit QAT checkpoint")
-    if state["run"] != run:
-        diff = {k: (state["run"].get(k), v) for k, v in run.items() if state["run"].get(k) != v}
-        raise LowbitError(f"checkpoint {path} belongs to a different run (checkpoint vs now: {diff})")
-    return state
+QAT_FORMAT = "lowbit-qat-1"
 
 
 class EpochLog:
@@ -260,7 +242,7 @@ def fit(model: nn.Module, x_train: Tensor, y_train: Tensor, val: tuple[Tensor, T
     step, history, running = 0, [], {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
     if cfg.resume and ckpt is not None and ckpt.exists():
-        state = load_checkpoint(ckpt, run)
+        state = load_checkpoint(ckpt, run, QAT_FORMAT)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -269,7 +251,7 @@ def fit(model: nn.Module, x_train: Tensor, y_train: Tensor, val: tuple[Tensor, T
 
     def checkpoint() -> None:
         if ckpt is not None and dist.main:
-            save_checkpoint(ckpt, {"format": "lowbit-qat-1", "run": run, "model": model.state_dict(),
+            save_checkpoint(ckpt, {"format": QAT_FORMAT, "run": run, "model": model.state_dict(),
                                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                    "step": step, "history": history, "running": running})
         dist.barrier()
