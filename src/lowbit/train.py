@@ -194,8 +194,9 @@ def train_model(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tens
     result = TrainResult()
     first = 0
     ckpt = Path(checkpoint) if checkpoint else None
-    run = {**{k: v for k, v in asdict(cfg).items() if k != "device"}, "model": type(model).__name__, "train_images": len(x_train),
-           "parameters": sum(p.numel() for p in model.parameters())}
+    # what must match for a checkpoint to be continued (the device may change between parts)
+    run = {**{k: v for k, v in asdict(cfg).items() if k != "device"}, "model": type(model).__name__,
+           "train_images": len(x_train), "parameters": sum(p.numel() for p in model.parameters())}
     if ckpt is not None and ckpt.exists():
         state = load_checkpoint(ckpt, run, TRAIN_FORMAT)
         model.load_state_dict(state["model"])
@@ -235,7 +236,7 @@ def train_model(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tens
         if x_test is not None:
             entry["test_acc"] = accuracy(model, x_test, y_test, device=device)
         result.history.append(entry)
-        log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
+        log(_entry_text(entry))
         if ckpt is not None:
             save_checkpoint(ckpt, {"format": TRAIN_FORMAT, "run": run, "model": model.state_dict(),
                                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -249,11 +250,15 @@ def train_model(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tens
         if x_test is not None:
             entry["test_acc"] = accuracy(model, x_test, y_test, device=device)
         result.history.append(entry)
-        log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
+        log(_entry_text(entry))
     if result.history and "test_acc" in result.history[-1]:
         result.test_accuracy = result.history[-1]["test_acc"]
     model.eval()
     return result
+
+
+def _entry_text(entry: dict) -> str:
+    return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items())
 
 
 def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -265,7 +270,6 @@ def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
     warmup = max(1, steps_per_epoch // 2)
     floor = cfg.swa_lr / cfg.lr if cfg.swa_epochs else 0.0
     decay_end = max(warmup + 1, (cfg.epochs - cfg.swa_epochs) * steps_per_epoch)
-
     all_swa = cfg.swa_epochs == cfg.epochs
     peak = floor if all_swa else 1.0
 
