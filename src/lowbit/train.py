@@ -303,17 +303,30 @@ class WeightAverage:
             return
         for n, p in model.named_parameters():
             p.copy_((self.sums[n] / self.count).to(p.dtype))
-        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        momenta = [bn.momentum for bn in bns]
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None  # cumulative average over all batches
-        model.train()
-        for i in range(0, len(x), batch_size):
-            model(x[i:i + batch_size].to(device))
-        for bn, m in zip(bns, momenta):
-            bn.momentum = m
+        model.train()  # as torch.optim.swa_utils.update_bn: the whole model in training mode
+        reestimate_bn(model, x, batch_size, device)
         model.eval()
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, x: Tensor, batch_size: int, device: torch.device) -> int:
+    """Recompute the running statistics of every BatchNorm in ``model`` on ``x``; returns their count.
+
+    The statistics are the cumulative average over all batches. Only the BatchNorm layers switch to
+    training mode (dropout and the rest keep what they had) and they end in eval mode.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    for i in range(0, len(x), batch_size):
+        model(x[i:i + batch_size].to(device))
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
+        bn.eval()
+    return len(bns)
 
 
 def train_zoo_model(name: str, cfg: TrainConfig, data_root: str | None = None, save: bool = True,

@@ -24,6 +24,7 @@ from ..errors import LowbitError
 from ..quant.bitplanes import num_planes, split_planes, stitch_planes
 from ..quant.layers import QuantConv2d
 from ..quant.ranges import RANGE_ESTIMATORS
+from ..train import reestimate_bn
 from .sequential import walk_layers
 from .registry import register_method
 
@@ -275,21 +276,6 @@ def quantize_layer_weights(layer: nn.Module, stats: dict[str, Tensor], opts: Bit
     layer.weight.copy_(new_w.to(layer.weight.dtype))
 
 
-@torch.no_grad()
-def reestimate_bn(model: nn.Module, calib: Tensor, cfg: QuantConfig) -> int:
-    """Recompute running statistics of remaining BatchNorm layers on ``calib``; returns their count."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over all calibration batches
-        bn.train()
-    for i in range(0, len(calib), cfg.batch_size):
-        model(calib[i:i + cfg.batch_size].to(cfg.device))
-    for bn in bns:
-        bn.eval()
-    return len(bns)
-
-
 @register_method("bitsplit", BitSplitOptions,
                  description="Bit-Split and Stitching: ternary bit planes fitted to layer outputs, error-compensated")
 def bitsplit(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: BitSplitOptions) -> None:
@@ -316,7 +302,7 @@ def bitsplit(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: BitSplitO
 
     walk_layers(qmodel, calib, cfg, visit, desc="bit-split")
     if opts.bn_reestimate:
-        reestimate_bn(qmodel, calib, cfg)
+        reestimate_bn(qmodel, calib, cfg.batch_size, device)
 
 
 def _sample_index(numel: int, seed: int, limit: int = 1 << 18) -> Tensor:
