@@ -51,7 +51,7 @@ def main() -> None:
                 "network input unquantized. `W4` = 4-bit weights with FP activations; `W4A4` = both. "
                 "`s/config` = mean quantization wall-clock seconds.\n\n" + table(header, rows))
         if not args.no_write:
-            write_section(f"baselines-{name}", body)
+            write_section(f"baselines-{name}", body, [name])
         print(body)
 
 

@@ -113,7 +113,7 @@ def main() -> None:
         if name == "resnet20":
             body += "\n\n" + fit_speed()
         if not args.no_write:
-            write_section(f"bitsplit-{name}", body)
+            write_section(f"bitsplit-{name}", body, [name])
         print(body)
 
 

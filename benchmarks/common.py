@@ -1,6 +1,7 @@
 """Shared benchmark plumbing: machine description, timing, and section-wise RESULTS.md writing."""
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import re
@@ -8,6 +9,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -74,12 +76,28 @@ def command() -> str:
     return "python " + " ".join(shlex.quote(a) for a in [str(script), *sys.argv[1:]])
 
 
-def write_section(name: str, body: str) -> None:
-    """Replace (or append) section ``name`` of RESULTS.md with ``body``, stamped with machine and command."""
+def checkpoints(models: Iterable[str]) -> str:
+    """``name sha256[:12]`` of each zoo checkpoint used, so a table can be matched to the weights it measured."""
+    from lowbit.models.zoo import pretrained_path
+
+    parts = []
+    for name in dict.fromkeys(models):
+        path = pretrained_path(name)
+        if path.exists():
+            parts.append(f"{name} `{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}`")
+    return ", ".join(parts)
+
+
+def write_section(name: str, body: str, models: Iterable[str] = ()) -> None:
+    """Replace (or append) section ``name`` of RESULTS.md with ``body``, stamped with machine, command and
+    the checkpoints of ``models``."""
     text = RESULTS.read_text() if RESULTS.exists() else HEADER
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    weights = checkpoints(models)
+    weights = f"; checkpoints: {weights}" if weights else ""
     block = (f"<!-- section:{name} -->\n{body.rstrip()}\n\n"
-             f"_Command: `{command()}`; machine: {machine()}; written {stamp}._\n<!-- /section:{name} -->")
+             f"_Command: `{command()}`; machine: {machine()}{weights}; written {stamp}._\n"
+             f"<!-- /section:{name} -->")
     pattern = re.compile(rf"<!-- section:{re.escape(name)} -->.*?<!-- /section:{re.escape(name)} -->", re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     RESULTS.write_text(text)

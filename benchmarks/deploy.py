@@ -179,7 +179,7 @@ def main() -> None:
     if args.random:
         body = "(random weights: development run, not written)\n\n" + body
     elif not args.no_write:
-        write_section("deploy", body)
+        write_section("deploy", body, args.models)
     print(body)
 
 

@@ -140,7 +140,7 @@ def main() -> None:
             body = sections[t]()
             print(body, flush=True)
             if not args.no_write:
-                write_section(f"limited-{name}-{t}" + (f"-{args.tag}" if args.tag else ""), body)
+                write_section(f"limited-{name}-{t}" + (f"-{args.tag}" if args.tag else ""), body, [name])
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def main() -> None:
         body = head + table(cols, rows)
         print(body, flush=True)
         if not args.no_write:
-            write_section(f"qat-{name}" + (f"-{args.tag}" if args.tag else ""), body)
+            write_section(f"qat-{name}" + (f"-{args.tag}" if args.tag else ""), body, [name])
 
 
 if __name__ == "__main__":

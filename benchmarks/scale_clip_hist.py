@@ -68,7 +68,7 @@ def main() -> None:
                      "code entropy, Scale-Clip (bits)", "uniform (max)"], rows))
     print(body)
     if not args.no_write:
-        write_section(f"scale-clip-{args.model}", body)
+        write_section(f"scale-clip-{args.model}", body, [args.model])
 
 
 if __name__ == "__main__":
