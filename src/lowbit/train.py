@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -14,6 +13,7 @@ from torch import Tensor, nn
 
 from .errors import LowbitError
 from .evaluate import accuracy
+from .files import atomic_write
 from .progress import progress_bar
 
 
@@ -135,10 +135,7 @@ TRAIN_FORMAT = "lowbit-train-1"
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Atomic write: a temporary file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: Path, run: dict, fmt: str) -> dict:

@@ -5,7 +5,6 @@ import copy
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -13,6 +12,7 @@ from torch import Tensor, nn
 
 from ..config import QuantConfig
 from ..errors import LowbitError
+from ..files import atomic_write
 from ..graph.fold import apply_fold_structure
 from ..graph.surgery import count_float_layers, wrap_layers
 from ..quant.layers import quant_layers
@@ -49,20 +49,6 @@ def require_quantized(qmodel: nn.Module) -> dict:
         raise LowbitError("export needs a model returned by lowbit.quantize (or lowbit.load); "
                           "this one was never quantized")
     return info
-
-
-def atomic_write(path: Path, write) -> None:
-    """Run ``write(tmp_path)`` then rename over ``path``, so no half-written file is ever left."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _flat(t: Tensor) -> Tensor:

@@ -52,7 +52,8 @@ from ..errors import LowbitError
 from ..quant.layers import QUANT_LAYERS, quant_layers
 from ..quant.quantizer import ActQuantizer, WeightQuantizer
 from ..quant.uniform import fake_quantize
-from .artifact import atomic_write, require_quantized
+from ..files import atomic_write
+from .artifact import require_quantized
 
 try:  # onnx is a hard dependency, but keep the import error readable
     import onnx

@@ -7,6 +7,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import LowbitError
+from ..files import atomic_write
 from .registry import create_model
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
@@ -44,8 +45,8 @@ def save_pretrained(model: nn.Module, name: str, info: dict, dataset: str = "fmn
     """Write a checkpoint (fp32 safetensors) and its JSON metadata."""
     from safetensors.torch import save_file
 
-    CHECKPOINT_DIR.mkdir(parents=True, exist_ok=True)
     path = pretrained_path(name, dataset)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(path))
-    path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2) + "\n"))
     return path
