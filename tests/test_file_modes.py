@@ -24,20 +24,26 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
+UMASKS = (0o022, 0o027, 0o077, 0o002)
+
+
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
-@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077], ids=oct)
-def test_a_new_file_gets_0666_less_the_umask(tmp_path, umask: int) -> None:
+def test_a_new_file_gets_0666_less_the_umask(tmp_path) -> None:
     # in a child process, so this test never changes the umask of the process running the suite
-    script = (f"import os, torch; from pathlib import Path; from safetensors.torch import save_file; "
-              f"from lowbit.files import atomic_write; os.umask({umask:#o}); d = Path({str(tmp_path)!r}); "
-              "atomic_write(d / 'a.pt', lambda t: torch.save({'a': 1}, t)); "
-              "atomic_write(d / 'b.safetensors', lambda t: save_file({'a': torch.zeros(1)}, t)); "
-              "atomic_write(d / 'sub' / 'c.txt', lambda t: Path(t).write_text('x'))")
+    script = ("import os, sys, torch; from pathlib import Path; from safetensors.torch import save_file; "
+              "from lowbit.files import atomic_write\n"
+              f"for mask in {UMASKS!r}:\n"
+              "    os.umask(mask); d = Path(sys.argv[1]) / oct(mask)\n"
+              "    atomic_write(d / 'a.pt', lambda t: torch.save({'a': 1}, t))\n"
+              "    atomic_write(d / 'b.safetensors', lambda t: save_file({'a': torch.zeros(1)}, t))\n"
+              "    atomic_write(d / 'sub' / 'c.txt', lambda t: Path(t).write_text('x'))\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
-    for name in ("a.pt", "b.safetensors", "sub/c.txt"):
-        assert _mode(tmp_path / name) == 0o666 & ~umask, name
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.safetensors", "sub"]  # no temporaries
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, env=env, timeout=120)
+    for umask in UMASKS:
+        folder = tmp_path / oct(umask)
+        for name in ("a.pt", "b.safetensors", "sub/c.txt"):
+            assert _mode(folder / name) == 0o666 & ~umask, (oct(umask), name)
+        assert sorted(p.name for p in folder.iterdir()) == ["a.pt", "b.safetensors", "sub"]  # no temporaries
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
