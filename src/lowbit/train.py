@@ -207,7 +207,7 @@ def load_checkpoint(path: Path, run: dict, fmt: str, required: Mapping[str, type
                           f"lowbit version); {start_over}")
     problems = [f"{key} is missing" if key not in state else f"{key} is not a {_type_name(kind)}"
                 for key, kind in {"run": dict, **(required or {})}.items()
-                if key not in state or not isinstance(state[key], kind) or (kind is int and isinstance(state[key], bool))]
+                if key not in state or not _is_a(state[key], kind)]
     if problems:
         raise LowbitError(f"checkpoint {path} is damaged ({', '.join(problems)}); {start_over}")
     diff = run_differences(state["run"], run)
@@ -215,6 +215,10 @@ def load_checkpoint(path: Path, run: dict, fmt: str, required: Mapping[str, type
         raise LowbitError(f"checkpoint {path} belongs to a different run (checkpoint vs now: {'; '.join(diff)}); "
                           f"continue it with the same settings, or {start_over}")
     return state
+
+
+def _is_a(value: Any, kind: type | tuple[type, ...]) -> bool:
+    return isinstance(value, kind) and not (isinstance(value, bool) and kind is int)  # True is no step count
 
 
 def _type_name(kind: type | tuple[type, ...]) -> str:
@@ -332,7 +336,9 @@ def _train_model(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Ten
     if ckpt is not None and ckpt.exists():
         required: dict[str, type | tuple[type, ...]] = {
             "model": dict, "optimizer": dict, "scheduler": dict, "generator": Tensor, "torch_rng": Tensor,
-            "epoch": int, "history": list, **({"average_sums": dict, "average_count": int} if average is not None else {})}
+            "epoch": int, "history": list}
+        if average is not None:
+            required.update(average_sums=dict, average_count=int)
         state = load_checkpoint(ckpt, run, TRAIN_FORMAT, required)
         if not 0 <= state["epoch"] <= cfg.epochs or len(state["history"]) != state["epoch"]:
             raise restore_failed(ckpt, ValueError(f"epoch {state['epoch']} of {cfg.epochs}"))

@@ -51,9 +51,9 @@ class QatConfig:
         kd_temperature: softmax temperature of that loss.
         augment: random shifts and flips.
         checkpoint: file written every ``checkpoint_every`` steps and at each epoch end (atomic).
-            It records every setting that shapes the training (see ``QAT_RESUMABLE`` for those
-            that do not) and the model's tensor shapes. An existing file is never replaced
-            silently: pass ``resume`` or ``overwrite``.
+            It records every setting that shapes the training (``QAT_RESUMABLE`` and
+            ``CONFIG_RESUMABLE`` list those that do not) and the model's tensor shapes. An
+            existing file is never replaced silently: pass ``resume`` or ``overwrite``.
         checkpoint_every: steps between checkpoints.
         resume: continue from ``checkpoint`` when it exists (a fresh run when it does not). A
             checkpoint of a run with other settings is refused, naming each difference.
@@ -106,6 +106,9 @@ QAT_FIELDS = {f.name for f in fields(QatConfig)}
 # QatConfig fields that may differ when a run is resumed: where and how often it is checkpointed,
 # logged and stopped, none of which changes a number. Every other field must match the checkpoint.
 QAT_RESUMABLE = frozenset({"checkpoint", "checkpoint_every", "resume", "overwrite", "log_dir", "max_steps"})
+# QuantConfig fields that may differ on resume: the device (a run may move between CPU and GPU, or
+# GPUs) and progress bars. Every other quantization setting must match.
+CONFIG_RESUMABLE = frozenset({"device", "progress"})
 
 
 def check_checkpoint_target(cfg: QatConfig) -> None:

@@ -14,7 +14,7 @@ from ..errors import LowbitError
 from ..graph.fold import find_conv_bn_pairs
 from ..graph.surgery import prepare
 from ..train import private_global_rng
-from .engine import QAT_FIELDS, QatConfig, check_checkpoint_target, fit
+from .engine import CONFIG_RESUMABLE, QAT_FIELDS, QatConfig, check_checkpoint_target, fit
 from .registry import get_qat_method
 
 
@@ -57,7 +57,8 @@ def qat(model: nn.Module, train_data: Tensor | Iterable, val_data: Any = None, m
     Raises:
         LowbitError: among others, when ``checkpoint`` exists and neither ``resume`` nor ``overwrite``
             is given, or when it is resumed with settings other than those it was written with
-            (each difference is named; ``QAT_RESUMABLE`` lists what may change), or is damaged.
+            (each difference is named; ``QAT_RESUMABLE`` and ``CONFIG_RESUMABLE`` list what may
+            change), or is damaged.
 
     The caller's global random state (CPU, and the GPU trained on) is the same afterwards.
     """
@@ -79,13 +80,13 @@ def qat(model: nn.Module, train_data: Tensor | Iterable, val_data: Any = None, m
         qmodel.lowbit_bn_pairs = find_conv_bn_pairs(model)
     with private_global_rng(cfg.seed, cfg.device):  # seeded setup; the caller's RNG state is left alone
         spec.setup(qmodel, calib, cfg, opts)
-    # what a checkpoint must match beyond the training settings (fit adds those): the method, its
-    # options and the quantization config, less what only says where or how verbosely it runs
-    # options, under the names the user passes them by (batch_size is both a QuantConfig and a
-    # QatConfig field: the calibration one is "config.batch_size" here)
+    # What a checkpoint must match beyond the training settings (fit adds those): the method, the
+    # quantization config less CONFIG_RESUMABLE, and the method's options, each under the name the
+    # user passes it by (batch_size is a field of both configs: the calibration one is
+    # "config.batch_size" here), so that a refused resume names the option that differs.
     run: dict[str, Any] = {"method": method}
     for key, value in cfg.to_dict().items():
-        if key not in ("device", "progress"):
+        if key not in CONFIG_RESUMABLE:
             run[f"config.{key}" if key in QAT_FIELDS else key] = value
     for key, value in (asdict(opts) if is_dataclass(opts) else {}).items():
         run[f"option.{key}" if key in run or key in QAT_FIELDS else key] = value
