@@ -114,8 +114,8 @@ CONFIG_RESUMABLE = frozenset({"device", "progress"})
 def check_checkpoint_target(cfg: QatConfig) -> None:
     """Refuse to start a run that would replace an existing checkpoint without being told to."""
     if cfg.checkpoint and Path(cfg.checkpoint).exists() and not (cfg.resume or cfg.overwrite):
-        raise LowbitError(f"qat: checkpoint {cfg.checkpoint} already exists; pass resume=True to continue it "
-                          "(--resume) or overwrite=True to start afresh and replace it")
+        raise LowbitError(f"qat: checkpoint {cfg.checkpoint} already exists; pass resume=True (--resume) to "
+                          "continue it, or overwrite=True to start afresh and replace it (or delete it)")
 
 
 @dataclass
