@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -130,7 +132,49 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched, xb: Tensor, 
     return loss.detach(), logits.detach()
 
 
-TRAIN_FORMAT = "lowbit-train-1"
+TRAIN_FORMAT = "lowbit-train-2"  # -2: the run record holds every setting and the parameter shapes
+
+# Settings of TrainConfig that may change between the parts of a run: they do not change the numbers.
+TRAIN_RESUMABLE = frozenset({"device"})
+
+
+@contextmanager
+def private_global_rng(seed: int | None, device: torch.device | str = "cpu") -> Iterator[None]:
+    """Run a block on torch's global RNG, seeded with ``seed``, and give the caller's state back after.
+
+    Layers such as dropout and weight initialisers draw from the global generators (the CPU one,
+    and on a GPU the generator of that device), which cannot be handed a ``torch.Generator``. This
+    forks exactly those (``fork_rng`` restores them on exit, also on an exception), so seeded,
+    reproducible training leaves the caller's random state as it was. ``seed`` None: fork only.
+    """
+    device = torch.device(device)
+    cuda = [_cuda_index(device)] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        if seed is not None:
+            seed_global_rng(seed, device)
+        yield
+
+
+def seed_global_rng(seed: int, device: torch.device | str = "cpu") -> None:
+    """Seed the global CPU generator and, for a CUDA ``device``, that device's generator only.
+
+    ``torch.manual_seed`` would reseed every CUDA device, including ones ``private_global_rng``
+    did not fork, so it is not used here.
+    """
+    device = torch.device(device)
+    torch.random.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        with torch.cuda.device(_cuda_index(device)):
+            torch.cuda.manual_seed(seed)
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def parameter_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """Name -> shape of every tensor in ``model.state_dict()`` (parameters and buffers)."""
+    return {name: list(t.shape) for name, t in model.state_dict().items() if isinstance(t, Tensor)}
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -138,19 +182,101 @@ def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path: Path, run: dict, fmt: str) -> dict:
-    """A training-state file written by ``save_checkpoint`` for the same ``run`` (else a LowbitError)."""
+def load_checkpoint(path: Path, run: dict, fmt: str, required: Mapping[str, type | tuple[type, ...]] | None = None,
+                    start_over: str = "delete it or choose another path") -> dict:
+    """A training-state file written by ``save_checkpoint`` for the same ``run``, else a LowbitError.
+
+    Args:
+        path: the checkpoint file.
+        run: every setting that must match to continue (see ``run_differences``).
+        fmt: the expected ``"format"`` entry.
+        required: entries the state must have, with their types (a damaged or foreign file is
+            refused here, not by a KeyError later).
+        start_over: how the user starts a fresh run instead (part of the refusal message).
+    """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise LowbitError(f"{path} is not a lowbit training checkpoint: {exc}") from None
-    if not isinstance(state, dict) or state.get("format") != fmt:
-        raise LowbitError(f"{path} is not a lowbit training checkpoint of this kind ({fmt})")
-    if state["run"] != run:
-        diff = {k: (state["run"].get(k), v) for k, v in run.items() if state["run"].get(k) != v}
-        raise LowbitError(f"checkpoint {path} belongs to a different run (checkpoint vs now: {diff}); "
-                          "delete it or choose another path")
+    except Exception as exc:  # truncated, damaged, not a torch file, or one holding arbitrary objects
+        raise LowbitError(f"{path} is not a lowbit training checkpoint (damaged or another kind of file: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    found = state.get("format") if isinstance(state, dict) else None
+    if not isinstance(found, str) or not found.startswith("lowbit-"):
+        raise LowbitError(f"{path} is not a lowbit training checkpoint")
+    if found != fmt:
+        raise LowbitError(f"{path} is a {found} checkpoint, not {fmt} (another kind of run, or written by another "
+                          f"lowbit version); {start_over}")
+    problems = [f"{key} is missing" if key not in state else f"{key} is not a {_type_name(kind)}"
+                for key, kind in {"run": dict, **(required or {})}.items()
+                if key not in state or not _is_a(state[key], kind)]
+    if problems:
+        raise LowbitError(f"checkpoint {path} is damaged ({', '.join(problems)}); {start_over}")
+    diff = run_differences(state["run"], run)
+    if diff:
+        raise LowbitError(f"checkpoint {path} belongs to a different run (checkpoint vs now: {'; '.join(diff)}); "
+                          f"continue it with the same settings, or {start_over}")
     return state
+
+
+def _is_a(value: Any, kind: type | tuple[type, ...]) -> bool:
+    return isinstance(value, kind) and not (isinstance(value, bool) and kind is int)  # True is no step count
+
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    return " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+
+
+_ABSENT = object()
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, recursively (a run record compares equal however it was stored)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def run_differences(old: dict, new: dict) -> list[str]:
+    """Each setting that differs between two run records, as ``"name: old vs new"``.
+
+    The ``"parameters"`` entry (``parameter_shapes``) is summarised: the tensors that changed shape,
+    appeared or disappeared, a few of each by name.
+    """
+    out = []
+    old, new = _plain(old), _plain(new)
+    for key in dict.fromkeys([*old, *new]):
+        a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+        if a == b:
+            continue
+        if key == "parameters" and isinstance(a, dict) and isinstance(b, dict):
+            out.append(_shape_differences(a, b))
+        else:
+            out.append(f"{key}: {_show(a)} vs {_show(b)}")
+    return out
+
+
+def _show(value: Any) -> str:
+    return "(not recorded)" if value is _ABSENT else repr(value)
+
+
+def _shape_differences(old: dict, new: dict, few: int = 4) -> str:
+    def names(keys: list[str]) -> str:
+        return ", ".join(keys[:few]) + (f", ... ({len(keys)} in all)" if len(keys) > few else "")
+
+    changed = [f"{k} {old[k]} vs {new[k]}" for k in old if k in new and old[k] != new[k]]
+    parts = [f"shapes differ: {names(changed)}"] if changed else []
+    if gone := [k for k in old if k not in new]:
+        parts.append(f"only in the checkpoint: {names(gone)}")
+    if added := [k for k in new if k not in old]:
+        parts.append(f"only in the model now: {names(added)}")
+    return f"parameters ({'; '.join(parts)})"
+
+
+def restore_failed(path: Path, exc: Exception, start_over: str = "delete it or choose another path") -> LowbitError:
+    """The error for a checkpoint whose entries do not fit the model, optimizer or schedule."""
+    return LowbitError(f"checkpoint {path} is damaged and cannot be restored ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0] if str(exc) else ''}); {start_over}")
 
 
 def train_model(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None,
@@ -167,7 +293,19 @@ def train_model(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tens
     """
     if stop_after is not None and (stop_after < 1 or checkpoint is None):
         raise LowbitError("train: stop_after must be >= 1 and needs a checkpoint to continue from")
-    torch.manual_seed(cfg.seed)
+    # Batch order and augmentation draw from a local generator. Dropout can only draw from torch's
+    # global generators: they are forked for the run, seeded from cfg.seed (and saved in / restored
+    # from the checkpoint, so a continued run draws the same masks), and the caller's state is
+    # given back unchanged when training ends.
+    with private_global_rng(cfg.seed, cfg.device):
+        return _train_model(model, x_train, y_train, x_test, y_test, cfg, progress, log, teacher, checkpoint,
+                            stop_after)
+
+
+def _train_model(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tensor | None,
+                 y_test: Tensor | None, cfg: TrainConfig, progress: bool, log: Callable[[str], Any],
+                 teacher: nn.Module | None, checkpoint: str | None, stop_after: int | None) -> TrainResult:
+    """``train_model`` on the private global RNG it set up."""
     gen = torch.Generator().manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     model.to(device)
@@ -191,19 +329,35 @@ def train_model(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tens
     result = TrainResult()
     first = 0
     ckpt = Path(checkpoint) if checkpoint else None
-    # what must match for a checkpoint to be continued (the device may change between parts)
-    run = {**{k: v for k, v in asdict(cfg).items() if k != "device"}, "model": type(model).__name__,
-           "train_images": len(x_train), "parameters": sum(p.numel() for p in model.parameters())}
+    # what must match for a checkpoint to be continued: every setting but TRAIN_RESUMABLE, the data
+    # size and the model's tensors by name and shape
+    run = {**{k: v for k, v in asdict(cfg).items() if k not in TRAIN_RESUMABLE}, "model": type(model).__name__,
+           "train_images": len(x_train), "parameters": parameter_shapes(model)}
     if ckpt is not None and ckpt.exists():
-        state = load_checkpoint(ckpt, run, TRAIN_FORMAT)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        first, result.history = state["epoch"], state["history"]
+        required: dict[str, type | tuple[type, ...]] = {
+            "model": dict, "optimizer": dict, "scheduler": dict, "generator": Tensor, "torch_rng": Tensor,
+            "epoch": int, "history": list}
         if average is not None:
-            average.sums, average.count = state["average_sums"], state["average_count"]
+            required.update(average_sums=dict, average_count=int)
+        state = load_checkpoint(ckpt, run, TRAIN_FORMAT, required)
+        if not 0 <= state["epoch"] <= cfg.epochs or len(state["history"]) != state["epoch"]:
+            raise restore_failed(ckpt, ValueError(f"epoch {state['epoch']} of {cfg.epochs}"))
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            gen.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])  # the private global RNG (see train_model)
+            if device.type == "cuda" and isinstance(state.get("cuda_rng"), Tensor):
+                torch.cuda.set_rng_state(state["cuda_rng"], device)
+            if average is not None:
+                if set(state["average_sums"]) != set(average.sums):
+                    raise KeyError("average_sums does not match the model's parameters")
+                average.sums = {n: state["average_sums"][n].to(average.sums[n]) for n in average.sums}
+                average.count = state["average_count"]
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as exc:
+            raise restore_failed(ckpt, exc) from None
+        first, result.history = state["epoch"], state["history"]
         log(f"continuing from {ckpt} after epoch {first}/{cfg.epochs}")
     for epoch in range(first, cfg.epochs):
         if stop_after is not None and epoch - first >= stop_after:
@@ -238,6 +392,7 @@ def train_model(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tens
             save_checkpoint(ckpt, {"format": TRAIN_FORMAT, "run": run, "model": model.state_dict(),
                                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                    "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                                   **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
                                    "epoch": epoch + 1, "history": result.history,
                                    **({"average_sums": average.sums, "average_count": average.count}
                                       if average is not None else {})})
@@ -344,7 +499,6 @@ def train_zoo_model(name: str, cfg: TrainConfig, data_root: str | None = None, s
 
     x_train, y_train = load_fashion_mnist("train", data_root)
     x_test, y_test = load_fashion_mnist("test", data_root)
-    torch.manual_seed(cfg.seed)
     teacher = None
     if teachers:
         from .models.zoo import load_pretrained as _load
@@ -363,7 +517,8 @@ def train_zoo_model(name: str, cfg: TrainConfig, data_root: str | None = None, s
         model = load_pretrained(name).train()
         earlier = previous.get("runs", []) or [{k: v for k, v in previous.items() if k not in ("name", "kwargs", "dataset")}]
     else:
-        model = create_model(name, **model_kwargs)
+        with private_global_rng(cfg.seed):  # initial weights from cfg.seed; the caller's RNG is left alone
+            model = create_model(name, **model_kwargs)
     if cfg.device == "cpu":
         model = model.to(memory_format=torch.channels_last)
     result = train_model(model, x_train, y_train, x_test, y_test, cfg, progress=progress, log=log, teacher=teacher,

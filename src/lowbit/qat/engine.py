@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from ..errors import LowbitError
 from ..evaluate import accuracy
 from ..progress import progress_bar
-from ..train import distillation_loss, load_checkpoint, save_checkpoint, train_step
+from ..train import (distillation_loss, load_checkpoint, parameter_shapes, private_global_rng, restore_failed,
+                     save_checkpoint, seed_global_rng, train_step)
 from .bn import global_batch_norm
 
 OPTIMIZERS = ("sgd", "adam")
@@ -50,8 +51,13 @@ class QatConfig:
         kd_temperature: softmax temperature of that loss.
         augment: random shifts and flips.
         checkpoint: file written every ``checkpoint_every`` steps and at each epoch end (atomic).
+            It records every setting that shapes the training (``QAT_RESUMABLE`` and
+            ``CONFIG_RESUMABLE`` list those that do not) and the model's tensor shapes. An
+            existing file is never replaced silently: pass ``resume`` or ``overwrite``.
         checkpoint_every: steps between checkpoints.
-        resume: continue from ``checkpoint`` when it exists.
+        resume: continue from ``checkpoint`` when it exists (a fresh run when it does not). A
+            checkpoint of a run with other settings is refused, naming each difference.
+        overwrite: start afresh and replace an existing ``checkpoint``.
         log_dir: per-epoch log (CSV and JSON) and training-curve PNG.
         max_steps: stop this process after that many steps (checkpointed; resume later).
     """
@@ -74,6 +80,7 @@ class QatConfig:
     resume: bool = False
     log_dir: str | None = None
     max_steps: int | None = None
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
@@ -86,6 +93,8 @@ class QatConfig:
             raise LowbitError("qat: lr > 0, scale_lr >= 0 and weight_decay >= 0")
         if self.resume and not self.checkpoint:
             raise LowbitError("qat: resume needs a checkpoint path")
+        if self.resume and self.overwrite:
+            raise LowbitError("qat: resume (continue the checkpoint) and overwrite (replace it) exclude each other")
         if self.max_steps is not None and self.max_steps < 1:
             raise LowbitError("qat: max_steps must be >= 1")
         if not 0.0 <= self.kd_weight <= 1.0 or self.kd_temperature <= 0:
@@ -93,6 +102,20 @@ class QatConfig:
 
 
 QAT_FIELDS = {f.name for f in fields(QatConfig)}
+
+# QatConfig fields that may differ when a run is resumed: where and how often it is checkpointed,
+# logged and stopped, none of which changes a number. Every other field must match the checkpoint.
+QAT_RESUMABLE = frozenset({"checkpoint", "checkpoint_every", "resume", "overwrite", "log_dir", "max_steps"})
+# QuantConfig fields that may differ on resume: the device (a run may move between CPU and GPU, or
+# GPUs) and progress bars. Every other quantization setting must match.
+CONFIG_RESUMABLE = frozenset({"device", "progress"})
+
+
+def check_checkpoint_target(cfg: QatConfig) -> None:
+    """Refuse to start a run that would replace an existing checkpoint without being told to."""
+    if cfg.checkpoint and Path(cfg.checkpoint).exists() and not (cfg.resume or cfg.overwrite):
+        raise LowbitError(f"qat: checkpoint {cfg.checkpoint} already exists; pass resume=True (--resume) to "
+                          "continue it, or overwrite=True to start afresh and replace it (or delete it)")
 
 
 @dataclass
@@ -168,7 +191,8 @@ def _step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2 ** 63)
 
 
-QAT_FORMAT = "lowbit-qat-1"
+QAT_FORMAT = "lowbit-qat-2"  # -2: the run record holds every training setting and the tensor shapes
+_START_OVER = "pass overwrite=True to start afresh (or choose another checkpoint path)"
 
 
 class EpochLog:
@@ -190,16 +214,18 @@ class EpochLog:
         self.plot(history)
 
     def plot(self, history: list[dict]) -> None:
+        # matplotlib's object API with the Agg canvas: neither pyplot's figure registry nor the
+        # caller's backend (``matplotlib.use``) is touched
         try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
         except ImportError:
             warnings.warn("matplotlib is not installed: no training-curve plot", stacklevel=2)
             return
         epochs = [h["epoch"] for h in history]
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+        fig = Figure(figsize=(9, 3.5))
+        FigureCanvasAgg(fig)
+        ax1, ax2 = fig.subplots(1, 2)
         ax1.plot(epochs, [h["train_loss"] for h in history], marker="o")
         ax1.set_xlabel("epoch")
         ax1.set_ylabel("train loss")
@@ -211,7 +237,6 @@ class EpochLog:
         ax2.legend()
         fig.tight_layout()
         fig.savefig(self.dir / "qat_curve.png", dpi=100)
-        plt.close(fig)
 
 
 def fit(model: nn.Module, x_train: Tensor, y_train: Tensor, val: tuple[Tensor, Tensor] | None,
@@ -219,8 +244,12 @@ def fit(model: nn.Module, x_train: Tensor, y_train: Tensor, val: tuple[Tensor, T
         log: Callable[[str], Any] = print, teacher: nn.Module | None = None) -> dict:
     """Train ``model`` (its quantizers already in place) and return the run summary.
 
-    ``teacher`` (an FP model in eval mode) is needed when ``cfg.kd_weight`` > 0.
+    ``run``: the settings outside ``cfg`` that a checkpoint must match to be resumed (method,
+    quantization config, ...); the training settings, the data size and the model's tensor shapes
+    are added here. ``teacher`` (an FP model in eval mode) is needed when ``cfg.kd_weight`` > 0.
+    The caller's global RNG state is the same afterwards (see ``private_global_rng``).
     """
+    check_checkpoint_target(cfg)
     dist = Distributed.from_env(device)
     model.to(dist.device)
     loss_fn = None
@@ -241,11 +270,21 @@ def fit(model: nn.Module, x_train: Tensor, y_train: Tensor, val: tuple[Tensor, T
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg))
     step, history, running = 0, [], {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
+    run = {**run, **{k: v for k, v in asdict(cfg).items() if k not in QAT_RESUMABLE}, "seed": seed,
+           "train_size": n, "parameters": parameter_shapes(model)}
     if cfg.resume and ckpt is not None and ckpt.exists():
-        state = load_checkpoint(ckpt, run, QAT_FORMAT)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        state = load_checkpoint(ckpt, run, QAT_FORMAT, {"model": dict, "optimizer": dict, "scheduler": dict,
+                                                        "step": int, "history": list, "running": dict},
+                                start_over=_START_OVER)
+        if not 0 <= state["step"] <= total or set(state["running"]) != set(running):
+            raise restore_failed(ckpt, ValueError(f"step {state['step']} of {total}, running {state['running']}"),
+                                 _START_OVER)
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as exc:
+            raise restore_failed(ckpt, exc, _START_OVER) from None
         step, history, running = state["step"], state["history"], state["running"]
         log(f"resumed from {ckpt} at step {step}/{total}")
 
@@ -256,8 +295,11 @@ def fit(model: nn.Module, x_train: Tensor, y_train: Tensor, val: tuple[Tensor, T
                                    "step": step, "history": history, "running": running})
         dist.barrier()
 
-    # BN statistics over the global batch under DDP, as one process would compute them
-    with global_batch_norm(model, dist.world > 1):
+    # BN statistics over the global batch under DDP, as one process would compute them. Dropout and
+    # other layers draw from torch's global generators (CPU and this process's GPU), which cannot
+    # take a torch.Generator: they are forked for the loop and reseeded from (seed, step) before
+    # every step, so a resumed run draws the same masks, and the caller's state comes back unchanged.
+    with global_batch_norm(model, dist.world > 1), private_global_rng(None, dist.device):
         epoch_log = EpochLog(cfg.log_dir if dist.main else None)
         ran = 0
         stopped = False
@@ -270,7 +312,7 @@ def fit(model: nn.Module, x_train: Tensor, y_train: Tensor, val: tuple[Tensor, T
                                enable=progress and dist.main)
             for s in bar:
                 idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size][dist.rank::dist.world]
-                torch.manual_seed(_step_seed(seed, step))  # dropout and friends, reproducible on resume
+                seed_global_rng(_step_seed(seed, step), dist.device)  # dropout and friends (see above)
                 gen = torch.Generator().manual_seed(_step_seed(seed, step))
                 xb, yb = x_train[idx].to(dist.device), y_train[idx].to(dist.device)
                 loss, logits = train_step(net, opt, sched, xb, yb, gen, cfg.augment, cfg.label_smoothing, loss_fn)

@@ -13,7 +13,8 @@ from ..data.calib import as_calibration_tensor, sample_calibration
 from ..errors import LowbitError
 from ..graph.fold import find_conv_bn_pairs
 from ..graph.surgery import prepare
-from .engine import QAT_FIELDS, QatConfig, fit
+from ..train import private_global_rng
+from .engine import CONFIG_RESUMABLE, QAT_FIELDS, QatConfig, check_checkpoint_target, fit
 from .registry import get_qat_method
 
 
@@ -51,13 +52,22 @@ def qat(model: nn.Module, train_data: Tensor | Iterable, val_data: Any = None, m
         epochs: training epochs (``QatConfig.epochs`` by default).
         log: where per-epoch lines go.
         **options: ``QuantConfig`` fields (granularity, groups, seed, device, ...), ``QatConfig``
-            fields (lr, batch_size, checkpoint, resume, log_dir, ...) and the method's options.
+            fields (lr, batch_size, checkpoint, resume, overwrite, log_dir, ...) and the method's options.
+
+    Raises:
+        LowbitError: among others, when ``checkpoint`` exists and neither ``resume`` nor ``overwrite``
+            is given, or when it is resumed with settings other than those it was written with
+            (each difference is named; ``QAT_RESUMABLE`` and ``CONFIG_RESUMABLE`` list what may
+            change), or is damaged.
+
+    The caller's global random state (CPU, and the GPU trained on) is the same afterwards.
     """
     spec = get_qat_method(method)
     train_opts = {k: options.pop(k) for k in list(options) if k in QAT_FIELDS}
     if epochs is not None:
         train_opts["epochs"] = epochs
     tcfg = QatConfig(**train_opts)
+    check_checkpoint_target(tcfg)  # before the (possibly long) setup
     cfg, method_options = build_config(w_bits, a_bits, options)
     opts = spec.make_options(method_options)
     if not spec.fold_bn:
@@ -68,15 +78,21 @@ def qat(model: nn.Module, train_data: Tensor | Iterable, val_data: Any = None, m
     qmodel, record = prepare(model, cfg, calib[:2])
     if not spec.fold_bn:
         qmodel.lowbit_bn_pairs = find_conv_bn_pairs(model)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+    with private_global_rng(cfg.seed, cfg.device):  # seeded setup; the caller's RNG state is left alone
         spec.setup(qmodel, calib, cfg, opts)
-        run = {"method": method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "granularity": cfg.granularity,
-               "groups": cfg.groups, "epochs": tcfg.epochs, "batch_size": tcfg.batch_size, "seed": cfg.seed,
-               "train_size": len(x_train)}
-        teacher = copy.deepcopy(model).eval() if tcfg.kd_weight > 0 else None  # fit runs it under no_grad
-        summary = fit(qmodel, x_train, y_train, val, tcfg, run, cfg.seed, torch.device(cfg.device),
-                      progress=cfg.progress, log=log, teacher=teacher)
+    # What a checkpoint must match beyond the training settings (fit adds those): the method, the
+    # quantization config less CONFIG_RESUMABLE, and the method's options, each under the name the
+    # user passes it by (batch_size is a field of both configs: the calibration one is
+    # "config.batch_size" here), so that a refused resume names the option that differs.
+    run: dict[str, Any] = {"method": method}
+    for key, value in cfg.to_dict().items():
+        if key not in CONFIG_RESUMABLE:
+            run[f"config.{key}" if key in QAT_FIELDS else key] = value
+    for key, value in (asdict(opts) if is_dataclass(opts) else {}).items():
+        run[f"option.{key}" if key in run or key in QAT_FIELDS else key] = value
+    teacher = copy.deepcopy(model).eval() if tcfg.kd_weight > 0 else None  # fit runs it under no_grad
+    summary = fit(qmodel, x_train, y_train, val, tcfg, run, cfg.seed, torch.device(cfg.device),
+                  progress=cfg.progress, log=log, teacher=teacher)
     if not summary["finished"]:
         qmodel.lowbit_qat = summary
         return qmodel  # stopped by max_steps: still training-time quantizers, resume to finish
