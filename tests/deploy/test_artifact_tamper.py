@@ -67,33 +67,37 @@ class Artifact:
     expected: torch.Tensor
     scratch: Path
 
-    def rows(self) -> list[dict]:
-        return [dict(zip(self.manifest["fields"], row)) for row in self.manifest["layers"]]
-
     def params_positions(self) -> dict[str, list[tuple[int, int]]]:
-        """Positions in the params blob of each kind of value, with the code width that bounds zero points.
-
-        The layout, from the format's documentation: weight scale[groups] if w, weight zero
-        point[groups] if zp, bias[shape[0]] if bias, input scale and zero point if a.
-        """
+        """Positions in the params blob of each kind of value, with the code width that bounds zero points."""
         out: dict[str, list[tuple[int, int]]] = {"scale": [], "zero_point": [], "bias": []}
-        pos = 0
-        for r in self.rows():
-            if r["w"]:
-                out["scale"] += [(pos + i, r["w_bits"]) for i in range(r["groups"])]
-                pos += r["groups"]
-            if r["zp"]:
-                out["zero_point"] += [(pos + i, r["w_bits"]) for i in range(r["groups"])]
-                pos += r["groups"]
-            if r["bias"]:
-                out["bias"] += [(pos + i, 0) for i in range(r["shape"][0])]
-                pos += r["shape"][0]
-            if r["a"]:
-                out["scale"].append((pos, r["a_bits"]))
-                out["zero_point"].append((pos + 1, r["a_bits"]))
-                pos += 2
-        assert pos == self.tensors[PARAMS_KEY].numel()
+        layout = params_layout(self.manifest)
+        assert max(start + count for start, count, _ in layout.values()) == self.tensors[PARAMS_KEY].numel()
+        for (_, kind), (start, count, bits) in layout.items():
+            group = {"weight_quant.scale": "scale", "input_quant.scale": "scale", "bias": "bias"}.get(kind, "zero_point")
+            out[group] += [(start + i, bits) for i in range(count)]
         return out
+
+
+def params_layout(manifest: dict) -> dict[tuple[str, str], tuple[int, int, int]]:
+    """``(layer, field) -> (start, count, bits)`` in a version-2 params blob, from the format's documented
+    layout: weight scale[groups] if w, weight zero point[groups] if zp, bias[shape[0]] if bias, input
+    scale and zero point if a (``bits``: the code width bounding a zero point)."""
+    out, pos = {}, 0
+    for row in manifest["layers"]:
+        r = dict(zip(manifest["fields"], row))
+        entries = []
+        if r["w"]:
+            entries.append(("weight_quant.scale", r["groups"], r["w_bits"]))
+            if r["zp"]:
+                entries.append(("weight_quant.zero_point", r["groups"], r["w_bits"]))
+        if r["bias"]:
+            entries.append(("bias", r["shape"][0], 0))
+        if r["a"]:
+            entries += [("input_quant.scale", 1, r["a_bits"]), ("input_quant.zero_point", 1, r["a_bits"])]
+        for field, count, bits in entries:
+            out[(r["name"], field)] = (pos, count, bits)
+            pos += count
+    return out
 
 
 def read_raw(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
