@@ -1,15 +1,18 @@
 """Tampered artifacts: every mutation of a real artifact loads with identical predictions or raises LowbitError.
 
 A property test (hypothesis) mutates the manifest JSON (drops keys, swaps strings, puts edge values
-anywhere, alters rows), the tensors (bad scales / zero points / biases, truncated or extended blobs,
-other dtypes and shapes, extra and missing keys) and the metadata, rewrites the file with
-safetensors and loads it: the result must be either a LowbitError or a model whose predictions are
-bit-identical to the original's. Never another exception, never other predictions.
+anywhere: wrong types, NaN, inf, zero, negative, huge; alters rows), the tensors (bad scales, zero
+points and biases, truncated or extended blobs, other dtypes and shapes, extra and missing keys) and
+the metadata, rewrites the file with safetensors and loads it: the result must be a LowbitError or a
+model whose predictions are bit-identical to the original's. Never another exception, never other
+predictions.
 
-One mutation per example. What validation cannot see is a change to another *valid* value that the
-file holds nowhere else, e.g. flipping the config's ``w_narrow`` (codes are read with another
-offset) or setting a bias to another finite number: those would need a signature, not a check,
-and the strategies below do not generate them (each exclusion says why).
+One mutation per example. Validation cannot see a change to another *valid* value that the file
+holds only once, so the strategies do not generate those: flipping the config's ``w_narrow`` or
+``w_symmetric`` to the other bool (codes are read with another offset), or putting another finite
+number in a bias, a positive finite scale, an in-range zero point, or a stored BN tensor. Catching
+those would need a signature, not a check. Loads pass ``model=`` (an arch's kwargs are resolved by
+the zoo constructor; ``test_artifact_validation`` covers them without building huge models).
 """
 from __future__ import annotations
 
@@ -46,7 +49,8 @@ EDGE_VALUES: list[Any] = [
     "", "x", "4", "body", "unused", "conv1", "layers.0.bn1", "layers.0.conv1", [], [1], [1, 2], {}, {"a": 1},
 ]
 # Bad values for tensors: every one is invalid where it is put.
-BAD_SCALES = [math.nan, math.inf, -math.inf, 0.0, -0.0, -1.0, -1e-30, torch.finfo(torch.float32).max]  # the max overflows
+# (the float32 maximum overflows once multiplied by the code range: a scale must leave that finite)
+BAD_SCALES = [math.nan, math.inf, -math.inf, 0.0, -0.0, -1.0, -1e-30, torch.finfo(torch.float32).max]
 BAD_ZERO_POINTS = [math.nan, math.inf, -1.0, 0.5, 256.0, 1e9]  # not integers, or outside [0, 2^b - 1]
 BAD_BIASES = [math.nan, math.inf, -math.inf]  # any finite bias is a valid (different) model
 NEW_TENSOR_NAMES = ["foo", "codes3", "codes2", "codes16", "params2", "conv1.weight", "fc.bias", "fc.weight",
@@ -73,7 +77,8 @@ class Artifact:
         layout = params_layout(self.manifest)
         assert max(start + count for start, count, _ in layout.values()) == self.tensors[PARAMS_KEY].numel()
         for (_, kind), (start, count, bits) in layout.items():
-            group = {"weight_quant.scale": "scale", "input_quant.scale": "scale", "bias": "bias"}.get(kind, "zero_point")
+            group = {"weight_quant.scale": "scale", "input_quant.scale": "scale",
+                     "bias": "bias"}.get(kind, "zero_point")
             out[group] += [(start + i, bits) for i in range(count)]
         return out
 

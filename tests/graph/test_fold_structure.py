@@ -1,4 +1,4 @@
-"""apply_fold_structure checks each pair before it rewrites: a conv-like or linear layer and a BatchNorm of its width."""
+"""apply_fold_structure checks each pair first: a conv-like or linear layer and a BatchNorm of its width."""
 from __future__ import annotations
 
 import pytest

@@ -381,7 +381,7 @@ def _check_roles(rows: list[dict]) -> None:
     if any(r["role"] == "unused" for r in rows[:len(used)]):
         raise LowbitError("layer rows must list the called layers first (in execution order), then the unused ones")
     n = len(used)
-    expected = ["only"] if n == 1 else ["first"] + ["body"] * (n - 2) + ["last"] if n else []
+    expected = [] if n == 0 else ["only"] if n == 1 else ["first"] + ["body"] * (n - 2) + ["last"]
     for i, (row, role) in enumerate(zip(used, expected)):
         if row["role"] != role:
             raise LowbitError(f"layer {row['name']!r}: role must be {role!r} (called layer {i + 1} of {n}), "
@@ -469,7 +469,8 @@ class _Reader:
 def _rows(stored: dict, cfg: QuantConfig) -> list[dict]:
     """The version-2 manifest's layer rows as checked dicts."""
     fields = _required(stored, "fields")
-    if not isinstance(fields, list) or sorted(map(str, fields)) != sorted(FIELDS) or len(set(fields)) != len(fields):
+    if (not isinstance(fields, list) or not all(isinstance(f, str) for f in fields)
+            or sorted(fields) != sorted(FIELDS)):  # (sorted, equal to FIELDS: each column once)
         raise _damaged("fields", f"it must name each of the columns {list(FIELDS)} once, got {_show(fields)}")
     layers = _required(stored, "layers")
     if not isinstance(layers, list) or not layers:
@@ -598,19 +599,22 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
         raise LowbitError(f"{path} is not a lowbit artifact (format tag {_show(meta.get('format'))})")
     version = meta.get("version")
     if version not in READABLE_VERSIONS:
-        raise LowbitError(f"{path}: artifact version {_show(version)} is not supported (need one of {READABLE_VERSIONS})")
+        raise LowbitError(f"{path}: artifact version {_show(version)} is not supported "
+                          f"(need one of {READABLE_VERSIONS})")
     try:
         try:
             manifest = json.loads(meta["manifest"])
         except (KeyError, ValueError, RecursionError):  # JSONDecodeError is a ValueError; deep nesting recurses
             raise LowbitError("the artifact's manifest is missing or damaged (not JSON)") from None
         if not isinstance(manifest, dict):
-            raise LowbitError(f"the artifact's manifest is missing or damaged (a JSON object, got {_show(manifest)})")
+            raise LowbitError(f"the artifact's manifest is missing or damaged (a JSON object, got "
+                              f"{_show(manifest)})")
         manifest, tensors = (_from_v1 if version == "1" else _expand)(manifest, tensors)
     except LowbitError as exc:
         raise LowbitError(f"{path}: {exc}") from None
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:  # a check missed it
-        raise LowbitError(f"{path}: the artifact's manifest is missing or damaged ({type(exc).__name__}: {exc})") from None
+        raise LowbitError(f"{path}: the artifact's manifest is missing or damaged "
+                          f"({type(exc).__name__}: {exc})") from None
     return manifest, tensors
 
 
@@ -702,7 +706,7 @@ def _rebuild(manifest: dict, tensors: dict[str, Tensor], model: nn.Module | None
     if set(layers) != set(manifest["layers"]):
         not_layers = sorted(set(manifest["layers"]) - set(layers))
         raise LowbitError(f"the model's layers do not match the artifact's (different architecture?): " + (
-            f"{not_layers[:3]} are not Conv2d/Linear layers of the model" if not_layers else
+            f"{not_layers[:3]} are not layers the model has lowbit quantize" if not_layers else
             f"the model's {sorted(set(layers) - set(manifest['layers']))[:3]} have no row"))
     state = {}
     for name, spec in manifest["layers"].items():
