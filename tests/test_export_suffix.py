@@ -33,7 +33,7 @@ def test_known_suffixes_any_case(name, kind) -> None:
 def test_upper_case_onnx_writes_onnx(q, tmp_path) -> None:
     onnx = pytest.importorskip("onnx")
     path = lowbit.export(q, tmp_path / "m.ONNX")
-    assert path.read_bytes()[:4] != b"\x00\x00\x00\x00" and onnx.load(str(path)).graph.node  # a real ONNX graph
+    assert path.name == "m.ONNX" and onnx.load(str(path)).graph.node  # a real ONNX graph, not an artifact
     with pytest.raises(LowbitError, match="is an ONNX file: run it with ONNX Runtime"):
         lowbit.load(path)
 
