@@ -97,17 +97,40 @@ def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = DEFAULT_B
     return qmodel.eval()
 
 
+ONNX_SUFFIXES = (".onnx",)
+ARTIFACT_SUFFIXES = (".lowbit", ".safetensors", "")  # "": a path without a suffix
+
+
+def export_format(path: str | os.PathLike) -> str:
+    """``"onnx"`` or ``"artifact"``: what ``export`` writes to ``path``, decided by its suffix (any case).
+
+    ``.onnx`` is a QDQ ONNX graph; ``.lowbit``, ``.safetensors`` (the artifact is a safetensors
+    file) or no suffix the packed artifact; any other suffix is a LowbitError, so that a typo or
+    a format lowbit does not write (``.tflite``, ``.pt``) is never silently given an artifact.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise LowbitError(f"an export path must be a str or os.PathLike, got {type(path).__name__}")
+    suffix = Path(path).suffix.lower()
+    if suffix in ONNX_SUFFIXES:
+        return "onnx"
+    if suffix in ARTIFACT_SUFFIXES:
+        return "artifact"
+    raise LowbitError(f"cannot export to {os.fspath(path)!r}: unknown suffix {Path(path).suffix!r}; use .onnx for an "
+                      f"ONNX QDQ graph, or .lowbit, .safetensors or no suffix for the packed artifact")
+
+
 def export(qmodel: nn.Module, path: str | os.PathLike, **onnx_options: Any) -> Path:
     """Write the deployable artifact of a quantized model.
 
-    A path ending in ``.onnx`` gives a QDQ ONNX graph (``onnx_options``: ``opset``,
-    ``input_shape`` (default: the calibration input's shape), ``int32_bias``); any other path the
-    packed safetensors artifact.
+    A path ending in ``.onnx`` (any case) gives a QDQ ONNX graph (``onnx_options``: ``opset``,
+    ``input_shape`` (default: the calibration input's shape), ``int32_bias``); ``.lowbit``,
+    ``.safetensors`` or no suffix the packed safetensors artifact; other suffixes are refused.
     """
     from .deploy.artifact import save_artifact
 
+    kind = export_format(path)
     path = Path(path)
-    if path.suffix == ".onnx":
+    if kind == "onnx":
         from .deploy.onnx_qdq import export_onnx
         return export_onnx(qmodel, path, **onnx_options)
     if onnx_options:
@@ -123,9 +146,16 @@ def integer_model(qmodel: nn.Module, bias_frac_bits: int = 0) -> nn.Module:
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None, device: str = "cpu") -> nn.Module:
-    """Rebuild a quantized model from an artifact; ``model`` gives the architecture (zoo models may omit it)."""
+    """Rebuild a quantized model from an artifact; ``model`` gives the architecture (zoo models may omit it).
+
+    Every value in the file is checked first (see ``lowbit.deploy.load_artifact``); ONNX files are
+    not artifacts: they run in ONNX Runtime (``lowbit.deploy.onnx_session``, ``lowbit eval --onnx``).
+    """
     from .deploy.artifact import load_artifact
 
+    if isinstance(path, (str, os.PathLike)) and Path(path).suffix.lower() in ONNX_SUFFIXES:
+        raise LowbitError(f"{os.fspath(path)} is an ONNX file: run it with ONNX Runtime (lowbit.deploy.onnx_session, "
+                          "or `lowbit eval --onnx FILE`); lowbit.load reads the packed .lowbit artifact")
     _check_device(device)
     return load_artifact(path, model, device)
 

@@ -1,11 +1,20 @@
-"""The lowbit artifact: packed integer weights + scales + manifest in one safetensors file."""
+"""The lowbit artifact: packed integer weights + scales + manifest in one safetensors file.
+
+Reading trusts nothing in the file: only safetensors and JSON are parsed (no pickle, no code), an
+architecture is resolved by name through the zoo registry, and every manifest value and tensor is
+checked before the model is built; a file that fails a check is a LowbitError naming it and the field.
+"""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
+import types
+import typing
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -14,7 +23,7 @@ from ..config import QuantConfig
 from ..errors import LowbitError
 from ..files import atomic_write
 from ..graph.fold import apply_fold_structure
-from ..graph.surgery import count_float_layers, wrap_layers
+from ..graph.surgery import count_float_layers, execution_order, wrap_layers
 from ..quant.layers import quant_layers
 from ..quant.uniform import int_range
 from .packing import pack_codes, packed_nbytes, unpack_codes
@@ -128,11 +137,322 @@ def save_artifact(qmodel: nn.Module, path: str | os.PathLike) -> Path:
     return path
 
 
+# ---------------------------------------------------------------- reading: nothing in the file is trusted
+#
+# Every manifest value and every tensor is checked before anything is built from it, by the small
+# checks below, each raising a LowbitError that names the field (read_artifact and load_artifact add
+# the file). A manifest row is checked field by field (ROW_CHECKS), then across its fields and
+# against the config (_check_row), then its tensors (_check_layer_tensors); load_artifact checks what
+# needs the model (names, shapes, groups, fold pairs, the other tensors, the execution order).
+
+ROLES = ("first", "last", "only", "body", "unused")  # as graph.surgery.assign_roles gives them
+# Config fields that say how the stored numbers are read: a file must hold them (no silent default).
+CONFIG_REQUIRED = ("w_bits", "a_bits", "first_last_bits", "granularity", "groups", "w_symmetric", "w_narrow",
+                   "a_symmetric")
+MAX_INPUT_ELEMENTS = 2 ** 26  # input_shape drives one forward pass at load: refuse absurd sizes
+# Keys of a version-1 layer entry (the expanded view ``_spec`` builds).
+V1_SPEC_KEYS = frozenset({"kind", "role", "weight_shape", "w_enabled", "w_bits", "w_signed", "w_symmetric", "w_narrow",
+                          "granularity", "num_groups", "w_qmin", "w_binary", "a_enabled", "a_bits", "a_signed",
+                          "a_symmetric"})
+
+
+def _show(value: Any) -> str:
+    """``repr`` of a value read from a file, cut short (a tampered value may be huge)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _bad(field: str, expected: str, value: Any) -> LowbitError:
+    return LowbitError(f"{field} must be {expected}, got {_show(value)}")
+
+
+def _damaged(key: str, detail: str) -> LowbitError:
+    return LowbitError(f"the manifest's {key!r} is missing or damaged: {detail}")
+
+
+def _required(stored: dict, key: str) -> Any:
+    if key not in stored:
+        raise _damaged(key, "the key is absent")
+    return stored[key]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true/false are not numbers here
+
+
+def _positive(value: Any, field: str) -> int:
+    if not _is_int(value) or value < 1:
+        raise _bad(field, "a positive integer", value)
+    return value
+
+
+def _bits(value: Any, field: str, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if not _is_int(value) or not 1 <= value <= 16:
+        raise _bad(field, "an integer 1..16" + (" or null" if optional else ""), value)
+    return value
+
+
+def _flag(value: Any, field: str) -> int:
+    if not _is_int(value) or value not in (0, 1):
+        raise _bad(field, "0 or 1", value)
+    return value
+
+
+def _name(value: Any, field: str, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value:
+        raise _bad(field, "a module name" + (" or null" if optional else ""), value)
+    return value
+
+
+def _role(value: Any, field: str) -> str:
+    if not isinstance(value, str) or value not in ROLES:
+        raise _bad(field, f"one of {', '.join(ROLES)}", value)
+    return value
+
+
+def _shape(value: Any, field: str) -> list[int]:
+    if not isinstance(value, list) or not value or not all(_is_int(d) and d >= 1 for d in value):
+        raise _bad(field, "a non-empty list of positive integers", value)
+    return value
+
+
+# How each column of a manifest row is checked on its own (FIELDS order).
+ROW_CHECKS: dict[str, Callable[[Any, str], Any]] = {
+    "name": _name, "role": _role, "shape": _shape, "groups": _positive, "w_bits": _bits, "w": _flag, "zp": _flag,
+    "bias": _flag, "a_bits": functools.partial(_bits, optional=True), "a": _flag, "a_signed": _flag,
+    "bn": functools.partial(_name, optional=True),
+}
+assert set(ROW_CHECKS) == set(FIELDS)
+
+
+def _out_channels(row: dict) -> int:
+    """Output channels of a row's layer: the weight's first dim, which the scale groups and the bias follow."""
+    return row["shape"][0]
+
+
+def _protocol_bits(role: str, cfg: QuantConfig) -> tuple[int, int | None]:
+    """Weight and input bits ``graph.surgery.assign_roles`` gives a layer of ``role`` under ``cfg``."""
+    special = cfg.first_last_bits
+    w_bits = special if special is not None and role in ("first", "last", "only") else cfg.w_bits
+    a_bits = special if special is not None and role == "last" and cfg.a_bits is not None else cfg.a_bits
+    return w_bits, a_bits
+
+
+def _check_row_fields(row: dict, cfg: QuantConfig) -> None:
+    """The fields of one checked row against each other and against the config."""
+    channels, groups, role = _out_channels(row), row["groups"], row["role"]
+    if cfg.granularity == "tensor" and groups != 1:
+        raise _bad("groups", "1 (per-tensor scales in the config)", groups)
+    if cfg.granularity == "channel" and groups != channels:
+        raise _bad("groups", f"{channels}, one per output channel (per-channel scales in the config)", groups)
+    if cfg.granularity == "group" and (channels % groups or groups > cfg.groups):
+        raise _bad("groups", f"a divisor of the {channels} output channels not above the config's groups "
+                   f"({cfg.groups})", groups)
+    if role == "unused" and (row["w"] or row["a"]):
+        raise LowbitError(f"a layer with role 'unused' has no active quantizer, got w={row['w']}, a={row['a']}")
+    if row["zp"] and not row["w"]:
+        raise _bad("zp", "0 when the weights are not quantized (w is 0)", row["zp"])
+    if row["w"] and not row["zp"] and not cfg.w_symmetric:
+        raise _bad("zp", "1: the config's weights are asymmetric (w_symmetric false) and need zero points", 0)
+    if row["a"] and row["a_bits"] is None:
+        raise _bad("a_bits", "an integer 1..16 when the input is quantized (a is 1)", None)
+    if row["a_signed"] and not (cfg.a_symmetric and row["a_bits"] is not None and row["a_bits"] > 1):
+        raise _bad("a_signed", f"0: signed input codes need a_symmetric and more than 1 bit (config a_symmetric="
+                   f"{cfg.a_symmetric}, a_bits={row['a_bits']})", 1)
+    w_bits, a_bits = _protocol_bits(role, cfg)
+    if row["w"] and row["w_bits"] != w_bits:
+        raise _bad("w_bits", f"{w_bits} for a {role!r} layer (config w_bits={cfg.w_bits}, "
+                   f"first_last_bits={cfg.first_last_bits})", row["w_bits"])
+    if row["a"] and row["a_bits"] != a_bits:
+        raise _bad("a_bits", f"{a_bits} for a {role!r} layer (config a_bits={cfg.a_bits}, "
+                   f"first_last_bits={cfg.first_last_bits})", row["a_bits"])
+
+
+def _check_row(row: dict, cfg: QuantConfig, where: str) -> dict:
+    """A manifest row with every field checked on its own, across fields and against the config."""
+    name = row.get("name")
+    prefix = f"layer {name!r}" if isinstance(name, str) and name else where
+    try:
+        for field, check in ROW_CHECKS.items():
+            row[field] = check(row[field], field)
+        _check_row_fields(row, cfg)
+    except LowbitError as exc:
+        raise LowbitError(f"{prefix}: {exc}") from None
+    return row
+
+
+def _spec(row: dict, cfg: QuantConfig) -> dict:
+    """The expanded per-layer view of a checked row (what read_artifact returns under ``layers``)."""
+    shape, bits = row["shape"], row["w_bits"]
+    return {
+        "kind": "conv" if len(shape) == 4 else "linear", "role": row["role"], "weight_shape": shape,
+        "w_enabled": bool(row["w"]), "w_bits": bits, "w_signed": cfg.w_symmetric,
+        "w_symmetric": cfg.w_symmetric, "w_narrow": cfg.w_narrow, "granularity": cfg.granularity,
+        "num_groups": row["groups"], "w_qmin": _weight_qmin(bits, cfg.w_symmetric, cfg.w_narrow),
+        "w_binary": cfg.w_symmetric and bits == 1,
+        "a_enabled": bool(row["a"]), "a_bits": row["a_bits"], "a_signed": bool(row["a_signed"]),
+        "a_symmetric": cfg.a_symmetric,
+    }
+
+
+_TYPE_CHECKS: dict[Any, tuple[str, Callable[[Any], bool]]] = {
+    int: ("an integer", _is_int),
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    str: ("a string", lambda v: isinstance(v, str)),
+    float: ("a finite number", lambda v: _is_int(v) or (isinstance(v, float) and math.isfinite(v))),
+    type(None): ("null", lambda v: v is None),
+}
+
+
+@functools.cache
+def _config_types() -> dict[str, tuple[str, Callable[[Any], bool]] | None]:
+    """Per QuantConfig field: what its annotation accepts (None for annotations this check does not know)."""
+    out: dict[str, tuple[str, Callable[[Any], bool]] | None] = {}
+    for name, hint in typing.get_type_hints(QuantConfig).items():
+        options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        if all(t in _TYPE_CHECKS for t in options):
+            checks = [_TYPE_CHECKS[t] for t in options]
+            out[name] = (" or ".join(text for text, _ in checks),
+                         lambda v, checks=checks: any(ok(v) for _, ok in checks))
+        else:
+            out[name] = None  # QuantConfig itself validates it
+    return out
+
+
+def _config(data: Any) -> QuantConfig:
+    """The QuantConfig a manifest's ``config`` describes: every field type-checked, then validated by QuantConfig."""
+    if not isinstance(data, dict):
+        raise _damaged("config", f"it must be an object of QuantConfig fields, got {_show(data)}")
+    missing = [k for k in CONFIG_REQUIRED if k not in data]
+    if missing:
+        raise _damaged("config", f"it lacks {missing}, which say how the stored numbers are read")
+    types_ = _config_types()
+    for key, value in data.items():
+        if types_.get(key) is not None and not types_[key][1](value):
+            raise _bad(f"config: {key}", types_[key][0], value)
+    try:
+        return QuantConfig.from_dict({k: v for k, v in data.items() if k not in RUNTIME_CONFIG})
+    except (LowbitError, TypeError, ValueError, OverflowError) as exc:
+        raise LowbitError(f"config: {exc}") from None
+
+
+def _check_header(stored: dict) -> dict:
+    """The manifest's record fields (arch, method, config, options, input_shape), checked."""
+    arch = stored.get("arch")
+    if arch is not None and not (isinstance(arch, dict) and isinstance(arch.get("name"), str) and arch["name"]
+                                 and isinstance(arch.get("kwargs", {}), dict)):
+        raise _bad("arch", 'null or {"name": <zoo model name>, "kwargs": {...}}', arch)
+    for key in ("method", "params"):
+        if stored.get(key) is not None and not isinstance(stored[key], str):
+            raise _bad(key, "a string", stored[key])
+    if stored.get("options") is not None and not isinstance(stored["options"], dict):
+        raise _bad("options", "an object (the method's options)", stored["options"])
+    shape = stored.get("input_shape")
+    if shape is not None and math.prod(_shape(shape, "input_shape")) > MAX_INPUT_ELEMENTS:
+        raise _bad("input_shape", f"one network input of at most {MAX_INPUT_ELEMENTS} values", shape)
+    return {"arch": arch, "method": stored.get("method"), "config": stored["config"], "options": stored.get("options"),
+            "input_shape": shape}
+
+
+def _pairs(value: Any, field: str) -> list[list[str]]:
+    if not isinstance(value, list) or not all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(n, str) and n for n in p) for p in value):
+        raise _bad(field, "a list of [conv, bn] module name pairs", value)
+    return value
+
+
+def _check_pairs(pairs: list[list[str]]) -> None:
+    """A module folds at most once: each conv into one BN, each BN into one conv."""
+    seen: set[str] = set()
+    for pair in pairs:
+        for name in pair:
+            if name in seen:
+                raise LowbitError(f"fold pairs: {name!r} appears in more than one [conv, bn] pair")
+            seen.add(name)
+
+
+def _check_roles(rows: list[dict]) -> None:
+    """Rows list the called layers in execution order, then the unused ones: roles follow from the order."""
+    used = [r for r in rows if r["role"] != "unused"]
+    if any(r["role"] == "unused" for r in rows[:len(used)]):
+        raise LowbitError("layer rows must list the called layers first (in execution order), then the unused ones")
+    n = len(used)
+    expected = [] if n == 0 else ["only"] if n == 1 else ["first"] + ["body"] * (n - 2) + ["last"]
+    for i, (row, role) in enumerate(zip(used, expected)):
+        if row["role"] != role:
+            raise LowbitError(f"layer {row['name']!r}: role must be {role!r} (called layer {i + 1} of {n}), "
+                              f"got {row['role']!r}")
+
+
+def _tensor(tensors: dict[str, Tensor], key: str, dtype: torch.dtype, shape: list[int]) -> Tensor:
+    value = tensors.get(key)
+    if value is None:
+        raise LowbitError(f"tensor {key!r} is missing")
+    if value.dtype != dtype or list(value.shape) != shape:
+        raise LowbitError(f"tensor {key!r} must be {dtype} of shape {shape}, got {value.dtype} of shape "
+                          f"{list(value.shape)}")
+    return value
+
+
+def _refuse_values(value: Tensor, bad: Tensor, field: str, expected: str) -> None:
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise LowbitError(f"{field} must be {expected}, got {value[i].item()!r} at index {i}")
+
+
+def _check_scale(value: Tensor, field: str, codes: int) -> None:
+    """Finite, positive, and small enough that ``codes`` steps stay finite in float32."""
+    _refuse_values(value, ~(torch.isfinite(value * codes) & (value > 0)), field,
+                   f"finite and > 0 (with {codes} steps still finite in float32)")
+
+
+def _check_zero_point(value: Tensor, field: str, qrange: tuple[int, int]) -> None:
+    lo, hi = qrange
+    _refuse_values(value, ~(torch.isfinite(value) & (value == value.round()) & (value >= lo) & (value <= hi)),
+                   field, f"integers in the code range [{lo}, {hi}]")
+
+
+def _check_layer_tensors(row: dict, tensors: dict[str, Tensor], cfg: QuantConfig) -> None:
+    """Dtype, shape and values of one layer's codes, scales, zero points and bias."""
+    name, groups, f32 = row["name"], row["groups"], torch.float32
+    if row["w"]:
+        bits = row["w_bits"]
+        _tensor(tensors, f"{name}.weight.codes", torch.uint8, [packed_nbytes(math.prod(row["shape"]), bits)])
+        qmin, qmax = int_range(bits, cfg.w_symmetric, cfg.w_narrow)
+        _check_scale(_tensor(tensors, f"{name}.weight_quant.scale", f32, [groups]), "weight_quant.scale", qmax - qmin)
+        _check_zero_point(_tensor(tensors, f"{name}.weight_quant.zero_point", f32, [groups]),
+                          "weight_quant.zero_point", (qmin, qmax))
+    if row["bias"]:
+        bias = _tensor(tensors, f"{name}.bias", f32, [_out_channels(row)])
+        _refuse_values(bias, ~torch.isfinite(bias), "bias", "finite")
+    if row["a"]:
+        qmin, qmax = int_range(row["a_bits"], bool(row["a_signed"]))
+        _check_scale(_tensor(tensors, f"{name}.input_quant.scale", f32, [1]), "input_quant.scale", qmax - qmin)
+        _check_zero_point(_tensor(tensors, f"{name}.input_quant.zero_point", f32, [1]), "input_quant.zero_point",
+                          (qmin, qmax))
+
+
+def _check_tensors(rows: list[dict], tensors: dict[str, Tensor], cfg: QuantConfig) -> None:
+    for row in rows:
+        try:
+            _check_layer_tensors(row, tensors, cfg)
+        except LowbitError as exc:
+            raise LowbitError(f"layer {row['name']!r}: {exc}") from None
+
+
 class _Reader:
     """Consumes a flat blob front to back; a LowbitError when it runs short."""
 
-    def __init__(self, blob: Tensor | None, what: str) -> None:
-        self.blob, self.pos, self.what = blob if blob is not None else torch.zeros(0), 0, what
+    def __init__(self, blob: Tensor | None, what: str, dtype: torch.dtype) -> None:
+        blob = torch.zeros(0, dtype=dtype) if blob is None else blob
+        if blob.dtype != dtype or blob.dim() != 1:
+            raise LowbitError(f"the artifact's {what} blob must be a 1-D {dtype} tensor, got {blob.dtype} of "
+                              f"shape {list(blob.shape)}")
+        self.blob, self.pos, self.what = blob, 0, what
 
     def take(self, n: int) -> Tensor:
         if self.pos + n > self.blob.numel():
@@ -146,58 +466,126 @@ class _Reader:
             raise LowbitError(f"the artifact's {self.what} blob is longer than its manifest says")
 
 
+def _rows(stored: dict, cfg: QuantConfig) -> list[dict]:
+    """The version-2 manifest's layer rows as checked dicts."""
+    fields = _required(stored, "fields")
+    if (not isinstance(fields, list) or not all(isinstance(f, str) for f in fields)
+            or sorted(fields) != sorted(FIELDS)):  # (sorted, equal to FIELDS: each column once)
+        raise _damaged("fields", f"it must name each of the columns {list(FIELDS)} once, got {_show(fields)}")
+    layers = _required(stored, "layers")
+    if not isinstance(layers, list) or not layers:
+        raise _damaged("layers", f"it must be a non-empty list of rows, got {_show(layers)}")
+    rows = []
+    for i, row in enumerate(layers):
+        if not isinstance(row, list) or len(row) != len(fields):
+            raise LowbitError(f"layers[{i}] must be a list of {len(fields)} values (one per field), got {_show(row)}")
+        rows.append(_check_row(dict(zip(fields, row)), cfg, f"layers[{i}]"))
+    names = [r["name"] for r in rows]
+    if len(set(names)) != len(names):
+        raise LowbitError(f"layer {next(n for n in names if names.count(n) > 1)!r} has more than one row")
+    return rows
+
+
 def _expand(stored: dict, tensors: dict[str, Tensor]) -> tuple[dict, dict[str, Tensor]]:
-    """The compact (version 2) manifest and blobs as one spec and named tensors per layer."""
-    cfg = QuantConfig.from_dict(stored["config"])
-    rows = [dict(zip(stored["fields"], row, strict=True)) for row in stored["layers"]]
-    params = _Reader(tensors.pop(PARAMS_KEY, None), PARAMS_KEY)
-    blobs = {b: _Reader(tensors.pop(codes_key(b)), codes_key(b))
-             for b in {r["w_bits"] for r in rows if r["w"]}}
+    """The compact (version 2) manifest and blobs as one spec and named tensors per layer, all checked."""
+    cfg = _config(_required(stored, "config"))
+    header = _check_header(stored)
+    rows = _rows(stored, cfg)
+    pairs = [[r["name"], r["bn"]] for r in rows if r["bn"]] + _pairs(stored.get("fold_pairs", []), "fold_pairs")
+    _check_pairs(pairs)
+    if header["input_shape"] is not None:  # written by lowbit.quantize / qat: rows in execution order
+        _check_roles(rows)
+    params = _Reader(tensors.pop(PARAMS_KEY, None), PARAMS_KEY, torch.float32)
+    blobs = {}
+    for bits in sorted({r["w_bits"] for r in rows if r["w"]}):
+        if codes_key(bits) not in tensors:
+            raise LowbitError(f"the artifact has no {codes_key(bits)} blob for its {bits}-bit layers")
+        blobs[bits] = _Reader(tensors.pop(codes_key(bits)), codes_key(bits), torch.uint8)
+    if any(is_reserved(k) for k in tensors):
+        raise LowbitError(f"the artifact holds weight codes that no layer of its manifest uses "
+                          f"({sorted(k for k in tensors if is_reserved(k))})")
     out: dict[str, Tensor] = {}
-    layers = {}
+    owned: set[str] = set()  # every name a row's values go under: no other tensor may claim one
     for r in rows:
-        name, shape, groups, bits = r["name"], [int(d) for d in r["shape"]], int(r["groups"]), int(r["w_bits"])
-        layers[name] = {
-            "kind": "conv" if len(shape) == 4 else "linear", "role": r["role"], "weight_shape": shape,
-            "w_enabled": bool(r["w"]), "w_bits": bits, "w_signed": cfg.w_symmetric,
-            "w_symmetric": cfg.w_symmetric, "w_narrow": cfg.w_narrow, "granularity": cfg.granularity,
-            "num_groups": groups, "w_qmin": _weight_qmin(bits, cfg.w_symmetric, cfg.w_narrow),
-            "w_binary": cfg.w_symmetric and bits == 1,
-            "a_enabled": bool(r["a"]), "a_bits": r["a_bits"], "a_signed": bool(r["a_signed"]),
-            "a_symmetric": cfg.a_symmetric,
-        }
+        name, shape, groups, bits = r["name"], r["shape"], r["groups"], r["w_bits"]
+        owned |= {f"{name}.{key}" for key in ("weight.codes", "bias", "weight_quant.scale", "weight_quant.zero_point",
+                                               "input_quant.scale", "input_quant.zero_point")}
         if r["w"]:
+            owned.add(f"{name}.weight")
             out[f"{name}.weight.codes"] = blobs[bits].take(packed_nbytes(math.prod(shape), bits))
             out[f"{name}.weight_quant.scale"] = params.take(groups)
             out[f"{name}.weight_quant.zero_point"] = params.take(groups) if r["zp"] else torch.zeros(groups)
         if r["bias"]:
-            out[f"{name}.bias"] = params.take(shape[0])
+            out[f"{name}.bias"] = params.take(_out_channels(r))
         if r["a"]:
             out[f"{name}.input_quant.scale"] = params.take(1)
             out[f"{name}.input_quant.zero_point"] = params.take(1)
     params.check_done()
     for blob in blobs.values():
         blob.check_done()
-    if any(is_reserved(k) for k in tensors):
-        raise LowbitError("the artifact holds weight codes that no layer of its manifest uses")
+    claimed = sorted(owned & set(tensors))
+    if claimed:
+        raise LowbitError(f"tensor {claimed[0]!r} stands beside the layer rows that hold its layer's values")
+    _check_tensors(rows, out, cfg)
     out.update(tensors)
-    manifest = {k: stored.get(k) for k in ("arch", "method", "config", "options", "input_shape")}
-    manifest["fold_pairs"] = [[r["name"], r["bn"]] for r in rows if r["bn"]] + stored.get("fold_pairs", [])
-    manifest["layer_order"] = [r["name"] for r in rows if r["role"] != "unused"]
-    manifest["layers"] = layers
+    manifest = {**header, "fold_pairs": pairs, "layer_order": [r["name"] for r in rows if r["role"] != "unused"],
+                "layers": {r["name"]: _spec(r, cfg) for r in rows}}
     return manifest, out
 
 
+def _v1_flag(value: Any, field: str) -> int:
+    if not isinstance(value, bool):
+        raise _bad(field, "true or false", value)
+    return int(value)
+
+
+def _from_v1(stored: dict, tensors: dict[str, Tensor]) -> tuple[dict, dict[str, Tensor]]:
+    """A version-1 manifest (expanded per-layer entries, one tensor per field), checked like version 2."""
+    cfg = _config(_required(stored, "config"))
+    header = _check_header(stored)
+    layers = _required(stored, "layers")
+    if not isinstance(layers, dict) or not layers:
+        raise _damaged("layers", f"it must be a non-empty object of layer entries, got {_show(layers)}")
+    pairs = _pairs(_required(stored, "fold_pairs"), "fold_pairs")
+    _check_pairs(pairs)
+    rows = []
+    for name, spec in layers.items():
+        if not isinstance(spec, dict) or set(spec) != V1_SPEC_KEYS:
+            raise LowbitError(f"layer {name!r}: a version-1 entry must have exactly the keys {sorted(V1_SPEC_KEYS)}, "
+                              f"got {_show(spec)}")
+        try:
+            w, a, signed = (_v1_flag(spec[k], k) for k in ("w_enabled", "a_enabled", "a_signed"))
+        except LowbitError as exc:
+            raise LowbitError(f"layer {name!r}: {exc}") from None
+        row = _check_row({"name": name, "role": spec["role"], "shape": spec["weight_shape"],
+                          "groups": spec["num_groups"], "w_bits": spec["w_bits"], "w": w,
+                          "zp": int(bool(w) and f"{name}.weight_quant.zero_point" in tensors),
+                          "bias": int(f"{name}.bias" in tensors), "a_bits": spec["a_bits"], "a": a,
+                          "a_signed": signed, "bn": None}, cfg, f"layer {name!r}")
+        for key, want in _spec(row, cfg).items():  # the derived keys must agree with the config and the row
+            if spec[key] != want or type(spec[key]) is not type(want):
+                raise LowbitError(f"layer {name!r}: {key} must be {want!r} (from the config and the layer), "
+                                  f"got {_show(spec[key])}")
+        if w and f"{name}.weight" in tensors:
+            raise LowbitError(f"layer {name!r}: the artifact holds both its weight codes and a float weight")
+        rows.append(row)
+    _check_tensors(rows, tensors, cfg)
+    return {**header, "fold_pairs": pairs, "layers": {r["name"]: _spec(r, cfg) for r in rows}}, tensors
+
+
 def read_artifact(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
-    """Manifest and tensors of an artifact; LowbitError for anything that is not one.
+    """Manifest and tensors of an artifact, every value checked; LowbitError for anything that is not one.
 
     Whatever the file's version, the manifest comes back with one spec per layer under
     ``"layers"`` (kind, role, weight_shape, w_bits, w_qmin, num_groups, a_bits, ...) and
     ``"fold_pairs"``, and the tensors by name: ``<layer>.weight.codes`` (packed uint8),
     ``<layer>.weight_quant.scale`` / ``.zero_point``, ``<layer>.bias``, ``<layer>.input_quant.*``.
+    Only safetensors and JSON are parsed: nothing in the file is unpickled or run.
     """
     from safetensors import safe_open
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise LowbitError(f"an artifact path must be a str or os.PathLike, got {type(path).__name__}")
     path = Path(path)
     if not path.is_file():
         raise LowbitError(f"no artifact at {path}")
@@ -208,20 +596,25 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
     except Exception as exc:
         raise LowbitError(f"{path} is not a lowbit artifact (not a readable safetensors file: {exc})") from None
     if meta.get("format") != FORMAT:
-        raise LowbitError(f"{path} is not a lowbit artifact (format tag {meta.get('format')!r})")
+        raise LowbitError(f"{path} is not a lowbit artifact (format tag {_show(meta.get('format'))})")
     version = meta.get("version")
     if version not in READABLE_VERSIONS:
-        raise LowbitError(f"{path}: artifact version {version!r} is not supported (need one of {READABLE_VERSIONS})")
+        raise LowbitError(f"{path}: artifact version {_show(version)} is not supported "
+                          f"(need one of {READABLE_VERSIONS})")
     try:
-        manifest = json.loads(meta["manifest"])
-        if version == "1":
-            manifest["layers"], manifest["config"], manifest["fold_pairs"]  # noqa: B018  (required keys)
-        else:
-            manifest, tensors = _expand(manifest, tensors)
+        try:
+            manifest = json.loads(meta["manifest"])
+        except (KeyError, ValueError, RecursionError):  # JSONDecodeError is a ValueError; deep nesting recurses
+            raise LowbitError("the artifact's manifest is missing or damaged (not JSON)") from None
+        if not isinstance(manifest, dict):
+            raise LowbitError(f"the artifact's manifest is missing or damaged (a JSON object, got "
+                              f"{_show(manifest)})")
+        manifest, tensors = (_from_v1 if version == "1" else _expand)(manifest, tensors)
     except LowbitError as exc:
         raise LowbitError(f"{path}: {exc}") from None
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError):  # JSONDecodeError is a ValueError
-        raise LowbitError(f"{path}: the artifact's manifest is missing or damaged") from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:  # a check missed it
+        raise LowbitError(f"{path}: the artifact's manifest is missing or damaged "
+                          f"({type(exc).__name__}: {exc})") from None
     return manifest, tensors
 
 
@@ -235,16 +628,69 @@ def _disabled_quantizer_param(layers: dict[str, nn.Module], key: str) -> bool:
     return not getattr(layer, quantizer).enabled
 
 
+def _zoo_model(arch: dict | None) -> nn.Module:
+    """The zoo architecture an artifact names, built only through the model registry."""
+    if not arch:
+        raise LowbitError("this artifact does not name a zoo architecture: pass model= (the FP model)")
+    from ..models import create_model
+
+    kwargs = arch.get("kwargs", {})
+    try:
+        return create_model(arch["name"], **kwargs)
+    except LowbitError:
+        raise
+    except Exception as exc:  # the constructor refused the recorded kwargs
+        raise LowbitError(f"arch: zoo model {arch['name']!r} cannot be built with kwargs {_show(kwargs)} "
+                          f"({type(exc).__name__}: {exc})") from None
+
+
+def _check_state(tensors: dict[str, Tensor], target: dict[str, Tensor]) -> None:
+    """Every stored tensor names a tensor of the model, with its shape (and its dtype, floats stored as float32)."""
+    for key, value in tensors.items():
+        want = target.get(key)
+        if want is None:
+            raise LowbitError(f"artifact does not fit the model: tensor {key!r} is not one of the model's")
+        dtype = torch.float32 if want.is_floating_point() else want.dtype
+        if value.dtype != dtype or value.shape != want.shape:
+            raise LowbitError(f"tensor {key!r} must be {dtype} of shape {list(want.shape)} (the model's), got "
+                              f"{value.dtype} of shape {list(value.shape)}")
+
+
+def _check_execution_order(qmodel: nn.Module, input_shape: list[int], expected: list[str]) -> None:
+    """The model calls its layers in the order of the artifact's rows (catches swapped or renamed rows)."""
+    param = next((p for p in qmodel.parameters() if p.is_floating_point()), None)
+    device, dtype = (param.device, param.dtype) if param is not None else ("cpu", torch.float32)
+    x = torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    try:
+        order = execution_order(qmodel, x)
+    except Exception as exc:  # the model's own forward refused an input of the recorded shape
+        raise LowbitError(f"input_shape {input_shape} does not fit the model ({type(exc).__name__}: {exc})") from None
+    if order != expected:
+        i = next(i for i, (a, b) in enumerate(zip(order + [None], expected + [None])) if a != b)
+        raise LowbitError(f"the layer rows are not in the order the model calls its layers (swapped or renamed "
+                          f"rows?): call {i + 1} is {(order + [None])[i]!r}, the artifact's row says "
+                          f"{(expected + [None])[i]!r}")
+
+
 @torch.no_grad()
 def load_artifact(path: str | os.PathLike, model: nn.Module | None = None, device: str = "cpu") -> nn.Module:
-    """Rebuild the quantized model stored at ``path``; ``model`` supplies only the architecture."""
+    """Rebuild the quantized model stored at ``path``; ``model`` supplies only the architecture.
+
+    Beyond read_artifact's checks, the file must fit the model: layer names, shapes and scale
+    groups, fold pairs (a conv-like layer and a BatchNorm of its width), every other tensor's
+    dtype and shape, codes inside their range, and (with a recorded input shape) the order in
+    which the model calls its layers. Anything else is a LowbitError naming the file.
+    """
     manifest, tensors = read_artifact(path)
+    try:
+        return _rebuild(manifest, tensors, model, device)
+    except LowbitError as exc:
+        raise LowbitError(f"{path}: {exc}") from None
+
+
+def _rebuild(manifest: dict, tensors: dict[str, Tensor], model: nn.Module | None, device: str) -> nn.Module:
     if model is None:
-        arch = manifest.get("arch")
-        if not arch:
-            raise LowbitError("this artifact does not name a zoo architecture: pass model= (the FP model)")
-        from ..models import create_model
-        model = create_model(arch["name"], **arch.get("kwargs", {}))
+        model = _zoo_model(manifest.get("arch"))
     if not isinstance(model, nn.Module) or count_float_layers(model) == 0:
         raise LowbitError("model= must be the FP architecture the artifact was made from")
     cfg = QuantConfig.from_dict(manifest["config"]).with_(device=device)
@@ -258,13 +704,18 @@ def load_artifact(path: str | os.PathLike, model: nn.Module | None = None, devic
     wrap_layers(qmodel, cfg)
     layers = dict(quant_layers(qmodel))
     if set(layers) != set(manifest["layers"]):
-        raise LowbitError("the model's layers do not match the artifact's (different architecture?)")
+        not_layers = sorted(set(manifest["layers"]) - set(layers))
+        raise LowbitError(f"the model's layers do not match the artifact's (different architecture?): " + (
+            f"{not_layers[:3]} are not layers the model has lowbit quantize" if not_layers else
+            f"the model's {sorted(set(layers) - set(manifest['layers']))[:3]} have no row"))
     state = {}
     for name, spec in manifest["layers"].items():
         layer = layers[name]
         wq, aq = layer.weight_quant, layer.input_quant
         if list(layer.weight.shape) != spec["weight_shape"] or wq.num_groups != spec["num_groups"]:
-            raise LowbitError(f"layer {name}: shape or groups differ from the artifact's")
+            raise LowbitError(f"layer {name!r}: shape or groups differ from the artifact's (weight "
+                              f"{list(layer.weight.shape)} in {wq.num_groups} groups in the model, "
+                              f"{spec['weight_shape']} in {spec['num_groups']} in the artifact)")
         layer.role = spec["role"]
         if layer.bias is None and f"{name}.bias" in tensors:  # e.g. added by bias correction
             layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], device=layer.weight.device))
@@ -277,7 +728,10 @@ def load_artifact(path: str | os.PathLike, model: nn.Module | None = None, devic
             codes = unpack_codes(tensors.pop(f"{name}.weight.codes"), wq.bits, qmin, layer.weight.numel())
             if wq.binary:
                 codes = 2 * (codes + 1) - 1
+            elif codes.numel() and codes.max() > wq.qrange[1]:  # e.g. 2^b - 1 offsets in a narrow signed range
+                raise LowbitError(f"layer {name!r}: weight codes above the {wq.bits}-bit range's top {wq.qrange[1]}")
             state[f"{name}.weight"] = wq.dequantize(codes.view_as(layer.weight).float())
+    _check_state(tensors, qmodel.state_dict())
     state.update(tensors)
     missing, unexpected = qmodel.load_state_dict(state, strict=False)
     missing = [k for k in missing if not _disabled_quantizer_param(layers, k)]
@@ -287,4 +741,6 @@ def load_artifact(path: str | os.PathLike, model: nn.Module | None = None, devic
     qmodel.lowbit_info["config"] = cfg.to_dict()
     if manifest.get("layer_order"):
         qmodel.lowbit_info["layer_order"] = manifest["layer_order"]
+        if manifest.get("input_shape"):
+            _check_execution_order(qmodel, manifest["input_shape"], manifest["layer_order"])
     return qmodel.eval()

@@ -6,6 +6,7 @@ import warnings
 import torch
 from torch import nn
 
+from ..errors import LowbitError
 from .modules import get_submodule, set_submodule
 
 
@@ -77,12 +78,48 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
         conv.bias.copy_(new_bias)
 
 
+def _fold_target(model: nn.Module, name: str, pair: tuple[str, str]) -> nn.Module:
+    try:
+        return get_submodule(model, name)
+    except AttributeError:
+        raise LowbitError(f"fold pair {list(pair)}: the model has no module {name!r}") from None
+
+
+def _out_channels(layer: nn.Module) -> int | None:
+    """Output channels of a conv-like or linear layer (what a following BatchNorm normalizes), else None."""
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        return layer.out_channels
+    if isinstance(layer, nn.Linear):
+        return layer.out_features
+    return None
+
+
 def apply_fold_structure(model: nn.Module, pairs: list[tuple[str, str]]) -> None:
-    """Replace each paired BN by Identity and give its conv a bias (values are set elsewhere)."""
+    """Replace each paired BN by Identity and give its conv a bias (values are set elsewhere).
+
+    Pairs come from tracing or from an artifact's manifest, so each is checked first: a conv-like
+    or linear layer and a BatchNorm of its channel count, each in one pair only (LowbitError).
+    """
+    seen: set[str] = set()
+    for pair in pairs:
+        conv_name, bn_name = pair
+        conv, bn = _fold_target(model, conv_name, pair), _fold_target(model, bn_name, pair)
+        channels = _out_channels(conv)
+        if channels is None:
+            raise LowbitError(f"fold pair {list(pair)}: {conv_name!r} is a {type(conv).__name__}, "
+                              "not a conv or linear layer")
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            raise LowbitError(f"fold pair {list(pair)}: {bn_name!r} is a {type(bn).__name__}, not a BatchNorm")
+        if bn.num_features != channels:
+            raise LowbitError(f"fold pair {list(pair)}: the BatchNorm has {bn.num_features} channels, "
+                              f"the layer {channels}")
+        if conv_name in seen or bn_name in seen:
+            raise LowbitError(f"fold pair {list(pair)}: a module folds into one other module only")
+        seen |= {conv_name, bn_name}
     for conv_name, bn_name in pairs:
         conv = get_submodule(model, conv_name)
         if conv.bias is None:
-            conv.bias = nn.Parameter(torch.zeros(conv.out_channels, device=conv.weight.device,
+            conv.bias = nn.Parameter(torch.zeros(_out_channels(conv), device=conv.weight.device,
                                                  dtype=conv.weight.dtype))
         set_submodule(model, bn_name, nn.Identity())
 
