@@ -15,7 +15,7 @@ from ..errors import LowbitError
 from ..files import atomic_write
 from ..graph.fold import apply_fold_structure
 from ..graph.surgery import count_float_layers, wrap_layers
-from ..quant.layers import quant_layers
+from ..quant.layers import LAYER_KINDS, out_channels, quant_layers
 from ..quant.uniform import int_range
 from .packing import pack_codes, packed_nbytes, unpack_codes
 
@@ -23,11 +23,14 @@ FORMAT = "lowbit-artifact"
 VERSION = "2"
 READABLE_VERSIONS = ("1", "2")  # version 1: one tensor per layer field and a verbose per-layer manifest
 
-# Columns of the manifest's "layers" rows (the manifest itself lists them under "fields").
-FIELDS = ("name", "role", "shape", "groups", "w_bits", "w", "zp", "bias", "a_bits", "a", "a_signed", "bn")
+# Columns of the manifest's "layers" rows (the manifest itself lists them under "fields"). "kind"
+# (a quant.layers.LAYER_KINDS name: it fixes the weight layout and its channel axis) and "out" (output
+# channels = bias length) are absent from older files: there they follow from the shape (4-D conv2d, else linear).
+FIELDS = ("name", "role", "shape", "groups", "w_bits", "w", "zp", "bias", "a_bits", "a", "a_signed", "bn",
+          "kind", "out")
 # Documents the "params" blob inside the file, so that the format describes itself.
 PARAMS_LAYOUT = ("float32, layers in order: weight scale[groups] if w, weight zero point[groups] if zp, "
-                 "bias[shape[0]] if bias, input scale and zero point if a")
+                 "bias[out] if bias, input scale and zero point if a")
 PARAMS_KEY = "params"
 RUNTIME_CONFIG = ("device", "progress")  # settings of the run, not of the model: not stored
 
@@ -109,7 +112,7 @@ def save_artifact(qmodel: nn.Module, path: str | os.PathLike) -> Path:
             state.pop(f"{name}.{key}", None)
         rows.append([name, layer.role, list(layer.weight.shape), wq.num_groups, wq.bits, int(wq.enabled),
                      int(store_zp), int(layer.bias is not None), aq.bits, int(aq.enabled), int(aq.signed),
-                     bn_of.get(name)])
+                     bn_of.get(name), layer.kind, out_channels(layer)])
     tensors: dict[str, Tensor] = {codes_key(b): torch.cat(c) for b, c in sorted(codes.items())}
     if params:
         tensors[PARAMS_KEY] = torch.cat(params)
@@ -146,6 +149,22 @@ class _Reader:
             raise LowbitError(f"the artifact's {self.what} blob is longer than its manifest says")
 
 
+def _kind_and_out(row: dict, shape: list[int]) -> tuple[str, int]:
+    """A row's layer kind and output channel count (older files: from the weight's shape)."""
+    kind = row.get("kind")
+    if kind is None:  # written before kinds were stored: Conv2d and Linear only
+        return ("conv2d" if len(shape) == 4 else "linear"), shape[0]
+    if kind not in LAYER_KINDS:
+        raise LowbitError(f"layer {row['name']!r}: unknown layer kind {kind!r} (known: {sorted(LAYER_KINDS)})")
+    out = row.get("out")
+    spec = LAYER_KINDS[kind]
+    per_axis = shape[spec.axis] if len(shape) == spec.spatial + 2 else 0
+    if not isinstance(out, int) or isinstance(out, bool) or per_axis < 1 or out < 1 or out % per_axis \
+            or (not spec.transposed and out != per_axis):
+        raise LowbitError(f"layer {row['name']!r}: output channels {out!r} do not fit a {kind} weight of shape {shape}")
+    return kind, out
+
+
 def _expand(stored: dict, tensors: dict[str, Tensor]) -> tuple[dict, dict[str, Tensor]]:
     """The compact (version 2) manifest and blobs as one spec and named tensors per layer."""
     cfg = QuantConfig.from_dict(stored["config"])
@@ -157,8 +176,9 @@ def _expand(stored: dict, tensors: dict[str, Tensor]) -> tuple[dict, dict[str, T
     layers = {}
     for r in rows:
         name, shape, groups, bits = r["name"], [int(d) for d in r["shape"]], int(r["groups"]), int(r["w_bits"])
+        kind, n_out = _kind_and_out(r, shape)
         layers[name] = {
-            "kind": "conv" if len(shape) == 4 else "linear", "role": r["role"], "weight_shape": shape,
+            "kind": kind, "out_channels": n_out, "role": r["role"], "weight_shape": shape,
             "w_enabled": bool(r["w"]), "w_bits": bits, "w_signed": cfg.w_symmetric,
             "w_symmetric": cfg.w_symmetric, "w_narrow": cfg.w_narrow, "granularity": cfg.granularity,
             "num_groups": groups, "w_qmin": _weight_qmin(bits, cfg.w_symmetric, cfg.w_narrow),
@@ -171,7 +191,7 @@ def _expand(stored: dict, tensors: dict[str, Tensor]) -> tuple[dict, dict[str, T
             out[f"{name}.weight_quant.scale"] = params.take(groups)
             out[f"{name}.weight_quant.zero_point"] = params.take(groups) if r["zp"] else torch.zeros(groups)
         if r["bias"]:
-            out[f"{name}.bias"] = params.take(shape[0])
+            out[f"{name}.bias"] = params.take(n_out)
         if r["a"]:
             out[f"{name}.input_quant.scale"] = params.take(1)
             out[f"{name}.input_quant.zero_point"] = params.take(1)
@@ -265,9 +285,11 @@ def load_artifact(path: str | os.PathLike, model: nn.Module | None = None, devic
         wq, aq = layer.weight_quant, layer.input_quant
         if list(layer.weight.shape) != spec["weight_shape"] or wq.num_groups != spec["num_groups"]:
             raise LowbitError(f"layer {name}: shape or groups differ from the artifact's")
+        if spec.get("kind") in LAYER_KINDS and spec["kind"] != layer.kind:
+            raise LowbitError(f"layer {name}: the artifact holds a {spec['kind']} layer, the model a {layer.kind}")
         layer.role = spec["role"]
         if layer.bias is None and f"{name}.bias" in tensors:  # e.g. added by bias correction
-            layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], device=layer.weight.device))
+            layer.bias = nn.Parameter(torch.zeros(out_channels(layer), device=layer.weight.device))
         wq.bits, wq.enabled = spec["w_bits"], spec["w_enabled"]
         aq.bits, aq.enabled, aq.signed = spec["a_bits"], spec["a_enabled"], spec["a_signed"]
         if wq.enabled:
