@@ -411,7 +411,8 @@ def _activation_kind(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str 
 @torch.no_grad()
 def with_int32_bias(qmodel: nn.Module) -> nn.Module:
     """A copy of the simulation whose biases are rounded to the int32 grid ``s_x * s_w``, as a device
-    stores them (layers with an integer input and weights only).
+    stores them (layers with an integer input and weights only; not those with their own forward,
+    which run as simulated in the integer path).
 
     The integer path with ``bias_frac_bits=0`` agrees with this copy up to requantization ties;
     the gap between it and the original simulation is the cost of int32 biases.
@@ -420,8 +421,8 @@ def with_int32_bias(qmodel: nn.Module) -> nn.Module:
     rounded = copy.deepcopy(qmodel)
     for _, layer in quant_layers(rounded):
         wq, aq = layer.weight_quant, layer.input_quant
-        if layer.bias is None or not (wq.enabled and aq.enabled):
-            continue
+        if layer.bias is None or not (wq.enabled and aq.enabled) or layer.custom_forward:
+            continue  # (layers with their own forward keep float arithmetic in the integer path too)
         step = aq.scale.double() * output_channel_scale(layer).double()
         layer.bias.copy_((torch.round(layer.bias.double() / step) * step).to(layer.bias.dtype))
     return rounded

@@ -170,6 +170,7 @@ class WeightSpec:
     axis: int = 0            # the weight's output channel axis (1 for ConvTranspose)
     ndim: int = 4            # the weight's (and the layer output's) number of dimensions
     out_scale: np.ndarray | None = None  # float32 scale of every output channel (or one): int32 bias steps
+    custom_forward: bool = False  # a subclass's own forward: its bias stays float even with int32_bias
 
 
 @dataclass
@@ -219,7 +220,7 @@ def weight_spec(name: str, layer: nn.Module) -> WeightSpec:
         scale, zero, out_scale = scale[:1], zero[:1], out_scale[:1]
     return WeightSpec(codes.numpy(), scale.numpy().astype(np.float32),
                       zero.round().to(torch.int64).numpy(), wq.bits, signed, dtype, min_opset,
-                      wq.axis, w.dim(), out_scale.numpy().astype(np.float32))
+                      wq.axis, w.dim(), out_scale.numpy().astype(np.float32), bool(layer.custom_forward))
 
 
 @torch.no_grad()
@@ -461,7 +462,7 @@ def _place_biases(graph: onnx.GraphProto, weight_outputs: dict[str, str], weight
             new_nodes.append(node)
             continue
         bias = constants[node.input[2]].astype(np.float32).reshape(-1)
-        if int32_bias:
+        if int32_bias and not weights[name].custom_forward:  # (as in with_int32_bias and the integer path)
             w_scale = weights[name].out_scale  # per output channel (ConvTranspose: tiled over its groups)
             step = (np.float32(inputs[name].scale) * w_scale).astype(np.float32)
             codes = np.round(bias.astype(np.float64) / step.astype(np.float64))
