@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from ..errors import LowbitError
 from ..graph.modules import set_submodule
-from ..quant.layers import QUANT_LAYERS, QuantLayer, layer_kind, out_channels, output_channel_scale, quant_layers
+from ..quant.layers import QUANT_LAYERS, QuantLayer, out_channels, output_channel_scale, quant_layers
 from .artifact import require_quantized
 from .onnx_qdq import collect_specs, input_spec, weight_spec
 
