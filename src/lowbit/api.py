@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .config import CONFIG_FIELDS, QuantConfig
 from .data.calib import as_calibration_tensor, sample_calibration
 from .errors import LowbitError
-from .graph.surgery import prepare
+from .graph.surgery import input_ranks, prepare
 from .ptq.registry import get_method
 from .ptq.registry import methods as _methods
 
@@ -75,7 +75,7 @@ def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = DEFAULT_B
     spec = get_method(method)
     cfg, method_options = build_config(w_bits, a_bits, options)
     opts = spec.make_options(method_options)
-    x = as_calibration_tensor(calib)
+    x = as_calibration_tensor(calib, ranks=input_ranks(model))
     if len(x) > cfg.calib_size:
         x = sample_calibration(x, cfg.calib_size, cfg.seed)
     try:

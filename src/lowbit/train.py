@@ -60,7 +60,12 @@ class TrainResult:
 
 
 def augment_batch(x: Tensor, gen: torch.Generator, pad: int = 2) -> Tensor:
-    """Random shift (zero-padded crop) and horizontal flip, on whole batches, on device."""
+    """Random shift (zero-padded crop) and horizontal flip, on whole batches, on device.
+
+    Only images (N x C x H x W) are augmented; other inputs (e.g. N x C x L signals) pass unchanged.
+    """
+    if x.dim() != 4:
+        return x
     n, _, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad), value=float(x.min()))
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)

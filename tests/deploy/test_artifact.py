@@ -113,6 +113,9 @@ def test_version_1_artifacts_still_load(tmp_path) -> None:
     manifest, tensors = read_artifact(lowbit.export(q, tmp_path / "v2.lowbit"))
     v1 = tmp_path / "v1.lowbit"
     old = {k: manifest[k] for k in ("arch", "method", "config", "options", "fold_pairs", "layers")}
+    for spec in old["layers"].values():  # version 1 named kinds "conv"/"linear" and had no out_channels
+        spec["kind"] = {"conv2d": "conv", "linear": "linear"}[spec["kind"]]
+        del spec["out_channels"]
     save_file(tensors, str(v1), metadata={"format": FORMAT, "version": "1", "manifest": json.dumps(old)})
     x = calib_tensor(8, seed=3)
     assert torch.equal(logits(lowbit.load(v1, model=model), x), logits(q, x))

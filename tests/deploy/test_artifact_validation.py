@@ -98,7 +98,7 @@ MANIFEST_CASES: list[tuple[str, str, Callable[[dict], None], str]] = [
     ("fields-unknown", "sym", key(("fields",), list(FIELDS[:-1]) + ["colour"]), "'fields' is missing or damaged"),
     ("layers-absent", "sym", key(("layers",), drop=True), "'layers' is missing or damaged"),
     ("layers-empty", "sym", key(("layers",), []), "'layers' is missing or damaged"),
-    ("row-length", "sym", key(("layers", 1), ["x"] * 13), r"layers\[1\] must be a list of 12 values"),
+    ("row-length", "sym", key(("layers", 1), ["x"] * 13), rf"layers\[1\] must be a list of {len(FIELDS)} values"),
     ("name-int", "sym", key(("layers", 1, 0), 5), r"layers\[1\]: name must be a module name, got 5"),
     ("name-empty", "sym", key(("layers", 1, 0), ""), r"layers\[1\]: name must be a module name"),
     ("name-unknown", "sym", cell(BODY, "name", "nope"),
@@ -113,7 +113,8 @@ MANIFEST_CASES: list[tuple[str, str, Callable[[dict], None], str]] = [
     ("shape-zero", "sym", cell(BODY, "shape", [4, 0, 3, 3]), "shape must be a non-empty list of positive integers"),
     ("shape-float", "sym", cell(BODY, "shape", [4.0, 4, 3, 3]), "shape must be a non-empty list of positive"),
     ("shape-string", "sym", cell(BODY, "shape", "4x4x3x3"), "shape must be a non-empty list of positive"),
-    ("shape-model", "sym", cell(BODY, "shape", [4, 4, 9]), "shape or groups differ"),
+    ("shape-model", "sym", cell(BODY, "shape", [4, 4, 9, 1]), "shape or groups differ"),
+    ("shape-kind", "sym", cell(BODY, "shape", [4, 4, 9]), "shape must be a 4-D weight shape for a conv2d layer"),
     ("groups-negative", "sym", cell(BODY, "groups", -1), f"layer '{BODY}': groups must be a positive integer, got -1"),
     ("groups-zero", "sym", cell(BODY, "groups", 0), "groups must be a positive integer, got 0"),
     ("groups-granularity", "sym", cell(BODY, "groups", 2), "groups must be 4, one per output channel"),
@@ -312,6 +313,9 @@ def version1(sources, tmp_path_factory) -> tuple[dict, dict]:
     """The symmetric artifact in the version-1 layout (expanded manifest, one tensor per field)."""
     manifest, tensors = read_artifact(sources["sym"].path)
     old = {k: manifest[k] for k in ("arch", "method", "config", "options", "fold_pairs", "layers")}
+    for spec in old["layers"].values():  # version 1 named kinds "conv"/"linear" and had no out_channels
+        spec["kind"] = {"conv2d": "conv", "linear": "linear"}[spec["kind"]]
+        del spec["out_channels"]
     return old, tensors
 
 

@@ -17,10 +17,12 @@ def sample_calibration(images: Tensor, n: int, seed: int = 0) -> Tensor:
     return images[torch.randperm(len(images), generator=gen)[:n]]
 
 
-def as_calibration_tensor(calib: Tensor | Iterable, limit: int | None = None) -> Tensor:
+def as_calibration_tensor(calib: Tensor | Iterable, limit: int | None = None, ranks: tuple[int, ...] = (4,)) -> Tensor:
     """Turn a tensor or an iterable of batches (tensors or (input, label) pairs) into one tensor.
 
-    Raises LowbitError for empty, non-floating, non-4-D or non-finite data.
+    ``ranks``: the accepted numbers of dimensions, batch included (4: N x C x H x W images; a
+    model with Conv1d layers also takes 3: N x C x L). Raises LowbitError for empty,
+    non-floating, wrongly shaped or non-finite data.
     """
     if isinstance(calib, Tensor):
         batches = [calib]
@@ -36,7 +38,7 @@ def as_calibration_tensor(calib: Tensor | Iterable, limit: int | None = None) ->
             x = item[0] if isinstance(item, (tuple, list)) else item
             if not isinstance(x, Tensor):
                 raise LowbitError(f"calibration batches must hold tensors, got {type(x).__name__}")
-            if x.dim() == 3:  # a single image
+            if x.dim() == min(ranks) - 1:  # a single image
                 x = x.unsqueeze(0)
             batches.append(x)
             total += len(x)
@@ -48,8 +50,9 @@ def as_calibration_tensor(calib: Tensor | Iterable, limit: int | None = None) ->
         if len(shapes) > 1:
             raise LowbitError(f"calibration batches differ in shape: {sorted(shapes)}")
     for b in batches:
-        if b.dim() != 4:
-            raise LowbitError(f"calibration data must be 4-D (N x C x H x W), got shape {tuple(b.shape)}")
+        if b.dim() not in ranks:
+            wanted = " or ".join({3: "3-D (N x C x L)", 4: "4-D (N x C x H x W)"}.get(r, f"{r}-D") for r in ranks)
+            raise LowbitError(f"calibration data must be {wanted}, got shape {tuple(b.shape)}")
         if not b.is_floating_point():
             raise LowbitError(f"calibration data must be floating point (normalized images), got {b.dtype}")
     x = torch.cat([b.detach().float().cpu() for b in batches]) if len(batches) > 1 else batches[0].detach().float()

@@ -24,7 +24,7 @@ from ..errors import LowbitError
 from ..files import atomic_write
 from ..graph.fold import apply_fold_structure
 from ..graph.surgery import count_float_layers, execution_order, wrap_layers
-from ..quant.layers import quant_layers
+from ..quant.layers import LAYER_KINDS, out_channels, quant_layers
 from ..quant.uniform import int_range
 from .packing import pack_codes, packed_nbytes, unpack_codes
 
@@ -32,11 +32,14 @@ FORMAT = "lowbit-artifact"
 VERSION = "2"
 READABLE_VERSIONS = ("1", "2")  # version 1: one tensor per layer field and a verbose per-layer manifest
 
-# Columns of the manifest's "layers" rows (the manifest itself lists them under "fields").
-FIELDS = ("name", "role", "shape", "groups", "w_bits", "w", "zp", "bias", "a_bits", "a", "a_signed", "bn")
+# Columns of the manifest's "layers" rows (the manifest itself lists them under "fields"). "kind"
+# (a quant.layers.LAYER_KINDS name: it fixes the weight layout and its channel axis) and "out" (output
+# channels = bias length) are absent from older files: there they follow from the shape (4-D conv2d, else linear).
+FIELDS = ("name", "role", "shape", "groups", "w_bits", "w", "zp", "bias", "a_bits", "a", "a_signed", "bn",
+          "kind", "out")
 # Documents the "params" blob inside the file, so that the format describes itself.
 PARAMS_LAYOUT = ("float32, layers in order: weight scale[groups] if w, weight zero point[groups] if zp, "
-                 "bias[shape[0]] if bias, input scale and zero point if a")
+                 "bias[out] if bias, input scale and zero point if a")
 PARAMS_KEY = "params"
 RUNTIME_CONFIG = ("device", "progress")  # settings of the run, not of the model: not stored
 
@@ -118,7 +121,7 @@ def save_artifact(qmodel: nn.Module, path: str | os.PathLike) -> Path:
             state.pop(f"{name}.{key}", None)
         rows.append([name, layer.role, list(layer.weight.shape), wq.num_groups, wq.bits, int(wq.enabled),
                      int(store_zp), int(layer.bias is not None), aq.bits, int(aq.enabled), int(aq.signed),
-                     bn_of.get(name)])
+                     bn_of.get(name), layer.kind, out_channels(layer)])
     tensors: dict[str, Tensor] = {codes_key(b): torch.cat(c) for b, c in sorted(codes.items())}
     if params:
         tensors[PARAMS_KEY] = torch.cat(params)
@@ -208,6 +211,12 @@ def _name(value: Any, field: str, optional: bool = False) -> str | None:
     return value
 
 
+def _kind(value: Any, field: str) -> str:
+    if not isinstance(value, str) or value not in LAYER_KINDS:
+        raise _bad(field, f"one of {', '.join(sorted(LAYER_KINDS))}", value)
+    return value
+
+
 def _role(value: Any, field: str) -> str:
     if not isinstance(value, str) or value not in ROLES:
         raise _bad(field, f"one of {', '.join(ROLES)}", value)
@@ -224,14 +233,44 @@ def _shape(value: Any, field: str) -> list[int]:
 ROW_CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "name": _name, "role": _role, "shape": _shape, "groups": _positive, "w_bits": _bits, "w": _flag, "zp": _flag,
     "bias": _flag, "a_bits": functools.partial(_bits, optional=True), "a": _flag, "a_signed": _flag,
-    "bn": functools.partial(_name, optional=True),
+    "bn": functools.partial(_name, optional=True), "kind": _kind, "out": _positive,
 }
 assert set(ROW_CHECKS) == set(FIELDS)
+# Columns added after version 2 first shipped: a file without them holds Conv2d and Linear layers
+# only, whose kind and output channels follow from the weight's shape (_fill_optional).
+OPTIONAL_FIELDS = ("kind", "out")
+REQUIRED_FIELDS = tuple(f for f in FIELDS if f not in OPTIONAL_FIELDS)
+LEGACY_KINDS = {"conv": "conv2d", "linear": "linear"}  # version-1 spec names
+
+
+def _fill_optional(row: dict) -> None:
+    """Kind and output channels for a row written before those columns existed."""
+    if "kind" not in row:
+        row["kind"] = "conv2d" if isinstance(row.get("shape"), list) and len(row["shape"]) == 4 else "linear"
+    if "out" not in row:
+        shape = row.get("shape")
+        row["out"] = shape[0] if isinstance(shape, list) and shape else None
+
+
+def _scale_channels(row: dict) -> int:
+    """Channels along the weight's scale axis (the output channels; out/groups for ConvTranspose)."""
+    return row["shape"][LAYER_KINDS[row["kind"]].axis]
 
 
 def _out_channels(row: dict) -> int:
-    """Output channels of a row's layer: the weight's first dim, which the scale groups and the bias follow."""
-    return row["shape"][0]
+    """Output channels of a row's layer, which the bias follows."""
+    return row["out"]
+
+
+def _check_kind_shape(row: dict) -> None:
+    """The weight's rank and the output channels must fit the row's layer kind."""
+    kind = LAYER_KINDS[row["kind"]]
+    shape, out = row["shape"], row["out"]
+    if len(shape) != kind.spatial + 2:
+        raise _bad("shape", f"a {kind.spatial + 2}-D weight shape for a {kind.name} layer", shape)
+    per_axis = shape[kind.axis]
+    if out % per_axis or (not kind.transposed and out != per_axis):
+        raise _bad("out", f"output channels that fit a {kind.name} weight of shape {shape}", out)
 
 
 def _protocol_bits(role: str, cfg: QuantConfig) -> tuple[int, int | None]:
@@ -244,7 +283,8 @@ def _protocol_bits(role: str, cfg: QuantConfig) -> tuple[int, int | None]:
 
 def _check_row_fields(row: dict, cfg: QuantConfig) -> None:
     """The fields of one checked row against each other and against the config."""
-    channels, groups, role = _out_channels(row), row["groups"], row["role"]
+    _check_kind_shape(row)
+    channels, groups, role = _scale_channels(row), row["groups"], row["role"]
     if cfg.granularity == "tensor" and groups != 1:
         raise _bad("groups", "1 (per-tensor scales in the config)", groups)
     if cfg.granularity == "channel" and groups != channels:
@@ -276,6 +316,7 @@ def _check_row(row: dict, cfg: QuantConfig, where: str) -> dict:
     """A manifest row with every field checked on its own, across fields and against the config."""
     name = row.get("name")
     prefix = f"layer {name!r}" if isinstance(name, str) and name else where
+    _fill_optional(row)
     try:
         for field, check in ROW_CHECKS.items():
             row[field] = check(row[field], field)
@@ -289,7 +330,7 @@ def _spec(row: dict, cfg: QuantConfig) -> dict:
     """The expanded per-layer view of a checked row (what read_artifact returns under ``layers``)."""
     shape, bits = row["shape"], row["w_bits"]
     return {
-        "kind": "conv" if len(shape) == 4 else "linear", "role": row["role"], "weight_shape": shape,
+        "kind": row["kind"], "out_channels": row["out"], "role": row["role"], "weight_shape": shape,
         "w_enabled": bool(row["w"]), "w_bits": bits, "w_signed": cfg.w_symmetric,
         "w_symmetric": cfg.w_symmetric, "w_narrow": cfg.w_narrow, "granularity": cfg.granularity,
         "num_groups": row["groups"], "w_qmin": _weight_qmin(bits, cfg.w_symmetric, cfg.w_narrow),
@@ -470,8 +511,9 @@ def _rows(stored: dict, cfg: QuantConfig) -> list[dict]:
     """The version-2 manifest's layer rows as checked dicts."""
     fields = _required(stored, "fields")
     if (not isinstance(fields, list) or not all(isinstance(f, str) for f in fields)
-            or sorted(fields) != sorted(FIELDS)):  # (sorted, equal to FIELDS: each column once)
-        raise _damaged("fields", f"it must name each of the columns {list(FIELDS)} once, got {_show(fields)}")
+            or sorted(fields) not in (sorted(FIELDS), sorted(REQUIRED_FIELDS))):  # each column once
+        raise _damaged("fields", f"it must name each of the columns {list(FIELDS)} once (files written before "
+                       f"{list(OPTIONAL_FIELDS)} existed: all but those), got {_show(fields)}")
     layers = _required(stored, "layers")
     if not isinstance(layers, list) or not layers:
         raise _damaged("layers", f"it must be a non-empty list of rows, got {_show(layers)}")
@@ -562,7 +604,10 @@ def _from_v1(stored: dict, tensors: dict[str, Tensor]) -> tuple[dict, dict[str, 
                           "zp": int(bool(w) and f"{name}.weight_quant.zero_point" in tensors),
                           "bias": int(f"{name}.bias" in tensors), "a_bits": spec["a_bits"], "a": a,
                           "a_signed": signed, "bn": None}, cfg, f"layer {name!r}")
-        for key, want in _spec(row, cfg).items():  # the derived keys must agree with the config and the row
+        derived = _spec(row, cfg)
+        derived["kind"] = next(k for k, v in LEGACY_KINDS.items() if v == derived["kind"])
+        for key in sorted(V1_SPEC_KEYS):  # the derived keys must agree with the config and the row
+            want = derived[key]
             if spec[key] != want or type(spec[key]) is not type(want):
                 raise LowbitError(f"layer {name!r}: {key} must be {want!r} (from the config and the layer), "
                                   f"got {_show(spec[key])}")
@@ -716,9 +761,11 @@ def _rebuild(manifest: dict, tensors: dict[str, Tensor], model: nn.Module | None
             raise LowbitError(f"layer {name!r}: shape or groups differ from the artifact's (weight "
                               f"{list(layer.weight.shape)} in {wq.num_groups} groups in the model, "
                               f"{spec['weight_shape']} in {spec['num_groups']} in the artifact)")
+        if spec["kind"] != layer.kind:
+            raise LowbitError(f"layer {name!r}: the artifact holds a {spec['kind']} layer, the model a {layer.kind}")
         layer.role = spec["role"]
         if layer.bias is None and f"{name}.bias" in tensors:  # e.g. added by bias correction
-            layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], device=layer.weight.device))
+            layer.bias = nn.Parameter(torch.zeros(out_channels(layer), device=layer.weight.device))
         wq.bits, wq.enabled = spec["w_bits"], spec["w_enabled"]
         aq.bits, aq.enabled, aq.signed = spec["a_bits"], spec["a_enabled"], spec["a_signed"]
         if wq.enabled:

@@ -1,9 +1,10 @@
 """Integer-only reference inference: what a fixed-point device computes for a quantized model.
 
-Each quantized layer becomes an ``IntegerConv2d`` / ``IntegerLinear``:
+Each quantized layer becomes an ``IntegerConv1d`` / ``IntegerConv2d`` / ``IntegerConvTranspose2d`` /
+``IntegerLinear``:
 
 * input codes ``q_x`` (zero point ``z_x``) and weight codes ``q_w`` (zero point ``z_w`` per
-  output channel), exactly the codes the ONNX export stores;
+  output channel, along dim 1 of ConvTranspose weights), exactly the codes the ONNX export stores;
 * integer accumulation ``acc = sum (q_x - z_x)(q_w - z_w) + b_int``, the bias in int32 at scale
   ``s_x * s_w`` (``b_int = round(b / (s_x s_w))``, TFLite's convention). The products are formed
   in float64 on integer-valued tensors, which is exact (every partial sum is an integer below
@@ -20,7 +21,9 @@ Left in floating point (documented deviations from a pure integer device): eleme
 are not folded into requantization (residual Add, Concat, pooling, channel shuffle, a ReLU after
 an Add) and the quantization of their float results into the next layer's codes; layers whose
 input is not quantized (by the protocol the first layer, which sees the FP image) multiply the
-float input by the integer weights; layers with disabled weight quantizers run in float.
+float input by the integer weights; layers with disabled weight quantizers run in float; layers
+of a subclass with its own forward keep that forward: they run as in the simulation (quantized
+input, dequantized integer weights, float arithmetic), since lowbit cannot know what it computes.
 
 Agreement with the simulation: the simulation keeps biases in float, and in deep networks one
 code flipped by the int32 bias rounding propagates, so at 4 bit the device result can differ on
@@ -41,7 +44,7 @@ from torch import Tensor, nn
 
 from ..errors import LowbitError
 from ..graph.modules import set_submodule
-from ..quant.layers import QuantConv2d, QuantLinear, quant_layers
+from ..quant.layers import QUANT_LAYERS, QuantLayer, out_channels, output_channel_scale, quant_layers
 from .artifact import require_quantized
 from .onnx_qdq import collect_specs, input_spec, weight_spec
 
@@ -100,7 +103,7 @@ class OutputCodes:
 class _IntegerLayer(nn.Module):
     """Shared state and arithmetic of integer conv / linear layers."""
 
-    def __init__(self, name: str, layer: QuantConv2d | QuantLinear, bias_frac_bits: int = 0) -> None:
+    def __init__(self, name: str, layer: QuantLayer, bias_frac_bits: int = 0) -> None:
         super().__init__()
         self.name = name
         self.bias_frac_bits = bias_frac_bits
@@ -108,14 +111,16 @@ class _IntegerLayer(nn.Module):
         self.int_weight = specs_w is not None
         self.int_input = specs_in is not None
         self.input_codes = False  # set when the producer requantizes into this layer's codes
-        ndim = layer.weight.dim()
-        shape = (-1,) + (1,) * (ndim - 1)
         if self.int_weight:
+            # zero points and scales along the weight's channel axis (dim 1 of ConvTranspose weights)
+            shape = tuple(-1 if d == specs_w.axis else 1 for d in range(layer.weight.dim()))
             codes = torch.from_numpy(specs_w.codes.reshape(tuple(layer.weight.shape)))
-            s_w = torch.from_numpy(specs_w.scale).double().expand(layer.weight.shape[0]).clone()
-            z_w = torch.from_numpy(specs_w.zero_point).expand(layer.weight.shape[0]).clone()
+            z_w = torch.from_numpy(specs_w.zero_point)
             self.register_buffer("w_centered", (codes - z_w.view(shape)).to(torch.int32))  # q_w - z_w
-            self.register_buffer("s_w", s_w)
+            self.register_buffer("w_scale", torch.from_numpy(specs_w.scale).double().view(shape))
+            # accumulator scales run over the output channels (ConvTranspose: tiled over its groups)
+            self.register_buffer("s_w", torch.from_numpy(specs_w.out_scale).double()
+                                 .expand(out_channels(layer)).clone())
         else:
             self.register_buffer("w_float", layer.weight.detach().float().cpu().clone())
         self.register_buffer("bias_float", None if layer.bias is None else layer.bias.detach().double().cpu().clone())
@@ -147,7 +152,7 @@ class _IntegerLayer(nn.Module):
         s = torch.tensor(self.s_x, dtype=torch.float32)
         return torch.clamp(torch.round(x.float() / s) + self.z_x, self.qmin_x, self.qmax_x).to(torch.int64)
 
-    def linear_op(self, x: Tensor, w: Tensor) -> Tensor:
+    def linear_op(self, x: Tensor, w: Tensor, *args: Any) -> Tensor:
         raise NotImplementedError
 
     def set_output_codes(self, out: OutputCodes) -> None:
@@ -156,14 +161,14 @@ class _IntegerLayer(nn.Module):
         self.register_buffer("m0", m0)
         self.register_buffer("shift", shift)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *args: Any) -> Tensor:
         if not self.integer:
-            return self._float_forward(x)
+            return self._float_forward(x, *args)
         q = x.to(torch.int64) if self.input_codes else self.quantize_input(x)
         if self.capture:
             self.last_input_codes = q
         # exact integer accumulation: float64 holds every partial sum of these products exactly
-        acc = torch.round(self.linear_op((q - self.z_x).double(), self.w_centered.double())).to(torch.int64)
+        acc = torch.round(self.linear_op((q - self.z_x).double(), self.w_centered.double(), *args)).to(torch.int64)
         acc = acc << self.bias_frac_bits
         b = self.bias_int()
         shape = (1, -1) + (1,) * (acc.dim() - 2)
@@ -176,17 +181,16 @@ class _IntegerLayer(nn.Module):
             return torch.clamp(codes, out.qmin, out.qmax)
         return (acc.double() * self.acc_scale().view(shape)).float()
 
-    def _float_forward(self, x: Tensor) -> Tensor:
+    def _float_forward(self, x: Tensor, *args: Any) -> Tensor:
         """Layers without integer input or weights: float input, (integer-valued) weights, float accumulation."""
         x = x.double()
         if self.int_input:
             x = (self.quantize_input(x) - self.z_x).double() * self.s_x
         if self.int_weight:
-            shape = (-1,) + (1,) * (self.w_centered.dim() - 1)
-            w = self.w_centered.double() * self.s_w.view(shape)
+            w = self.w_centered.double() * self.w_scale
         else:
             w = self.w_float.double()
-        y = self.linear_op(x, w)
+        y = self.linear_op(x, w, *args)
         if self.bias_float is not None:
             y = y + self.bias_float.view((1, -1) + (1,) * (y.dim() - 2))
         return y.float()
@@ -195,22 +199,52 @@ class _IntegerLayer(nn.Module):
 class IntegerConv2d(_IntegerLayer):
     """Integer reference of a ``QuantConv2d``."""
 
-    def __init__(self, name: str, layer: QuantConv2d, bias_frac_bits: int = 0) -> None:
+    _conv = staticmethod(nn.functional.conv2d)
+
+    def __init__(self, name: str, layer: QuantLayer, bias_frac_bits: int = 0) -> None:
         super().__init__(name, layer, bias_frac_bits)
         if layer.padding_mode != "zeros":
             raise LowbitError(f"layer {name}: integer path supports zero padding only, got {layer.padding_mode!r}")
         self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
 
-    def linear_op(self, x: Tensor, w: Tensor) -> Tensor:
+    def linear_op(self, x: Tensor, w: Tensor, *args: Any) -> Tensor:
         # zero padding of centred codes is padding with the zero point, as a device pads
-        return nn.functional.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
+        return self._conv(x, w, None, self.stride, self.padding, self.dilation, self.groups)
+
+
+class IntegerConv1d(IntegerConv2d):
+    """Integer reference of a ``QuantConv1d``."""
+
+    _conv = staticmethod(nn.functional.conv1d)
+
+
+class IntegerConvTranspose2d(_IntegerLayer):
+    """Integer reference of a ``QuantConvTranspose2d``: a transposed convolution of centred codes
+    (every output is a sum of products of input and weight codes, as in a direct convolution)."""
+
+    def __init__(self, name: str, layer: QuantLayer, bias_frac_bits: int = 0) -> None:
+        super().__init__(name, layer, bias_frac_bits)
+        self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
+        self.kernel_size, self.output_padding = layer.kernel_size, layer.output_padding
+
+    def linear_op(self, x: Tensor, w: Tensor, output_size: list[int] | None = None) -> Tensor:
+        output_padding = nn.ConvTranspose2d._output_padding(self, x, output_size, self.stride, self.padding,  # type: ignore[arg-type]
+                                                            self.kernel_size, 2, self.dilation)
+        return nn.functional.conv_transpose2d(x, w, None, self.stride, self.padding, output_padding, self.groups,
+                                              self.dilation)
 
 
 class IntegerLinear(_IntegerLayer):
     """Integer reference of a ``QuantLinear``."""
 
-    def linear_op(self, x: Tensor, w: Tensor) -> Tensor:
+    def linear_op(self, x: Tensor, w: Tensor, *args: Any) -> Tensor:
         return nn.functional.linear(x, w)
+
+
+_INTEGER_LAYERS: dict[str, type[_IntegerLayer]] = {
+    "conv1d": IntegerConv1d, "conv2d": IntegerConv2d, "convtranspose2d": IntegerConvTranspose2d,
+    "linear": IntegerLinear,
+}
 
 
 class IntClamp(nn.Module):
@@ -236,7 +270,8 @@ class IntegerModel(nn.Module):
 
     Attributes:
         model: the rewritten module (an ``fx.GraphModule`` when the model traces).
-        layers: ``name -> IntegerConv2d | IntegerLinear``.
+        layers: ``name -> IntegerConv1d | IntegerConv2d | IntegerConvTranspose2d | IntegerLinear``
+            (layers with their own forward are left as they are and are not listed).
         requantized: names of layers that emit the next layers' codes by fixed-point requantization.
         traced: whether ``torch.fx`` could trace the model (without it nothing is requantized).
     """
@@ -250,8 +285,9 @@ class IntegerModel(nn.Module):
         model = copy.deepcopy(qmodel).cpu().eval()
         layers: dict[str, _IntegerLayer] = {}
         for name, layer in quant_layers(model):
-            cls = IntegerConv2d if isinstance(layer, QuantConv2d) else IntegerLinear
-            layers[name] = cls(name, layer, bias_frac_bits)
+            if layer.custom_forward:  # its own forward runs as in the simulation (see the module docstring)
+                continue
+            layers[name] = _INTEGER_LAYERS[layer.kind](name, layer, bias_frac_bits)
             set_submodule(model, name, layers[name])
         self.layers = layers
         self.requantized: list[str] = []
@@ -289,7 +325,7 @@ class _LeafTracer(torch.fx.Tracer):
     """fx tracer that keeps integer layers opaque (their forward has data-dependent bookkeeping)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (_IntegerLayer, IntClamp)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (_IntegerLayer, IntClamp) + QUANT_LAYERS) or super().is_leaf_module(m, qualname)
 
 
 def _same_quantizer(a: _IntegerLayer, b: _IntegerLayer) -> bool:
@@ -375,7 +411,8 @@ def _activation_kind(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str 
 @torch.no_grad()
 def with_int32_bias(qmodel: nn.Module) -> nn.Module:
     """A copy of the simulation whose biases are rounded to the int32 grid ``s_x * s_w``, as a device
-    stores them (layers with an integer input and weights only).
+    stores them (layers with an integer input and weights only; not those with their own forward,
+    which run as simulated in the integer path).
 
     The integer path with ``bias_frac_bits=0`` agrees with this copy up to requantization ties;
     the gap between it and the original simulation is the cost of int32 biases.
@@ -384,9 +421,9 @@ def with_int32_bias(qmodel: nn.Module) -> nn.Module:
     rounded = copy.deepcopy(qmodel)
     for _, layer in quant_layers(rounded):
         wq, aq = layer.weight_quant, layer.input_quant
-        if layer.bias is None or not (wq.enabled and aq.enabled):
-            continue
-        step = aq.scale.double() * wq.channel_params(1)[0].double().view(-1)
+        if layer.bias is None or not (wq.enabled and aq.enabled) or layer.custom_forward:
+            continue  # (layers with their own forward keep float arithmetic in the integer path too)
+        step = aq.scale.double() * output_channel_scale(layer).double()
         layer.bias.copy_((torch.round(layer.bias.double() / step) * step).to(layer.bias.dtype))
     return rounded
 

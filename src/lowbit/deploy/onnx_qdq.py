@@ -4,11 +4,13 @@ The graph is built in two steps. ``torch.onnx.export`` (the TorchScript exporter
 the quantized model in which every quantizer is a marker (a custom ``lowbit::Mark`` node that
 carries the layer name); the markers are then rewritten with ``onnx.helper``:
 
-* weight marker -> ``DequantizeLinear(codes, scale, zero_point, axis=0)``; ``codes`` is an
+* weight marker -> ``DequantizeLinear(codes, scale, zero_point, axis)``; ``codes`` is an
   INT2 / INT4 / INT8 / INT16 initializer (UINT* with per-channel zero points for asymmetric
   weights) holding exactly the simulation's integer codes: 3-bit codes in an INT4 container,
   binary {-1, +1} codes in INT2 with zero point 0. Group scales are written per output channel
-  (each group's scale repeated), per-tensor scales as a scalar.
+  (each group's scale repeated), per-tensor scales as a scalar. ``axis`` is the weight's output
+  channel axis: 0 for Conv (1-D kernels for Conv1d) and Gemm, 1 for ConvTranspose, whose
+  weight is ``(in, out / groups, kH, kW)``.
 * input marker -> ``[Clip] -> QuantizeLinear -> DequantizeLinear`` with the input quantizer's
   scale and zero point. Codes travel in UINT8/INT8 (16-bit types above 8 bit); narrower codes
   are first clipped in float to their code range, which equals the simulation's clamp after
@@ -49,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LowbitError
-from ..quant.layers import QUANT_LAYERS, quant_layers
+from ..quant.layers import QUANT_LAYERS, layer_kind, output_channel_scale, quant_layers
 from ..quant.quantizer import ActQuantizer, WeightQuantizer
 from ..quant.uniform import fake_quantize
 from ..files import atomic_write
@@ -159,12 +161,16 @@ class WeightSpec:
     """What one quantized weight becomes: codes in a container type plus per-channel DQ params."""
 
     codes: np.ndarray        # integers, weight shape
-    scale: np.ndarray        # float32, one per output channel (or one)
+    scale: np.ndarray        # float32, one per channel of the weight's channel axis (or one)
     zero_point: np.ndarray   # integers, same shape as scale
     bits: int
     signed: bool
     dtype: int
     min_opset: int
+    axis: int = 0            # the weight's output channel axis (1 for ConvTranspose)
+    ndim: int = 4            # the weight's (and the layer output's) number of dimensions
+    out_scale: np.ndarray | None = None  # float32 scale of every output channel (or one): int32 bias steps
+    custom_forward: bool = False  # a subclass's own forward: its bias stays float even with int32_bias
 
 
 @dataclass
@@ -209,10 +215,12 @@ def weight_spec(name: str, layer: nn.Module) -> WeightSpec:
         codes = codes.unsqueeze(-1)
     scale = wq.scale.detach().float().cpu().repeat_interleave(wq.channels // wq.num_groups)
     zero = wq.zero_point.detach().cpu().repeat_interleave(wq.channels // wq.num_groups)
+    out_scale = output_channel_scale(layer).detach().float().cpu()
     if wq.num_groups == 1:
-        scale, zero = scale[:1], zero[:1]
+        scale, zero, out_scale = scale[:1], zero[:1], out_scale[:1]
     return WeightSpec(codes.numpy(), scale.numpy().astype(np.float32),
-                      zero.round().to(torch.int64).numpy(), wq.bits, signed, dtype, min_opset)
+                      zero.round().to(torch.int64).numpy(), wq.bits, signed, dtype, min_opset,
+                      wq.axis, w.dim(), out_scale.numpy().astype(np.float32), bool(layer.custom_forward))
 
 
 @torch.no_grad()
@@ -242,7 +250,7 @@ def collect_specs(qmodel: nn.Module) -> tuple[dict[str, WeightSpec], dict[str, I
     for name, module in qmodel.named_modules():
         if (hasattr(module, "weight_quant") or hasattr(module, "input_quant")) and not isinstance(module, QUANT_LAYERS):
             raise LowbitError(f"layer {name} ({type(module).__name__}) is a quantized layer type that ONNX export "
-                              "does not support (only QuantConv2d and QuantLinear)")
+                              "does not support (only lowbit's quantized Conv1d, Conv2d, ConvTranspose2d, Linear)")
     weights, inputs = {}, {}
     for name, layer in quant_layers(qmodel):
         if layer.weight_quant.enabled:
@@ -283,18 +291,22 @@ def check_opset(opset: int, weights: dict[str, WeightSpec], inputs: dict[str, In
 
 # --------------------------------------------------------------------------------------- tracing
 def example_input(qmodel: nn.Module, input_shape: Sequence[int] | None) -> Tensor:
-    """A one-image example input: given shape, the recorded one, or the first layer's channels at 28x28."""
+    """A one-input example: given shape, the recorded one, or the first layer's channels at 28x28
+    (at length 28 for Conv1d). Shapes without the batch dimension get one."""
+    info = getattr(qmodel, "lowbit_info", None) or {}
+    order = info.get("layer_order") or [n for n, _ in quant_layers(qmodel)]
+    first = dict(quant_layers(qmodel))[order[0]]
+    spatial = layer_kind(first).spatial
+    recorded = input_shape is None and info.get("input_shape") is not None
     if input_shape is None:
-        input_shape = (qmodel.lowbit_info or {}).get("input_shape")
+        input_shape = info.get("input_shape")
     if input_shape is None:
-        order = (qmodel.lowbit_info or {}).get("layer_order") or [n for n, _ in quant_layers(qmodel)]
-        first = dict(quant_layers(qmodel))[order[0]]
-        channels = first.in_channels if hasattr(first, "in_channels") else first.in_features
-        input_shape = (channels, DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE) if hasattr(first, "in_channels") \
-            else (channels,)
+        channels = first.in_channels if spatial else first.in_features
+        input_shape = (channels,) + (DEFAULT_IMAGE_SIZE,) * spatial
+        recorded = True
     shape = tuple(int(d) for d in input_shape)
-    if len(shape) in (1, 3):  # without the batch dimension
-        shape = (1,) + shape
+    if recorded or (spatial and len(shape) == spatial + 1) or (not spatial and len(shape) in (1, 3)):
+        shape = (1,) + shape  # one input without the batch dimension
     return torch.zeros(shape)
 
 
@@ -305,7 +317,7 @@ def _marked_copy(qmodel: nn.Module, weights: dict[str, WeightSpec], inputs: dict
         if name in weights:  # the traced values are dropped later; keep them equal to the DQ output anyway
             spec, ndim = weights[name], layer.weight.dim()
             codes = spec.codes.reshape(layer.weight.shape)
-            value = (codes - _per_channel(spec.zero_point, ndim)) * _per_channel(spec.scale, ndim)
+            value = (codes - _per_channel(spec.zero_point, ndim, spec.axis)) * _per_channel(spec.scale, ndim, spec.axis)
             with torch.no_grad():
                 layer.weight.copy_(torch.from_numpy(value).float())
         layer.weight_quant = _Marker(f"w:{name}") if name in weights else nn.Identity()
@@ -313,8 +325,8 @@ def _marked_copy(qmodel: nn.Module, weights: dict[str, WeightSpec], inputs: dict
     return marked
 
 
-def _per_channel(values: np.ndarray, ndim: int) -> np.ndarray:
-    return values.reshape((-1,) + (1,) * (ndim - 1))
+def _per_channel(values: np.ndarray, ndim: int, axis: int = 0) -> np.ndarray:
+    return values.reshape(tuple(-1 if d == axis else 1 for d in range(ndim)))
 
 
 def trace_to_onnx(model: nn.Module, example: Tensor, opset: int) -> onnx.ModelProto:
@@ -376,7 +388,7 @@ def _rewrite_markers(model: onnx.ModelProto, weights: dict[str, WeightSpec], inp
                                                 f"{name}.weight_scale"))
             zp_values = spec.zero_point if len(spec.zero_point) > 1 else spec.zero_point.reshape(())
             zero = add(int_initializer(f"{name}.weight_zero_point", zp_values, spec.dtype))
-            attrs = {"axis": 0} if len(spec.scale) > 1 else {}
+            attrs = {"axis": spec.axis} if len(spec.scale) > 1 else {}
             dq_out = out
             if spec.dtype in _GUARDED_TYPES:
                 dq_out = f"{name}.weight_dq_unshaped{suffix}"
@@ -431,7 +443,7 @@ def _rewrite_markers(model: onnx.ModelProto, weights: dict[str, WeightSpec], inp
 
 def _place_biases(graph: onnx.GraphProto, weight_outputs: dict[str, str], weights: dict[str, WeightSpec],
                   inputs: dict[str, InputSpec], int32_bias: bool) -> None:
-    """Give the float bias of every Conv/Gemm with a quantized input its final form.
+    """Give the float bias of every Conv/ConvTranspose/Gemm with a quantized input its final form.
 
     Default: keep it exactly. ONNX Runtime's WeightBiasQuantization would round a float bias
     initializer of a Conv/Gemm fed by DequantizeLinear to int32 at ``s_x * s_w``, which the
@@ -445,13 +457,13 @@ def _place_biases(graph: onnx.GraphProto, weight_outputs: dict[str, str], weight
     new_nodes = []
     for index, node in enumerate(graph.node):
         name = weight_outputs.get(node.input[1]) if len(node.input) > 1 else None
-        if (name is None or name not in inputs or node.op_type not in ("Conv", "Gemm") or len(node.input) < 3
-                or node.input[2] not in constants):
+        if (name is None or name not in inputs or node.op_type not in ("Conv", "ConvTranspose", "Gemm")
+                or len(node.input) < 3 or node.input[2] not in constants):
             new_nodes.append(node)
             continue
         bias = constants[node.input[2]].astype(np.float32).reshape(-1)
-        if int32_bias:
-            w_scale = weights[name].scale
+        if int32_bias and not weights[name].custom_forward:  # (as in with_int32_bias and the integer path)
+            w_scale = weights[name].out_scale  # per output channel (ConvTranspose: tiled over its groups)
             step = (np.float32(inputs[name].scale) * w_scale).astype(np.float32)
             codes = np.round(bias.astype(np.float64) / step.astype(np.float64))
             if np.abs(codes).max(initial=0) >= 2 ** 31:
@@ -467,11 +479,11 @@ def _place_biases(graph: onnx.GraphProto, weight_outputs: dict[str, str], weight
             node.input[2] = f"{name}.bias_dq#{index}"
             new_nodes.append(node)
             continue
-        shaped = f"{name}.bias_2d" if node.op_type == "Gemm" else f"{name}.bias_nchw"
+        ndim = 2 if node.op_type == "Gemm" else weights[name].ndim  # a conv's output has its weight's rank
+        shaped = f"{name}.bias_2d" if ndim == 2 else f"{name}.bias_nchw" if ndim == 4 else f"{name}.bias_{ndim}d"
         if shaped not in inits:
             inits.add(shaped)
-            graph.initializer.append(numpy_helper.from_array(bias.reshape((1, -1) if node.op_type == "Gemm"
-                                                                          else (1, -1, 1, 1)), shaped))
+            graph.initializer.append(numpy_helper.from_array(bias.reshape((1, -1) + (1,) * (ndim - 2)), shaped))
         if node.op_type == "Gemm":
             node.input[2] = shaped
             new_nodes.append(node)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..quant.layers import quant_layers
+from ..quant.layers import float_weight_layers, quant_layers
 
 MB = 1024 * 1024
 
@@ -17,7 +17,8 @@ def fp32_bytes(model: nn.Module) -> int:
 def quantized_bytes(qmodel: nn.Module) -> int:
     """Theoretical size: quantized weights at their bit width, their scales (and zero points when
     asymmetric) at 32 bit, enabled input quantizers' scale and zero point, and every other
-    parameter/buffer (biases, unfolded BN) at 32 bit, integers at their own size.
+    parameter/buffer (biases, unfolded BN, weights of layers left in float) at 32 bit, integers
+    at their own size.
 
     This is exactly the tensor data ``lowbit.export`` writes to a ``.lowbit`` file; the file adds
     only its safetensors header and JSON manifest.
@@ -42,7 +43,28 @@ def quantized_bytes(qmodel: nn.Module) -> int:
     return total
 
 
-def size_report(fp_model: nn.Module, qmodel: nn.Module) -> dict[str, float]:
-    """FP32 and theoretical quantized sizes in MB, and their ratio."""
+def weight_counts(qmodel: nn.Module) -> dict[str, int | list[str]]:
+    """How many weight elements are stored at their bit width and how many stay float32.
+
+    Float: weights of quantized layers whose weight quantizer is off (never called, or weights
+    left unquantized) and the weight tensors (2+ dims) of layers lowbit does not quantize
+    (Conv3d, ConvTranspose1d/3d, Embedding, ...), which ``float_layers`` names.
+    """
+    quantized = floating = 0
+    for _, layer in quant_layers(qmodel):
+        if layer.weight_quant.enabled:
+            quantized += layer.weight.numel()
+        else:
+            floating += layer.weight.numel()
+    others = float_weight_layers(qmodel)
+    for _, module in others:
+        own = [p for n, p in module.named_parameters() if "." not in n or n.startswith("parametrizations.")]
+        floating += sum(p.numel() for p in own if p.dim() >= 2)  # sub-layers are counted on their own
+    return {"quantized_weights": quantized, "float_weights": floating, "float_layers": [n for n, _ in others]}
+
+
+def size_report(fp_model: nn.Module, qmodel: nn.Module) -> dict[str, float | int | list[str]]:
+    """FP32 and theoretical quantized sizes in MB, their ratio, and the weight counts of
+    ``weight_counts`` (layers left in float are counted at 32 bit in ``quantized_mb``)."""
     fp, q = fp32_bytes(fp_model), quantized_bytes(qmodel)
-    return {"fp32_mb": fp / MB, "quantized_mb": q / MB, "compression": fp / max(q, 1)}
+    return {"fp32_mb": fp / MB, "quantized_mb": q / MB, "compression": fp / max(q, 1), **weight_counts(qmodel)}

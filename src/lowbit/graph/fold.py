@@ -7,13 +7,25 @@ import torch
 from torch import nn
 
 from ..errors import LowbitError
+from ..quant.layers import is_plain_layer, layer_kind, per_output_channel
 from .modules import get_submodule, set_submodule
+
+# the BatchNorm class that follows each foldable layer kind
+_BN_OF_KIND = {"conv1d": nn.BatchNorm1d, "conv2d": nn.BatchNorm2d, "convtranspose2d": nn.BatchNorm2d}
+
+
+class _Tracer(torch.fx.Tracer):
+    """fx tracer that also keeps renamed subclasses of lowbit's layer kinds as leaves (so that they
+    fold like the classes they rename); subclasses with their own forward are traced through."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return is_plain_layer(m) or super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module):
     """``torch.fx`` graph of ``model``, or None (with a warning) when it cannot be traced."""
     try:
-        return torch.fx.symbolic_trace(model).graph
+        return _Tracer().trace(model)
     except Exception as exc:  # any tracing failure just means "no graph-level rewrites"
         warnings.warn(f"lowbit: model cannot be traced by torch.fx ({type(exc).__name__}: {exc}); "
                       "BatchNorm stays unfolded and equalization is skipped", stacklevel=3)
@@ -45,24 +57,37 @@ def module_calls(model: nn.Module, kind: type | tuple[type, ...]
     return nodes, modules, calls
 
 
-def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """``(conv_name, bn_name)`` for each BatchNorm2d fed only by a Conv2d used exactly once."""
-    nodes, modules, calls = module_calls(model, nn.BatchNorm2d)
+def find_conv_bn_pairs(model: nn.Module, scale_mergeable: bool = False) -> list[tuple[str, str]]:
+    """``(conv_name, bn_name)`` for each BatchNorm fed only by a conv used exactly once.
+
+    Pairs: Conv1d -> BatchNorm1d, Conv2d -> BatchNorm2d, ConvTranspose2d -> BatchNorm2d (folded
+    along its output channels), for layers whose forward is their class's own. With
+    ``scale_mergeable`` (QAT, which merges BN into per-channel weight scales at the end) grouped
+    ConvTranspose2d layers are left out: their per-axis scales are shared by the conv groups.
+    """
+    nodes, modules, calls = module_calls(model, nn.modules.batchnorm._BatchNorm)
     pairs = []
     for node in nodes:
-        if modules[node.target].running_var is None:  # batch statistics at inference: not foldable
+        bn = modules[node.target]
+        if bn.running_var is None:  # batch statistics at inference: not foldable
             continue
         src = node.args[0] if node.args else None
-        if (isinstance(src, torch.fx.Node) and src.op == "call_module"
-                and isinstance(modules.get(src.target), nn.Conv2d) and len(src.users) == 1
-                and calls[src.target] == 1 and calls[node.target] == 1):
+        conv = modules.get(src.target) if isinstance(src, torch.fx.Node) and src.op == "call_module" else None
+        kind = layer_kind(conv) if conv is not None and is_plain_layer(conv) else None
+        if kind is None or not isinstance(bn, _BN_OF_KIND.get(kind.name, ())):
+            continue
+        if scale_mergeable and kind.transposed and conv.groups > 1:
+            continue
+        if len(src.users) == 1 and calls[src.target] == 1 and calls[node.target] == 1 \
+                and bn.num_features == conv.out_channels:
             pairs.append((src.target, node.target))
     return pairs
 
 
 @torch.no_grad()
-def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-    """Fold ``bn`` into ``conv`` in place: W' = W * g / sigma, b' = beta + (b - mu) * g / sigma."""
+def fold_conv_bn(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
+    """Fold ``bn`` into ``conv`` in place: W' = W * g / sigma, b' = beta + (b - mu) * g / sigma,
+    per output channel (dim 0 of Conv weights, dim 1 of ConvTranspose weights)."""
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("cannot fold a BatchNorm without running statistics")
     std = torch.sqrt(bn.running_var.double() + bn.eps)
@@ -70,7 +95,7 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(std)
     factor = gamma / std
     bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(std)
-    conv.weight.copy_((conv.weight.double() * factor.view(-1, 1, 1, 1)).to(conv.weight.dtype))
+    conv.weight.copy_((conv.weight.double() * per_output_channel(conv, factor)).to(conv.weight.dtype))
     new_bias = (beta + (bias - bn.running_mean.double()) * factor).to(conv.weight.dtype)
     if conv.bias is None:
         conv.bias = nn.Parameter(new_bias)

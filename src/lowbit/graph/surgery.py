@@ -2,35 +2,63 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import Tensor, nn
 
 from ..config import QuantConfig
 from ..errors import LowbitError
-from ..quant.layers import FLOAT_LAYERS, QUANT_LAYERS, QuantConv2d, QuantLinear, quant_layers
+from ..quant.layers import float_weight_layers, layer_kind, quant_layers, quantizable, quantize_layer
 from ..quant.quantizer import ActQuantizer, WeightQuantizer
 from .equalize import equalize
 from .fold import apply_fold_structure, fold_batchnorm
 from .modules import set_submodule
 
+KIND_NAMES = "Conv1d, Conv2d, ConvTranspose2d or Linear"
+
 
 def count_float_layers(model: nn.Module) -> int:
-    return sum(isinstance(m, FLOAT_LAYERS) for m in model.modules())
+    """Number of layers lowbit can quantize (float layers of a supported kind)."""
+    return sum(quantizable(m) for m in model.modules())
 
 
-def wrap_layers(model: nn.Module, cfg: QuantConfig) -> None:
-    """Replace every Conv2d / Linear by its quantized twin, in place."""
-    targets = [(n, m) for n, m in model.named_modules()
-               if isinstance(m, FLOAT_LAYERS) and not isinstance(m, QUANT_LAYERS)]
+def input_ranks(model: nn.Module) -> tuple[int, ...]:
+    """Accepted numbers of input dimensions (batch included): images (4), and 3 (N x C x L) for a
+    model with Conv1d layers."""
+    kinds = {layer_kind(m).name for m in model.modules() if quantizable(m)} if isinstance(model, nn.Module) else set()
+    return (3, 4) if "conv1d" in kinds else (4,)
+
+
+def wrap_layers(model: nn.Module, cfg: QuantConfig) -> list[str]:
+    """Replace every Conv1d / Conv2d / ConvTranspose2d / Linear by its quantized twin, in place.
+
+    Subclasses that override their forward keep it (``quant.layers.quantize_layer``). Returns the
+    names of weight layers of other kinds, which stay in float.
+    """
+    targets = [(n, m) for n, m in model.named_modules() if quantizable(m)]
     for name, layer in targets:
-        wq = WeightQuantizer(cfg.w_bits, layer.weight.shape[0], cfg.granularity, cfg.groups,
-                             cfg.w_symmetric, cfg.w_narrow)
+        kind = layer_kind(layer)
+        wq = WeightQuantizer(cfg.w_bits, layer.weight.shape[kind.axis], cfg.granularity, cfg.groups,
+                             cfg.w_symmetric, cfg.w_narrow, axis=kind.axis)
         aq = ActQuantizer(cfg.a_bits, cfg.a_symmetric)
         wq.to(layer.weight.device)
         aq.to(layer.weight.device)
-        cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
-        set_submodule(model, name, cls.from_float(layer, wq, aq))
+        new = quantize_layer(layer, wq, aq)
+        if new is not layer:
+            set_submodule(model, name, new)
+    return [n for n, _ in float_weight_layers(model)]
+
+
+def warn_float_layers(model: nn.Module, names: list[str]) -> None:
+    """One warning naming every weight layer that stays in float (counted as float by size reports)."""
+    if not names:
+        return
+    modules = dict(model.named_modules())
+    listed = ", ".join(f"{n or '(model)'} ({type(modules[n]).__name__})" for n in names)
+    warnings.warn(f"lowbit: {len(names)} weight layer(s) of kinds lowbit does not quantize stay in float "
+                  f"(only {KIND_NAMES} are quantized; size reports count them at 32 bit): {listed}",
+                  UserWarning, stacklevel=3)
 
 
 @torch.no_grad()
@@ -84,7 +112,7 @@ def prepare(model: nn.Module, cfg: QuantConfig, example: Tensor,
     if not isinstance(model, nn.Module):
         raise LowbitError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if count_float_layers(model) == 0:
-        raise LowbitError("model has no Conv2d or Linear layer to quantize")
+        raise LowbitError("model has no Conv2d or Linear layer to quantize (nor Conv1d or ConvTranspose2d)")
     qmodel = copy.deepcopy(model).eval()
     qmodel.to(cfg.device)
     if fold_pairs is not None:
@@ -93,7 +121,7 @@ def prepare(model: nn.Module, cfg: QuantConfig, example: Tensor,
     else:
         pairs = fold_batchnorm(qmodel) if cfg.fold_bn else []
         eq_pairs = equalize(qmodel) if cfg.equalize else []
-    wrap_layers(qmodel, cfg)
+    warn_float_layers(qmodel, wrap_layers(qmodel, cfg))
     order = execution_order(qmodel, example.to(cfg.device))
     assign_roles(qmodel, order, cfg)
     return qmodel, {"fold_pairs": [list(p) for p in pairs], "equalized_pairs": [list(p) for p in eq_pairs],

@@ -10,6 +10,11 @@ With error compensation (default) X is the *quantized* input produced by the alr
 quantized preceding layers, while Y stays the FP network's output of this layer, so each
 layer also undoes the error that reaches it. Activation scales are fitted the same way:
 on the input the quantized network actually produces.
+
+Layer kinds: Conv2d; Conv1d as a conv2d over ``N x C x 1 x L``; ConvTranspose2d through its
+equivalent direct convolution (zero-inserted input, flipped kernel; see ``ConvGeometry``), so
+its fit is the same least-squares problem; Linear. Subclasses with their own forward are not
+known to compute ``conv(x, W)``: their weights get the MSE clipping search instead.
 """
 from __future__ import annotations
 
@@ -22,8 +27,8 @@ from torch import Tensor, nn
 from ..config import QuantConfig
 from ..errors import LowbitError
 from ..quant.bitplanes import num_planes, split_planes, stitch_planes
-from ..quant.layers import QuantConv2d
-from ..quant.ranges import RANGE_ESTIMATORS
+from ..quant.layers import layer_kind, out_channels
+from ..quant.ranges import RANGE_ESTIMATORS, lp_search_range
 from ..train import reestimate_bn
 from .sequential import walk_layers
 from .registry import register_method
@@ -167,41 +172,91 @@ def sweep_plane(t: Tensor, c: float, A: Tensor, diag: Tensor, Aq: Tensor, b_scal
 # Gathering the statistics of one layer
 # ---------------------------------------------------------------------------------------------
 
-def _out_hw(layer: QuantConv2d, h: int, w: int, ph: int, pw: int) -> tuple[int, int]:
-    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
-    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A conv layer as a 2-D convolution over a 4-D (possibly transformed) input.
+
+    Conv1d is a conv2d over ``N x C x 1 x L``; ConvTranspose2d is its equivalent direct
+    convolution: the input with ``stride - 1`` zeros inserted between samples, padded by
+    ``dilation * (k - 1) - padding`` (plus ``output_padding`` at the end; negative pads crop),
+    convolved at stride 1 with the flipped kernel whose in / out axes are swapped per group.
+    """
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    pads: tuple[int, int, int, int]  # F.pad order: left, right, top, bottom
+    mode: str
+    groups: int
 
 
-def _padding(layer: QuantConv2d, x: Tensor) -> tuple[int, int]:
-    if isinstance(layer.padding, str):  # "same" / "valid"
-        if layer.padding == "valid":
-            return 0, 0
-        (kh, kw), (dh, dw) = layer.kernel_size, layer.dilation
-        return dh * (kh - 1) // 2, dw * (kw - 1) // 2
-    return layer.padding
+def _same_pads(kernel: tuple[int, ...], dilation: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(before, after) padding of ``padding="same"``: the odd extra on the far side, as torch does."""
+    totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+    return [(t // 2, t - t // 2) for t in totals]
+
+
+def conv_geometry(layer: nn.Module, x: Tensor) -> tuple[Tensor, ConvGeometry]:
+    """The 4-D input and geometry of ``layer`` (Conv1d, Conv2d or ConvTranspose2d) seen as a conv2d."""
+    kind = layer_kind(layer)
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    if kind.transposed:
+        (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+        (ph, pw), (oh, ow) = layer.padding, layer.output_padding
+        n, c, h, w = x.shape
+        if sh > 1 or sw > 1:
+            z = x.new_zeros(n, c, (h - 1) * sh + 1, (w - 1) * sw + 1)
+            z[:, :, ::sh, ::sw] = x
+            x = z
+        top, left = dh * (kh - 1) - ph, dw * (kw - 1) - pw
+        return x, ConvGeometry((kh, kw), (1, 1), (dh, dw), (left, left + ow, top, top + oh), "constant", layer.groups)
+    if kind.spatial == 1:
+        (k,), (s,), (d,) = layer.kernel_size, layer.stride, layer.dilation
+        if isinstance(layer.padding, str):
+            (pl, pr), = _same_pads((k,), (d,)) if layer.padding == "same" else [(0, 0)]
+        else:
+            pl = pr = layer.padding[0]
+        return x.unsqueeze(2), ConvGeometry((1, k), (1, s), (1, d), (pl, pr, 0, 0), mode, layer.groups)
+    if isinstance(layer.padding, str):
+        (pt, pb), (pl, pr) = (_same_pads(layer.kernel_size, layer.dilation) if layer.padding == "same"
+                              else [(0, 0), (0, 0)])
+    else:
+        (pt, pl), pb, pr = layer.padding, layer.padding[0], layer.padding[1]
+    return x, ConvGeometry(tuple(layer.kernel_size), tuple(layer.stride), tuple(layer.dilation), (pl, pr, pt, pb),
+                           mode, layer.groups)
+
+
+def _out_hw(g: ConvGeometry, h: int, w: int) -> tuple[int, int]:
+    (kh, kw), (sh, sw), (dh, dw) = g.kernel, g.stride, g.dilation
+    pl, pr, pt, pb = g.pads
+    return (h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+
+
+def _is_conv(layer: nn.Module) -> bool:
+    return layer_kind(layer).spatial > 0
 
 
 def output_positions(layer: nn.Module, x: Tensor) -> int:
     """Number of output positions per image (1 for linear layers)."""
-    if not isinstance(layer, QuantConv2d):
+    if not _is_conv(layer):
         return 1
-    ph, pw = _padding(layer, x)
-    ho, wo = _out_hw(layer, x.shape[-2], x.shape[-1], ph, pw)
+    x4, g = conv_geometry(layer, x)
+    ho, wo = _out_hw(g, x4.shape[-2], x4.shape[-1])
     return ho * wo
 
 
 def patch_rows(layer: nn.Module, x: Tensor, positions: Tensor | None) -> Tensor:
     """``K x rows x D`` input rows per conv group: the patches at ``positions`` (N x P flat output
-    indices; None = all) for convs, the inputs themselves for linear layers."""
-    if not isinstance(layer, QuantConv2d):
+    indices; None = all) for convs, the inputs themselves for linear layers. Patch columns follow
+    ``weight_rows``: input channel, then kernel position."""
+    if not _is_conv(layer):
         return x.reshape(-1, x.shape[-1]).unsqueeze(0)
-    ph, pw = _padding(layer, x)
+    x, g = conv_geometry(layer, x)
     n, cin, h, w = x.shape
-    ho, wo = _out_hw(layer, h, w, ph, pw)
-    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
-    xp = F.pad(x, (pw, pw, ph, ph), mode=mode) if (ph or pw) else x
+    ho, wo = _out_hw(g, h, w)
+    xp = F.pad(x, g.pads, mode=g.mode) if any(g.pads) else x
     hp, wp = xp.shape[-2:]
-    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+    (kh, kw), (sh, sw), (dh, dw) = g.kernel, g.stride, g.dilation
     if positions is None:
         positions = torch.arange(ho * wo, device=x.device).expand(n, -1)
     p = positions.shape[1]
@@ -210,7 +265,38 @@ def patch_rows(layer: nn.Module, x: Tensor, positions: Tensor | None) -> Tensor:
     idx = ((oh * sh) * wp + ow * sw).unsqueeze(-1) + offs.reshape(1, 1, -1)  # N x P x kk
     cols = xp.reshape(n, cin, hp * wp).gather(2, idx.reshape(n, 1, -1).expand(n, cin, -1))
     rows = cols.reshape(n, cin, p, kh * kw).permute(0, 2, 1, 3).reshape(n * p, cin * kh * kw)
-    return rows.reshape(n * p, layer.groups, -1).permute(1, 0, 2)
+    return rows.reshape(n * p, g.groups, -1).permute(1, 0, 2)
+
+
+def weight_rows(layer: nn.Module, w: Tensor) -> Tensor:
+    """``K x C x D`` rows of ``w`` (layer layout) that multiply ``patch_rows``: one row per output
+    channel, ``K`` conv groups (ConvTranspose2d: the flipped kernel of its equivalent convolution)."""
+    kind = layer_kind(layer)
+    if kind.spatial == 0:
+        return w.reshape(1, w.shape[0], -1)
+    g = layer.groups
+    if kind.transposed:
+        cin, cpg = w.shape[0], w.shape[1]
+        return w.reshape(g, cin // g, cpg, *w.shape[2:]).transpose(1, 2).flip(-2, -1).reshape(g, cpg, -1)
+    return w.reshape(g, w.shape[0] // g, -1)
+
+
+def rows_to_weight(layer: nn.Module, rows: Tensor) -> Tensor:
+    """Inverse of ``weight_rows``: ``K x C x D`` rows back in the layer's weight layout."""
+    kind = layer_kind(layer)
+    shape = layer.weight.shape
+    if not kind.transposed:
+        return rows.reshape(shape)
+    g, cpg = layer.groups, shape[1]
+    return rows.reshape(g, cpg, shape[0] // g, *shape[2:]).flip(-2, -1).transpose(1, 2).reshape(shape)
+
+
+def scale_group_of_rows(layer: nn.Module) -> Tensor:
+    """Scale-group index of every row of ``weight_rows`` (output channel order, K-major)."""
+    wq = layer.weight_quant
+    rep = wq.channels // wq.num_groups
+    channel = torch.arange(out_channels(layer), device=layer.weight.device) % wq.channels  # ConvTranspose: dim 1
+    return channel // rep
 
 
 @torch.no_grad()
@@ -227,7 +313,7 @@ def layer_statistics(layer: nn.Module, x_fp: Tensor, x_q: Tensor, samples: int, 
         xf = x_fp[i:i + chunk].to(device)
         xq = xf if x_q is x_fp else x_q[i:i + chunk].to(device)
         pos = None
-        if isinstance(layer, QuantConv2d) and per_image < total_pos:
+        if _is_conv(layer) and per_image < total_pos:
             pos = torch.rand(len(xf), total_pos, generator=gen).argsort(1)[:, :per_image].to(device)
         rf = patch_rows(layer, xf, pos).float()
         rq = rf if xq is xf else patch_rows(layer, xq, pos).float()
@@ -255,17 +341,16 @@ def quantize_layer_weights(layer: nn.Module, stats: dict[str, Tensor], opts: Bit
         raise LowbitError("bitsplit produces symmetric (zero-point free) weights: use w_symmetric=True")
     dtype = stats["A"].dtype
     K = stats["A"].shape[0]
-    C_total = layer.weight.shape[0]
-    W = layer.weight.detach().to(dtype).reshape(K, C_total // K, -1)
+    W = weight_rows(layer, layer.weight.detach().to(dtype))
     B = torch.bmm(W, stats["cross"])  # rows X_q^T y_c with y_c = X_fp w_c
-    rep = C_total // wq.num_groups
-    group_of = torch.arange(wq.num_groups, device=W.device).repeat_interleave(rep)
+    group_of = scale_group_of_rows(layer)
     q, alpha_g = bitsplit_fit(stats["A"], B, W, wq.bits, group_of, wq.num_groups, opts.iters, wq.binary)
     alpha = alpha_g[group_of].reshape(K, -1, 1)
-    new_w = (q * alpha).reshape_as(layer.weight)
+    new_rows = q * alpha
+    new_w = rows_to_weight(layer, new_rows)
     if opts.bias_correction:
         target = torch.bmm(W, stats["mean_fp"].unsqueeze(-1)).reshape(-1)
-        got = torch.bmm(new_w.to(dtype).reshape(K, C_total // K, -1), stats["mean_q"].unsqueeze(-1)).reshape(-1)
+        got = torch.bmm(new_rows.to(dtype), stats["mean_q"].unsqueeze(-1)).reshape(-1)
         shift = (target - got).to(layer.weight.dtype)
         if layer.bias is None:
             layer.bias = nn.Parameter(shift)
@@ -295,7 +380,12 @@ def bitsplit(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: BitSplitO
             layer.input_quant.calibrate(x_in.reshape(-1)[_sample_index(x_in.numel(), seed).to(x_in.device)], act_range)
             layer.input_quant.enabled = True
             x_in = layer.input_quant(x_in)
-        if w_on:
+        if w_on and layer.custom_forward:
+            # a subclass's own forward is not known to be conv(x, W): no least-squares fit on patches,
+            # its weights get the MSE clipping search instead
+            layer.weight_quant.calibrate(layer.weight, lp_search_range)
+            layer.weight_quant.enabled = True
+        elif w_on:
             stats = layer_statistics(layer, x_fp, x_in, opts.samples, seed, device, dtype)
             quantize_layer_weights(layer, stats, opts)
             layer.weight_quant.enabled = True

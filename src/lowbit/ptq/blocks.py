@@ -2,7 +2,8 @@
 
 A block is the largest module that takes one tensor, returns one tensor, runs once per forward
 pass and holds a manageable number of quantized layers: a residual block, an inverted residual,
-a conv-BN-ReLU triple, or a lone conv/linear. Containers (``nn.Sequential`` of several blocks)
+a conv-BN-ReLU triple, or a lone quantized layer of any kind (Conv1d, Conv2d, ConvTranspose2d,
+Linear, or a subclass with its own forward). Containers (``nn.Sequential`` of several blocks)
 are opened. This works on any CNN, without knowing its architecture.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LowbitError
-from ..quant.layers import QUANT_LAYERS, QuantConv2d, QuantLinear, quant_layers
+from ..quant.layers import QUANT_LAYERS, QuantLayer, quant_layers
 from .common import quantizers_disabled
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -28,7 +29,7 @@ class Block:
 
     name: str
     module: nn.Module
-    layers: list[tuple[str, QuantConv2d | QuantLinear]] = field(default_factory=list)
+    layers: list[tuple[str, QuantLayer]] = field(default_factory=list)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from torch import nn
 from ..config import QuantConfig
 from ..graph.fold import apply_fold_structure
 from ..graph.modules import get_submodule
-from ..quant.layers import quant_layers
+from ..quant.layers import per_output_channel, quant_layers
 from ..quant.quantizer import WeightQuantizer
 
 
@@ -36,7 +36,7 @@ def align_bn_signs(qmodel: nn.Module, pairs: list[tuple[str, str]]) -> None:
             if not neg.any():
                 continue
             sign = torch.where(neg, -1.0, 1.0).to(conv.weight.dtype)
-            conv.weight.mul_(sign.view(-1, *([1] * (conv.weight.dim() - 1))))
+            conv.weight.mul_(per_output_channel(conv, sign))  # dim 1 of ConvTranspose weights
             if conv.bias is not None:
                 conv.bias.mul_(sign)
             bn.weight.mul_(sign)
@@ -74,8 +74,9 @@ def fold_steps_into_bn(qmodel: nn.Module, pairs: list[tuple[str, str]], cfg: Qua
                 layer.bias = nn.Parameter(new_bias)
             else:
                 layer.bias.copy_(new_bias)
-        channel = WeightQuantizer(wq.bits, wq.channels, "channel", None, wq.symmetric, wq.narrow).to(scale.device)
-        view = (-1,) + (1,) * (codes.dim() - 1)
+        channel = WeightQuantizer(wq.bits, wq.channels, "channel", None, wq.symmetric, wq.narrow,
+                                  axis=wq.axis).to(scale.device)
+        view = wq.channel_shape(codes.dim())
         negative = (mult < 0).view(view)
         qmin, qmax = channel.qrange
         if wq.symmetric or wq.binary:

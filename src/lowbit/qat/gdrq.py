@@ -78,7 +78,7 @@ class ScaleClipWeight(nn.Module):
         if q.binary:
             return q(w)
         rep = q.channels // q.num_groups
-        s = self.step(w).repeat_interleave(rep).view((-1,) + (1,) * (w.dim() - 1))
+        s = self.step(w).repeat_interleave(rep).view(q.channel_shape(w.dim()))
         qmin, qmax = q.qrange
         return fake_quantize(w, s, torch.zeros_like(s), qmin, qmax)
 

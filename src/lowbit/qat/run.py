@@ -12,13 +12,13 @@ from ..api import DEFAULT_BITS, build_config
 from ..data.calib import as_calibration_tensor, sample_calibration
 from ..errors import LowbitError
 from ..graph.fold import find_conv_bn_pairs
-from ..graph.surgery import prepare
+from ..graph.surgery import input_ranks, prepare
 from ..train import private_global_rng
 from .engine import CONFIG_RESUMABLE, QAT_FIELDS, QatConfig, check_checkpoint_target, fit
 from .registry import get_qat_method
 
 
-def _as_labelled(data: Any, what: str) -> tuple[Tensor, Tensor]:
+def _as_labelled(data: Any, what: str, ranks: tuple[int, ...] = (4,)) -> tuple[Tensor, Tensor]:
     """``(x, y)`` tensors from a pair of tensors or an iterable of ``(x, y)`` batches."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
         x, y = data
@@ -31,7 +31,7 @@ def _as_labelled(data: Any, what: str) -> tuple[Tensor, Tensor]:
             raise LowbitError(f"{what} batches must be (images, labels) pairs")
         x = torch.cat([torch.as_tensor(b[0]) for b in batches])
         y = torch.cat([torch.as_tensor(b[1]) for b in batches])
-    x = as_calibration_tensor(x)
+    x = as_calibration_tensor(x, ranks=ranks)
     if y.dim() != 1 or len(y) != len(x) or y.is_floating_point():
         raise LowbitError(f"{what}: labels must be a 1-D integer tensor with one label per image")
     return x, y.long()
@@ -72,12 +72,13 @@ def qat(model: nn.Module, train_data: Tensor | Iterable, val_data: Any = None, m
     opts = spec.make_options(method_options)
     if not spec.fold_bn:
         cfg = cfg.with_(fold_bn=False)
-    x_train, y_train = _as_labelled(train_data, "train_data")
-    val = _as_labelled(val_data, "val_data") if val_data is not None else None
+    ranks = input_ranks(model)
+    x_train, y_train = _as_labelled(train_data, "train_data", ranks)
+    val = _as_labelled(val_data, "val_data", ranks) if val_data is not None else None
     calib = sample_calibration(x_train, min(cfg.calib_size, len(x_train)), cfg.seed)
     qmodel, record = prepare(model, cfg, calib[:2])
     if not spec.fold_bn:
-        qmodel.lowbit_bn_pairs = find_conv_bn_pairs(model)
+        qmodel.lowbit_bn_pairs = find_conv_bn_pairs(model, scale_mergeable=True)
     with private_global_rng(cfg.seed, cfg.device):  # seeded setup; the caller's RNG state is left alone
         spec.setup(qmodel, calib, cfg, opts)
     # What a checkpoint must match beyond the training settings (fit adds those): the method, the

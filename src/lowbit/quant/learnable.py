@@ -70,7 +70,7 @@ class LearnedStepWeight(nn.Module):
     def forward(self, w: Tensor) -> Tensor:
         q = self.quant
         rep = q.channels // q.num_groups
-        shape = (-1,) + (1,) * (w.dim() - 1)
+        shape = q.channel_shape(w.dim())
         s = scale_grad(self.scale.abs().clamp_min(1e-8), self.grad_factor).repeat_interleave(rep).view(shape)
         z = q.zero_point.repeat_interleave(rep).view(shape)
         qmin, qmax = q.qrange

@@ -33,13 +33,19 @@ def effective_groups(channels: int, granularity: str, groups: int | None) -> int
 
 
 class WeightQuantizer(nn.Module):
-    """Signed weight quantizer with one scale (and zero point) per group of output channels."""
+    """Signed weight quantizer with one scale (and zero point) per group of output channels.
+
+    ``axis`` is the weight dimension that holds the output channels: 0 for Conv / Linear
+    weights, 1 for ConvTranspose weights ``(in, out / groups, k...)``, as in PyTorch's and ONNX's
+    per-axis quantization. ``channels`` is that dimension's size.
+    """
 
     def __init__(self, bits: int, channels: int, granularity: str = "channel", groups: int | None = None,
-                 symmetric: bool = True, narrow: bool = True) -> None:
+                 symmetric: bool = True, narrow: bool = True, axis: int = 0) -> None:
         super().__init__()
         self.bits = check_bits(bits, "weight bits")
         self.channels = channels
+        self.axis = axis
         self.symmetric = symmetric
         self.narrow = narrow
         self.granularity = granularity
@@ -62,12 +68,16 @@ class WeightQuantizer(nn.Module):
 
     def grouped(self, w: Tensor) -> Tensor:
         """``w`` as ``G x n`` rows, one per scale group."""
-        return w.reshape(self.num_groups, -1)
+        return (w.movedim(self.axis, 0) if self.axis else w).reshape(self.num_groups, -1)
+
+    def channel_shape(self, ndim: int) -> tuple[int, ...]:
+        """View shape that puts a per-channel vector on the channel axis of an ``ndim``-dim weight."""
+        return tuple(-1 if d == self.axis else 1 for d in range(ndim))
 
     def channel_params(self, ndim: int) -> tuple[Tensor, Tensor]:
-        """Scale and zero point broadcast to a weight of ``ndim`` dims (output channels first)."""
+        """Scale and zero point broadcast to a weight of ``ndim`` dims (along the channel axis)."""
         rep = self.channels // self.num_groups
-        shape = (-1,) + (1,) * (ndim - 1)
+        shape = self.channel_shape(ndim)
         return (self.scale.repeat_interleave(rep).view(shape), self.zero_point.repeat_interleave(rep).view(shape))
 
     def set_range(self, lo: Tensor, hi: Tensor) -> None:
@@ -108,7 +118,8 @@ class WeightQuantizer(nn.Module):
         return q * s if self.binary else (q - z) * s
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, groups={self.num_groups}, symmetric={self.symmetric}, enabled={self.enabled}"
+        axis = f", axis={self.axis}" if self.axis else ""
+        return f"bits={self.bits}, groups={self.num_groups}, symmetric={self.symmetric}{axis}, enabled={self.enabled}"
 
 
 class ActObserver:
