@@ -520,11 +520,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     onnx_path = args.onnx or (args.artifact if artifact_onnx else None)
     if onnx_path and args.device != "cpu":
         raise LowbitError("ONNX models are evaluated on the CPU (ONNX Runtime): --device does not apply")
-    _check_data(args, ("test",))
+    # the model first (a missing or unreadable file is the likelier mistake), then the data
     if onnx_path:
         from .deploy.onnx_qdq import onnx_accuracy, onnx_session
 
-        session = onnx_session(onnx_path)  # a LowbitError for a missing or unreadable file, before the data
+        session = onnx_session(onnx_path)
+        _check_data(args, ("test",))
         x, y = _eval_subset(*_data(args, "test"), args.eval_size)
         acc, seconds = onnx_accuracy(session, x, y)
         _emit(args, {"model": onnx_path, "runtime": "onnxruntime", "top1": round(acc, 2), "images": len(x),
@@ -536,6 +537,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         what = args.artifact
     else:
         model, what = _load_fp_model(args), f"{args.model} (FP)"
+    _check_data(args, ("test",))
     x, y = _eval_subset(*_data(args, "test"), args.eval_size)
     acc, seconds = timed_accuracy(model, x, y, device=args.device)
     _emit(args, {"model": what, "top1": round(acc, 2), "images": len(x), "seconds": round(seconds, 2)},

@@ -58,10 +58,9 @@ def find_root(root: str | os.PathLike | None = None, split: str = "test") -> Pat
         raise LowbitError(
             f"Fashion-MNIST not found ({split} split): install Debian's package (apt-get install "
             f"dataset-fashion-mnist), or point ${ENV_VAR} / --data at a folder holding {' and '.join(files)}")
-    if not source.is_dir():
-        raise LowbitError(f"Fashion-MNIST folder not found: {where} is not a directory")
     missing = [f for f in files if not (source / f).is_file()]
-    raise LowbitError(f"Fashion-MNIST {split} split not found in {where}: missing {', '.join(missing)}")
+    why = f"missing {', '.join(missing)}" if source.is_dir() else "no such directory"
+    raise LowbitError(f"Fashion-MNIST {split} split not found in {where}: {why}")
 
 
 def load_fashion_mnist(split: str = "test", root: str | os.PathLike | None = None,

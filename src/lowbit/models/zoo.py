@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..errors import LowbitError
 from ..files import atomic_write
-from .registry import create_model
+from .registry import create_model, list_models
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 HOME_VAR = "LOWBIT_HOME"
@@ -89,7 +89,9 @@ def build_model(name: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
     """``create_model(name, **kwargs)`` with bad constructor arguments reported as a LowbitError.
 
     ``kwargs`` come from the caller (``--model-kwargs``, a checkpoint record): the zoo constructors
-    work with their defaults, so a TypeError or ValueError here is about the arguments given.
+    work with their defaults, so a TypeError, ValueError or RuntimeError (torch, e.g. a negative
+    width) raised with arguments given is about those arguments. Without arguments it is a bug
+    and propagates as it is.
     """
     kwargs = {} if kwargs is None else kwargs
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
@@ -98,7 +100,9 @@ def build_model(name: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
         return create_model(name, **kwargs)
     except LowbitError:
         raise
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:
+        if not kwargs:
+            raise
         raise LowbitError(f"cannot build {name} with arguments {json.dumps(kwargs)}: {exc}") from None
 
 
@@ -146,6 +150,8 @@ def load_pretrained(name: str, dataset: str = "fmnist", *, weights: str | os.Pat
             there is one.
         model_kwargs: constructor arguments; must agree with the checkpoint's record when it has one.
     """
+    if name not in list_models():
+        raise LowbitError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     if weights is None:
         info, path = pretrained_info(name, dataset), pretrained_path(name, dataset)
     else:
