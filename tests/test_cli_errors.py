@@ -62,7 +62,7 @@ def isolated(monkeypatch, tmp_path) -> list[tuple]:
     """No system data set, no debug tracebacks, a private LOWBIT_HOME; returns the data loads seen."""
     monkeypatch.setattr(fm, "DEBIAN_DIR", str(tmp_path / "no-debian-dataset"))
     monkeypatch.delenv(fm.ENV_VAR, raising=False)
-    monkeypatch.delenv(cli.DEBUG_VAR, raising=False)
+    monkeypatch.delenv("LOWBIT_DEBUG", raising=False)
     monkeypatch.setenv("LOWBIT_HOME", str(tmp_path / "home"))
     loads: list[tuple] = []
     for name in ("load_fashion_mnist", "load_image_folder"):
@@ -198,6 +198,7 @@ CASES = [
     ("train-lr-zero", lambda f: ["train", "resnet20", "--lr", "0"], "must be > 0", False),
     ("train-lr-nan", lambda f: ["train", "resnet20", "--lr", "nan"], "finite", False),
     ("train-weight-decay-negative", lambda f: ["train", "resnet20", "--weight-decay", "-1"], "must be >= 0", False),
+    ("train-eval-size", lambda f: ["train", "resnet20", "--eval-size", "100"], "unrecognized arguments", False),
     ("train-seed-text", lambda f: ["train", "resnet20", "--seed", "abc"], "expected an integer", False),
     ("train-kd-without-teacher", lambda f: ["train", "resnet20", "--kd", "0.5", "--data", f["data"]],
      "need --teacher", False),

@@ -616,14 +616,16 @@ def cmd_qat(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ parser
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, evaluation: bool = True) -> None:
+    """Flags every data-reading command has (``evaluation``: also --eval-dir / --eval-size)."""
     p.add_argument("--json", action="store_true", help="print a JSON object instead of text (errors too)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--device", default="cpu", type=device, help="cpu, cuda, cuda:N")
     p.add_argument("--data", type=existing_dir,
                    help="Fashion-MNIST folder (default: $LOWBIT_FASHION_MNIST or Debian's path)")
-    p.add_argument("--eval-dir", type=existing_dir, help="evaluate on an image folder (class sub-folders) instead")
-    p.add_argument("--eval-size", type=positive_int, help="evaluate on the first N test images only")
+    if evaluation:
+        p.add_argument("--eval-dir", type=existing_dir, help="evaluate on an image folder (class sub-folders) instead")
+        p.add_argument("--eval-size", type=positive_int, help="evaluate on the first N test images only")
 
 
 def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -696,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training state after every epoch; the same command continues from it when it exists")
     p.add_argument("--stop-after", type=positive_int, metavar="N",
                    help="with --checkpoint: stop after N epochs of this run")
-    _common(p)
+    _common(p, evaluation=False)  # training evaluates on the whole Fashion-MNIST test split
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("quantize", help="quantize a model and report FP vs quantized accuracy, size, time")
     _quant_args(p)
