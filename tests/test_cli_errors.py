@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 import lowbit
 import lowbit.data
+import lowbit.train
 from lowbit import cli
 from lowbit.cli import main
 from lowbit.data import fashion_mnist as fm
@@ -59,7 +60,15 @@ def files(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch, tmp_path) -> list[tuple]:
-    """No system data set, no debug tracebacks, a private LOWBIT_HOME; returns the data loads seen."""
+    """No system data set, no debug tracebacks, a private LOWBIT_HOME, no training; returns the data loads seen.
+
+    Training is replaced by a guard: no bad ``train`` invocation may get that far (and should one,
+    it must not spend minutes or write a checkpoint anywhere).
+    """
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started despite a bad invocation")
+
+    monkeypatch.setattr(lowbit.train, "train_zoo_model", no_training)
     monkeypatch.setattr(fm, "DEBIAN_DIR", str(tmp_path / "no-debian-dataset"))
     monkeypatch.delenv(fm.ENV_VAR, raising=False)
     monkeypatch.delenv("LOWBIT_DEBUG", raising=False)
@@ -151,7 +160,7 @@ CASES = [
      "--weights", False),
     ("model-missing", lambda f: ["quantize", "--data", f["data"]], "required: --model", False),
     # quantize: output paths
-    ("out-folder-missing", lambda f: _q(f, "--out", "/nonexistent-folder/q.lowbit"), "does not exist", False),
+    ("out-folder-missing", lambda f: _q(f, "--out", f["root"] + "/no-such-folder/q.lowbit"), "does not exist", False),
     ("out-is-directory", lambda f: _q(f, "--out", f["empty"]), "is a directory", False),
     ("out-unwritable", lambda f: _q(f, "--out", "/proc/q.lowbit"), "cannot write in /proc", False),
     ("out-parent-is-file", lambda f: _q(f, "--out", f["plain"] + "/q.lowbit"), "not a directory", False),
@@ -214,7 +223,7 @@ CASES = [
                                               "--data", f["data"]], "cannot build resnet20", False),
     ("train-out-suffix", lambda f: ["train", "resnet20", "--out", f["root"] + "/m.pt", "--data", f["data"]],
      ".safetensors", False),
-    ("train-out-folder-missing", lambda f: ["train", "resnet20", "--out", "/nonexistent-folder/m.safetensors",
+    ("train-out-folder-missing", lambda f: ["train", "resnet20", "--out", f["root"] + "/no-such-folder/m.safetensors",
                                             "--data", f["data"]], "does not exist", False),
     ("train-out-and-update-zoo", lambda f: ["train", "resnet20", "--out", "m.safetensors", "--update-zoo"],
      "not allowed with", False),
