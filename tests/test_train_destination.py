@@ -48,6 +48,7 @@ def env(tmp_path, monkeypatch):
 def test_train_writes_to_the_user_folder_and_says_where(env, capsys) -> None:
     before = _digests(env["shipped"])
     assert main(["train", "resnet20", *TINY, "--data", env["data"], "--json"]) == 0
+    assert _digests(env["shipped"]) == before
     out = json.loads(capsys.readouterr().out)
     expected = env["home"] / "checkpoints" / "resnet20_fmnist.safetensors"
     assert out["checkpoint"] == str(expected) and expected.is_file()
@@ -93,8 +94,8 @@ def test_train_zoo_model_defaults_to_the_user_folder(env) -> None:
     before = _digests(env["shipped"])
     cfg = TrainConfig(epochs=1, batch_size=8, augment=False)
     train_zoo_model("resnet20", cfg, env["data"], progress=False, log=lambda s: None, width=4)
-    assert (env["home"] / "checkpoints" / "resnet20_fmnist.safetensors").is_file()
     assert _digests(env["shipped"]) == before
+    assert (env["home"] / "checkpoints" / "resnet20_fmnist.safetensors").is_file()
     with pytest.raises(lowbit.LowbitError, match=r"\.safetensors"):  # refused before training, not after
         train_zoo_model("resnet20", cfg, "/nonexistent", out=env["tmp"] / "m.pt", width=4)
 
