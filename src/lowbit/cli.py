@@ -792,7 +792,7 @@ def main(argv: list[str] | None = None) -> int:
         return _report_error(_os_message(exc), type(exc).__name__, EXIT_USER_ERROR, json_mode)
     except KeyboardInterrupt:
         return _interrupted(json_mode)
-    except SystemExit as exc:  # --help and --version exit through argparse with status 0
+    except SystemExit as exc:  # --help exits through argparse with status 0: return it like every outcome
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USER_ERROR)
     except Exception as exc:  # noqa: BLE001 -- everything else is a bug in lowbit: say so, keep it apart
         hint = "" if os.environ.get(DEBUG_VAR) else f"; rerun with {DEBUG_VAR}=1 for the traceback"
@@ -801,6 +801,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _interrupted(json_mode: bool) -> int:
+    """Ctrl-C: one line (and the JSON object), exit status 130; no traceback even with LOWBIT_DEBUG."""
     print("lowbit: interrupted", file=sys.stderr)
     if json_mode:
         print(json.dumps({"error": "interrupted", "type": "KeyboardInterrupt", "exit_code": EXIT_INTERRUPTED}))
