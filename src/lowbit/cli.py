@@ -1,23 +1,228 @@
-"""The ``lowbit`` command line: train, quantize, eval, export, methods, models."""
+"""The ``lowbit`` command line: train, quantize, eval, export, qat, methods, models.
+
+How failures end (``main``):
+
+- **The user's error** -> one line ``lowbit: error: MESSAGE`` on stderr, exit status 2, and with
+  ``--json`` also ``{"error": MESSAGE, "type": KIND, "exit_code": 2}`` on stdout. These are:
+  usage errors (argparse, including the ``type=`` checks below: positive counts, bit widths, files
+  that must exist, writable output paths, JSON objects), ``LowbitError`` (the library's exception
+  for bad input), and ``OSError`` (files and folders named on the command line: missing,
+  unreadable, unwritable, a directory, disk full), reported with its errno text and file name.
+- **A bug in lowbit** (any other exception) -> ``lowbit: internal error: ...``, exit status 1, and
+  a hint to rerun with ``LOWBIT_DEBUG=1``, which prints the traceback. Raw exceptions caused by user
+  input (bad JSON, constructor arguments, weights that do not fit) are turned into ``LowbitError``
+  where that input is read, not by a catch-all: a catch-all would blame the user for lowbit's bugs
+  and hide the tracebacks needed to fix them.
+- **Ctrl-C** -> ``lowbit: interrupted``, exit status 130 (128 + SIGINT, as shells report it).
+
+Each command checks its arguments (names, options, files, output paths) before it loads data or
+models, so a mistake is reported in a second rather than after a long calibration or training run.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import LowbitError
 
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+EXIT_INTERRUPTED = 130
+DEBUG_VAR = "LOWBIT_DEBUG"
 
-def _bits(text: str) -> int | None:
-    if text.lower() in ("fp", "float", "none", "32"):
-        return None
+
+class UsageError(Exception):
+    """A command-line usage error (raised by ``_Parser.error`` instead of exiting)."""
+
+    def __init__(self, message: str, parser: argparse.ArgumentParser) -> None:
+        super().__init__(message)
+        self.parser = parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors reach ``main`` (one error path for all failures, JSON included)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message, self)
+
+
+# ------------------------------------------------------------------ argparse type= checks
+
+def _int(text: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"bits must be an integer 1..16 or 'fp', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (counts, sizes, epochs, steps)."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """An integer >= 0."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """A random seed: an integer in [0, 2**63)."""
+    value = _int(text)
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"seed must be an integer from 0 to 2**63-1, got {value}")
+    return value
+
+
+def _bit_width(text: str, name: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 1 <= value <= 16:
+        raise argparse.ArgumentTypeError(f"{name} must be an integer from 1 to 16, got {text!r}")
+    return value
+
+
+def w_bits(text: str) -> int:
+    """Weight bits, 1..16."""
+    return _bit_width(text, "w_bits")
+
+
+def a_bits(text: str) -> int | None:
+    """Activation bits, 1..16, or fp / float / none / 32 for weights only (None)."""
+    if text.lower() in ("fp", "float", "none", "32"):
+        return None
+    return _bit_width(text, "a_bits (or 'fp')")
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (learning rates, temperatures)."""
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """A finite number >= 0 (weight decay)."""
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1] (loss weights)."""
+    value = _float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def device(text: str) -> str:
+    """A torch device string that this machine has (cpu, cuda, cuda:N)."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"device {text!r} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= count:
+            raise argparse.ArgumentTypeError(f"device {text!r}: this machine has {count} CUDA device(s)")
+    return text
+
+
+def existing_file(text: str) -> str:
+    """A path that is an existing file."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text} is a directory, not a file" if path.is_dir()
+                                         else f"no such file: {text}")
+    return text
+
+
+def existing_dir(text: str) -> str:
+    """A path that is an existing directory."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a directory" if path.exists()
+                                         else f"no such directory: {text}")
+    return text
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """A JSON object (constructor keyword arguments)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg} at column {exc.colno}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object like '{{\"width\": 4}}', got {text!r}")
+    return value
+
+
+def check_writable(path: str | os.PathLike, create_parent: bool = False) -> Path:
+    """Refuse an output path that cannot be written, before any work is done.
+
+    The target must not be a directory, and its folder must exist (``create_parent``: is created)
+    and accept a new file (tried with a temporary file, which also catches read-only file systems
+    and /proc-like folders that permission bits do not show). Raises LowbitError.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise LowbitError(f"cannot write {path}: it is a directory")
+    parent = path.parent
+    if create_parent:
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LowbitError(f"cannot create the folder {parent}: {exc.strerror or exc}") from None
+    if not parent.is_dir():
+        raise LowbitError(f"cannot write {path}: " + (f"{parent} is not a directory" if parent.exists()
+                                                       else f"the folder {parent} does not exist"))
+    try:
+        with tempfile.TemporaryFile(dir=parent, prefix=".lowbit-write-test-"):
+            pass
+    except OSError as exc:
+        raise LowbitError(f"cannot write in {parent}: {exc.strerror or exc}") from None
+    return path
+
+
+def output_file(text: str) -> str:
+    """An output path that can be written (see ``check_writable``)."""
+    try:
+        check_writable(text)
+    except LowbitError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def parse_option(text: str) -> tuple[str, Any]:
@@ -25,11 +230,15 @@ def parse_option(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--option takes NAME=VALUE, got {text!r}")
     key, value = text.split("=", 1)
+    if not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"--option NAME must be an option name, got {key!r} in {text!r}")
     try:
         return key, json.loads(value)
     except json.JSONDecodeError:
         return key, value
 
+
+# ------------------------------------------------------------------ shared helpers
 
 def _progress(args: argparse.Namespace) -> bool:
     return not args.no_progress and sys.stderr.isatty()
@@ -43,14 +252,31 @@ def _emit(args: argparse.Namespace, result: dict, lines: list[str]) -> None:
 
 
 def _load_fp_model(args: argparse.Namespace):
-    from .models import create_model, load_pretrained
+    """The FP zoo model: the shipped checkpoint, or ``--weights`` (constructor args: ``--model-kwargs``)."""
+    from .models.zoo import load_pretrained
 
-    if args.weights:
-        from safetensors.torch import load_file
-        model = create_model(args.model, **json.loads(args.model_kwargs or "{}"))
-        model.load_state_dict(load_file(args.weights))
-        return model.eval()
-    return load_pretrained(args.model)
+    try:
+        return load_pretrained(args.model, weights=args.weights, model_kwargs=args.model_kwargs)
+    except LowbitError as exc:
+        if args.weights is None and "no trained checkpoint" in str(exc):
+            raise LowbitError(f"{exc}; pass --weights FILE for your own weights") from None
+        raise
+
+
+def _check_data(args: argparse.Namespace, splits: tuple[str, ...]) -> None:
+    """Check that the images the command will read are there, before loading models or data.
+
+    ``splits``: "train" (calibration / training images) and / or "test" (evaluation images).
+    ``--calib-dir`` / ``--eval-dir`` replace Fashion-MNIST's train / test split.
+    """
+    from .data.fashion_mnist import find_root
+
+    folder_of = {"train": getattr(args, "calib_dir", None), "test": getattr(args, "eval_dir", None)}
+    fmnist = [s for s in splits if not folder_of[s]]
+    for split in fmnist:
+        find_root(args.data, split)
+    if args.data and not fmnist:
+        raise LowbitError("--data is not used: --calib-dir / --eval-dir give all the images this command reads")
 
 
 def _data(args: argparse.Namespace, split: str):
@@ -66,6 +292,45 @@ def _data(args: argparse.Namespace, split: str):
 def _eval_subset(x, y, limit: int | None):
     return (x[:limit], y[:limit]) if limit else (x, y)
 
+
+def _check_eval_flags(args: argparse.Namespace, evaluate: bool, how: str) -> None:
+    """Evaluation flags without an evaluation would be ignored silently: refuse them."""
+    if not evaluate:
+        given = [flag for flag, value in (("--eval-size", args.eval_size), ("--eval-dir", args.eval_dir))
+                 if value is not None]
+        if given:
+            raise LowbitError(f"{' and '.join(given)} apply only when evaluating ({how})")
+
+
+def _method_options(args: argparse.Namespace, flags: dict[str, str | None]) -> dict[str, Any]:
+    """``--option`` pairs plus ``--granularity`` / ``--groups``.
+
+    ``flags`` maps the keyword arguments the command passes itself to their flag (None: not
+    settable from the command line); an ``--option`` for one of those is refused rather than
+    letting one of the two win silently (or crash with a duplicate keyword argument).
+    """
+    options: dict[str, Any] = {}
+    for key, value in args.option or []:
+        if key in options:
+            raise LowbitError(f"--option {key} is given twice")
+        if key in flags:
+            flag = flags[key]
+            raise LowbitError(f"--option {key}=...: " + (f"use {flag} instead" if flag
+                                                         else "set by the command itself, not an option here"))
+        options[key] = value
+    for key, flag, value in (("granularity", "--granularity", args.granularity), ("groups", "--groups", args.groups)):
+        if value is not None:
+            if key in options:
+                raise LowbitError(f"--option {key}=... and {flag} both given: use {flag}")
+            options[key] = value
+    if args.groups is not None:
+        granularity = options.setdefault("granularity", "group")
+        if granularity != "group":
+            raise LowbitError(f"--groups needs --granularity group (or none), not {granularity!r}")
+    return options
+
+
+# ------------------------------------------------------------------ commands
 
 def cmd_methods(args: argparse.Namespace) -> int:
     from .ptq.registry import method_table
@@ -92,54 +357,110 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_destination(args: argparse.Namespace) -> Path | None:
+    """Where ``lowbit train`` writes: ``--out``, the shipped checkpoint with ``--update-zoo``, else the user cache."""
+    from .models.zoo import checkpoint_destination, pretrained_path
+
+    if args.no_save:
+        return None
+    if args.update_zoo:
+        return check_writable(pretrained_path(args.model))
+    dest = checkpoint_destination(args.model, args.out)
+    return check_writable(dest, create_parent=args.out is None)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from .models.zoo import available, build_model, pretrained_info
     from .train import TrainConfig, train_zoo_model
 
+    if not args.teacher and (args.kd is not None or args.kd_temperature is not None):
+        raise LowbitError("--kd / --kd-temperature need --teacher MODEL")
+    if args.stop_after is not None and not args.checkpoint:
+        raise LowbitError("--stop-after needs --checkpoint PATH to continue from")
+    missing = [t for t in args.teacher or () if t not in available()]
+    if missing:
+        raise LowbitError(f"--teacher {' '.join(missing)}: no shipped checkpoint; available: {', '.join(available())}")
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                      seed=args.seed, device=args.device, kd_weight=args.kd if args.teacher else 0.0,
-                      kd_temperature=args.kd_temperature, swa_epochs=args.swa_epochs, swa_lr=args.swa_lr)
+                      seed=args.seed, device=args.device,
+                      kd_weight=(1.0 if args.kd is None else args.kd) if args.teacher else 0.0,
+                      kd_temperature=1.0 if args.kd_temperature is None else args.kd_temperature,
+                      swa_epochs=args.swa_epochs, swa_lr=args.swa_lr)
+    kwargs = args.model_kwargs or {}
+    if args.resume:
+        recorded = pretrained_info(args.model).get("kwargs", {})
+        if args.model_kwargs is not None and args.model_kwargs != recorded:
+            raise LowbitError(f"--resume: the shipped {args.model} checkpoint was built with {json.dumps(recorded)}, "
+                              f"not {json.dumps(args.model_kwargs)}")
+    else:
+        build_model(args.model, kwargs)  # a bad name or argument fails now, not after loading the data
+    dest = _train_destination(args)
+    _check_data(args, ("train", "test"))
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
-    kwargs = json.loads(args.model_kwargs or "{}")
-    _, result = train_zoo_model(args.model, cfg, args.data, save=not args.no_save, progress=_progress(args),
+    _, result = train_zoo_model(args.model, cfg, args.data, save=dest is not None, progress=_progress(args),
                                 log=log, resume=args.resume, teachers=tuple(args.teacher or ()),
-                                checkpoint=args.checkpoint, stop_after=args.stop_after, **kwargs)
+                                checkpoint=args.checkpoint, stop_after=args.stop_after, out=dest, **kwargs)
     if not result.finished:
         _emit(args, {"model": args.model, "finished": False, "history": result.history},
               [f"{args.model}: stopped after epoch {len(result.history)}/{cfg.epochs}; "
                f"the same command continues from {args.checkpoint}"])
         return 0
-    _emit(args, {"model": args.model, "test_accuracy": result.test_accuracy, "history": result.history},
-          [f"{args.model}: test accuracy {result.test_accuracy:.2f}%"])
+    out: dict[str, Any] = {"model": args.model, "test_accuracy": result.test_accuracy, "history": result.history,
+                           "checkpoint": str(dest) if dest else None}
+    lines = [f"{args.model}: test accuracy {result.test_accuracy:.2f}%"]
+    if dest is not None:
+        lines.append(f"  wrote {dest} (and {dest.with_suffix('.json').name}); use it with --weights {dest}"
+                     + ("" if args.update_zoo else f" or lowbit.load_pretrained({args.model!r}, weights=...)"))
+    else:
+        lines.append("  not saved (--no-save)")
+    _emit(args, out, lines)
     return 0
 
 
-def _method_options(args: argparse.Namespace) -> dict[str, Any]:
-    """--option pairs plus --granularity / --groups."""
-    options = dict(args.option or [])
-    if args.granularity:
-        options["granularity"] = args.granularity
-    if args.groups:
-        options.setdefault("granularity", "group")
-        options["groups"] = args.groups
-    return options
+_QUANTIZE_FLAGS: dict[str, str | None] = {
+    "w_bits": "--w-bits", "a_bits": "--a-bits", "method": "--method", "calib_size": "--calib-size",
+    "seed": "--seed", "device": "--device", "quantize_all": "--quantize-all", "equalize": "--equalize",
+    "fold_bn": "--no-fold", "progress": "--no-progress", "config": None, "model": None, "calib": None,
+}
+_QAT_FLAGS: dict[str, str | None] = {
+    **_QUANTIZE_FLAGS, "epochs": "--epochs", "resume": "--resume", "lr": "--lr", "scale_lr": "--scale-lr",
+    "optimizer": "--optimizer", "batch_size": "--batch-size", "checkpoint": "--checkpoint", "log_dir": "--log-dir",
+    "max_steps": "--max-steps", "kd_weight": "--kd", "kd_temperature": "--kd-temperature", "log": None,
+    "train_data": None, "val_data": None,
+}
 
 
-def _quantize_from_args(args: argparse.Namespace):
+def _quantize_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Every keyword argument of ``lowbit.quantize`` but the model and data, checked up front.
+
+    The method, bits, QuantConfig fields and method options are validated by the API's own
+    functions here, before any model or data is loaded.
+    """
+    from .api import build_config
+    from .ptq.registry import get_method
+
+    kwargs = dict(calib_size=args.calib_size, seed=args.seed, device=args.device, quantize_all=args.quantize_all,
+                  equalize=args.equalize, fold_bn=not args.no_fold, progress=_progress(args),
+                  **_method_options(args, _QUANTIZE_FLAGS))
+    spec = get_method(args.method)
+    _, method_options = build_config(args.w_bits, args.a_bits, dict(kwargs))
+    spec.make_options(method_options)
+    return kwargs
+
+
+def _quantize_from_args(args: argparse.Namespace, evaluate: bool):
     import torch
 
     import lowbit
     from .data import sample_calibration
 
+    kwargs = _quantize_kwargs(args)
+    _check_data(args, ("train", "test") if evaluate else ("train",))
     fp = _load_fp_model(args)
     x_train, _ = _data(args, "train")
     calib = sample_calibration(x_train, min(args.calib_size, len(x_train)), args.seed)
-    options = _method_options(args)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    qmodel = lowbit.quantize(fp, calib, w_bits=args.w_bits, a_bits=args.a_bits, method=args.method,
-                             calib_size=args.calib_size, seed=args.seed, device=args.device,
-                             quantize_all=args.quantize_all, equalize=args.equalize, fold_bn=not args.no_fold,
-                             progress=_progress(args), **options)
+    qmodel = lowbit.quantize(fp, calib, w_bits=args.w_bits, a_bits=args.a_bits, method=args.method, **kwargs)
     return fp, qmodel, time.perf_counter() - start
 
 
@@ -173,12 +494,14 @@ def _report(args: argparse.Namespace, fp, qmodel, seconds: float, evaluate: bool
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    fp, qmodel, seconds = _quantize_from_args(args)
+    _check_eval_flags(args, not args.no_eval, "not with --no-eval")
+    fp, qmodel, seconds = _quantize_from_args(args, evaluate=not args.no_eval)
     return _report(args, fp, qmodel, seconds, evaluate=not args.no_eval)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    fp, qmodel, seconds = _quantize_from_args(args)
+    _check_eval_flags(args, args.eval, "with --eval")
+    fp, qmodel, seconds = _quantize_from_args(args, evaluate=args.eval)
     return _report(args, fp, qmodel, seconds, evaluate=args.eval)
 
 
@@ -186,12 +509,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import lowbit
     from .evaluate import timed_accuracy
 
-    onnx_path = args.onnx or (args.artifact if args.artifact and args.artifact.endswith(".onnx") else None)
+    artifact_onnx = bool(args.artifact) and args.artifact.lower().endswith(".onnx")
+    sources = [what for what, given in (("an artifact path", args.artifact), ("--onnx", args.onnx),
+                                        ("--model", args.model)) if given]
+    if len(sources) != 1:
+        raise LowbitError("eval needs an artifact path, --onnx FILE or --model NAME" if not sources
+                          else f"eval takes one model to evaluate, got {' and '.join(sources)}")
+    if not args.model and (args.weights or args.model_kwargs is not None):
+        raise LowbitError("--weights / --model-kwargs go with --model NAME")
+    onnx_path = args.onnx or (args.artifact if artifact_onnx else None)
+    if onnx_path and args.device != "cpu":
+        raise LowbitError("ONNX models are evaluated on the CPU (ONNX Runtime): --device does not apply")
+    # the model first (a missing or unreadable file is the likelier mistake), then the data
     if onnx_path:
-        from .deploy.onnx_qdq import onnx_accuracy
+        from .deploy.onnx_qdq import onnx_accuracy, onnx_session
 
+        session = onnx_session(onnx_path)
+        _check_data(args, ("test",))
         x, y = _eval_subset(*_data(args, "test"), args.eval_size)
-        acc, seconds = onnx_accuracy(onnx_path, x, y)
+        acc, seconds = onnx_accuracy(session, x, y)
         _emit(args, {"model": onnx_path, "runtime": "onnxruntime", "top1": round(acc, 2), "images": len(x),
                      "seconds": round(seconds, 2)},
               [f"{onnx_path} (ONNX Runtime, CPU): top-1 {acc:.2f}% on {len(x)} images ({seconds:.2f}s)"])
@@ -199,10 +535,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.artifact:
         model = lowbit.load(args.artifact, device=args.device)
         what = args.artifact
-    elif args.model:
-        model, what = _load_fp_model(args), f"{args.model} (FP)"
     else:
-        raise LowbitError("eval needs an artifact path or --model NAME")
+        model, what = _load_fp_model(args), f"{args.model} (FP)"
+    _check_data(args, ("test",))
     x, y = _eval_subset(*_data(args, "test"), args.eval_size)
     acc, seconds = timed_accuracy(model, x, y, device=args.device)
     _emit(args, {"model": what, "top1": round(acc, 2), "images": len(x), "seconds": round(seconds, 2)},
@@ -210,12 +545,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_qat(args: argparse.Namespace) -> int:
-    import os
+def _qat_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Every keyword argument of ``lowbit.qat`` but the model, data and log, checked up front."""
+    from .api import build_config
+    from .qat.engine import QAT_FIELDS, QatConfig
+    from .qat.registry import get_qat_method
 
+    if args.max_steps is not None and not args.checkpoint:
+        raise LowbitError("--max-steps needs --checkpoint PATH: the run stops early and continues from it")
+    if args.resume and not args.checkpoint:
+        raise LowbitError("--resume needs --checkpoint PATH")
+    train = {k: v for k, v in (("lr", args.lr), ("scale_lr", args.scale_lr), ("optimizer", args.optimizer),
+                               ("batch_size", args.batch_size), ("checkpoint", args.checkpoint),
+                               ("log_dir", args.log_dir), ("max_steps", args.max_steps),
+                               ("kd_weight", args.kd), ("kd_temperature", args.kd_temperature)) if v is not None}
+    kwargs = dict(epochs=args.epochs, resume=args.resume, seed=args.seed, device=args.device,
+                  quantize_all=args.quantize_all, progress=_progress(args), calib_size=args.calib_size,
+                  equalize=args.equalize, **({"fold_bn": False} if args.no_fold else {}), **train,
+                  **_method_options(args, _QAT_FLAGS))
+    spec = get_qat_method(args.method)
+    rest = dict(kwargs)
+    QatConfig(**{k: rest.pop(k) for k in list(rest) if k in QAT_FIELDS})
+    _, method_options = build_config(args.w_bits, args.a_bits, rest)
+    spec.make_options(method_options)
+    return kwargs
+
+
+def cmd_qat(args: argparse.Namespace) -> int:
     import lowbit
     from .evaluate import accuracy
 
+    kwargs = _qat_kwargs(args)
+    _check_data(args, ("train", "test"))
     fp = _load_fp_model(args)
     x_train, y_train = _data(args, "train")
     if args.train_size:
@@ -223,17 +584,9 @@ def cmd_qat(args: argparse.Namespace) -> int:
     x_test, y_test = _eval_subset(*_data(args, "test"), args.eval_size)
     main_process = os.environ.get("RANK", "0") == "0"
     log = (lambda s: print(s, file=sys.stderr)) if args.json or not main_process else print
-    options = _method_options(args)
-    train = {k: v for k, v in (("lr", args.lr), ("scale_lr", args.scale_lr), ("optimizer", args.optimizer),
-                               ("batch_size", args.batch_size), ("checkpoint", args.checkpoint),
-                               ("log_dir", args.log_dir), ("max_steps", args.max_steps),
-                               ("kd_weight", args.kd), ("kd_temperature", args.kd_temperature)) if v is not None}
     start = time.perf_counter()
     qmodel = lowbit.qat(fp, (x_train, y_train), (x_test, y_test), method=args.method, w_bits=args.w_bits,
-                        a_bits=args.a_bits, epochs=args.epochs, resume=args.resume, seed=args.seed,
-                        device=args.device, quantize_all=args.quantize_all, progress=_progress(args), log=log,
-                        calib_size=args.calib_size, equalize=args.equalize,
-                        **({"fold_bn": False} if args.no_fold else {}), **train, **options)
+                        a_bits=args.a_bits, log=log, **kwargs)
     seconds = time.perf_counter() - start
     if not main_process:
         return 0
@@ -261,42 +614,53 @@ def cmd_qat(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
+# ------------------------------------------------------------------ parser
+
+def _common(p: argparse.ArgumentParser, evaluation: bool = True) -> None:
+    """Flags every data-reading command has (``evaluation``: also --eval-dir / --eval-size)."""
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of text (errors too)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
-    p.add_argument("--data", help="Fashion-MNIST folder (default: $LOWBIT_FASHION_MNIST or Debian's path)")
-    p.add_argument("--eval-dir", help="evaluate on an image folder (class sub-folders) instead")
-    p.add_argument("--eval-size", type=int, help="evaluate on the first N test images only")
+    p.add_argument("--device", default="cpu", type=device, help="cpu, cuda, cuda:N")
+    p.add_argument("--data", type=existing_dir,
+                   help="Fashion-MNIST folder (default: $LOWBIT_FASHION_MNIST or Debian's path)")
+    if evaluation:
+        p.add_argument("--eval-dir", type=existing_dir, help="evaluate on an image folder (class sub-folders) instead")
+        p.add_argument("--eval-size", type=positive_int, help="evaluate on the first N test images only")
 
 
 def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--model", required=required, help="zoo model name (see `lowbit models`)")
-    p.add_argument("--weights", help="safetensors state dict for --model (default: the shipped checkpoint)")
-    p.add_argument("--model-kwargs", help="JSON constructor arguments for --model with --weights")
+    p.add_argument("--weights", type=existing_file,
+                   help="safetensors state dict for --model (default: the shipped checkpoint)")
+    p.add_argument("--model-kwargs", type=json_object, metavar="JSON",
+                   help="constructor arguments for --model, e.g. '{\"width\": 4}' (default: the checkpoint's "
+                        "record, FILE.json beside --weights FILE)")
 
 
-def _quant_args(p: argparse.ArgumentParser) -> None:
+def _quant_args(p: argparse.ArgumentParser, out_required: bool = False) -> None:
     _model_args(p)
-    p.add_argument("--w-bits", type=int, default=4)
-    p.add_argument("--a-bits", type=_bits, default=4, help="activation bits, or 'fp' for weights only")
+    p.add_argument("--w-bits", type=w_bits, default=4, help="weight bits, 1..16")
+    p.add_argument("--a-bits", type=a_bits, default=4, help="activation bits 1..16, or 'fp' for weights only")
     p.add_argument("--method", default="minmax", help="see `lowbit methods`")
     p.add_argument("--granularity", choices=["tensor", "channel", "group"])
-    p.add_argument("--groups", type=int, help="G groups of output channels (implies --granularity group)")
-    p.add_argument("--calib-size", type=int, default=1024)
-    p.add_argument("--calib-dir", help="calibrate on an image folder instead of Fashion-MNIST train")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--groups", type=positive_int, help="G groups of output channels (implies --granularity group)")
+    p.add_argument("--calib-size", type=positive_int, default=1024)
+    p.add_argument("--calib-dir", type=existing_dir, help="calibrate on an image folder instead of Fashion-MNIST train")
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--quantize-all", action="store_true",
                    help="no 8-bit first/last layers, quantize the network input too")
     p.add_argument("--equalize", action="store_true", help="cross-layer equalization first")
     p.add_argument("--no-fold", action="store_true", help="keep BatchNorm unfolded")
     p.add_argument("--option", action="append", type=parse_option, metavar="NAME=VALUE",
-                   help="method option (repeatable), e.g. --option p_act=2.4")
-    p.add_argument("--out", help="write the artifact here (.lowbit safetensors, or .onnx)")
+                   help="method option or QuantConfig field without its own flag (repeatable), e.g. --option p_act=2.4")
+    p.add_argument("--out", type=output_file, required=out_required,
+                   help="write the artifact here (.lowbit safetensors, or .onnx)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowbit", description="Low-bit quantization of PyTorch CNNs")
+    parser = _Parser(prog="lowbit", description="Low-bit quantization of PyTorch CNNs",
+                     epilog=f"Errors end with 'lowbit: error: ...' and exit status 2 (1 for a bug in lowbit: "
+                            f"{DEBUG_VAR}=1 shows its traceback).")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("methods", help="list quantization methods")
     p.add_argument("--json", action="store_true")
@@ -304,29 +668,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list zoo models and their trained checkpoints")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
-    p = sub.add_parser("train", help="train a zoo model on Fashion-MNIST (stores the checkpoint)")
+    p = sub.add_parser("train", help="train a zoo model on Fashion-MNIST (writes a checkpoint, see --out)")
     p.add_argument("model")
-    p.add_argument("--model-kwargs", help="JSON constructor arguments")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-save", action="store_true", help="do not overwrite the shipped checkpoint")
+    p.add_argument("--model-kwargs", type=json_object, metavar="JSON", help="JSON constructor arguments")
+    p.add_argument("--epochs", type=positive_int, default=15)
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--lr", type=positive_float, default=0.1)
+    p.add_argument("--weight-decay", type=nonnegative_float, default=5e-4)
+    p.add_argument("--seed", type=seed_int, default=0)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", metavar="FILE.safetensors",
+                       help="write the trained weights here, their record beside them as FILE.json (default: "
+                            "$LOWBIT_HOME/checkpoints, else $XDG_CACHE_HOME/lowbit/checkpoints, else "
+                            "~/.cache/lowbit/checkpoints: <model>_fmnist.safetensors)")
+    where.add_argument("--update-zoo", action="store_true",
+                       help="replace the checkpoint shipped in the package (for maintainers)")
+    where.add_argument("--no-save", action="store_true", help="write no checkpoint")
     p.add_argument("--resume", action="store_true",
                    help="start from the shipped checkpoint (fine-tune with a fresh schedule)")
     p.add_argument("--teacher", nargs="+", metavar="MODEL",
                    help="distil from these shipped zoo checkpoints (their averaged predictions)")
-    p.add_argument("--kd", type=float, default=1.0, metavar="WEIGHT",
-                   help="with --teacher: weight of the distillation loss (1: soft targets only)")
-    p.add_argument("--kd-temperature", type=float, default=1.0)
-    p.add_argument("--swa-epochs", type=int, default=0, metavar="N",
+    p.add_argument("--kd", type=fraction, metavar="WEIGHT",
+                   help="with --teacher: weight of the distillation loss (default 1: soft targets only)")
+    p.add_argument("--kd-temperature", type=positive_float, help="with --teacher: softmax temperature (default 1)")
+    p.add_argument("--swa-epochs", type=nonnegative_int, default=0, metavar="N",
                    help="average the weights of the last N epochs, run at the constant --swa-lr (SWA)")
-    p.add_argument("--swa-lr", type=float, default=0.01)
+    p.add_argument("--swa-lr", type=positive_float, default=0.01)
     p.add_argument("--checkpoint", metavar="PATH",
                    help="training state after every epoch; the same command continues from it when it exists")
-    p.add_argument("--stop-after", type=int, metavar="N", help="with --checkpoint: stop after N epochs of this run")
-    _common(p)
+    p.add_argument("--stop-after", type=positive_int, metavar="N",
+                   help="with --checkpoint: stop after N epochs of this run")
+    _common(p, evaluation=False)  # training evaluates on the whole Fashion-MNIST test split
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("quantize", help="quantize a model and report FP vs quantized accuracy, size, time")
     _quant_args(p)
@@ -334,26 +706,26 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_quantize)
     p = sub.add_parser("export", help="quantize a model and write its artifact (--out required)")
-    _quant_args(p)
+    _quant_args(p, out_required=True)
     p.add_argument("--eval", action="store_true", help="also evaluate accuracy")
     _common(p)
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("qat", help="quantization-aware fine-tuning (lsq, gdrq); torchrun for several processes")
     _quant_args(p)
     p.set_defaults(method="lsq")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--scale-lr", type=float, help="learning rate of step sizes (default: --lr)")
+    p.add_argument("--epochs", type=positive_int, default=3)
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--lr", type=positive_float)
+    p.add_argument("--scale-lr", type=nonnegative_float, help="learning rate of step sizes (default: --lr)")
     p.add_argument("--optimizer", choices=["sgd", "adam"])
-    p.add_argument("--train-size", type=int, help="first N training images only")
+    p.add_argument("--train-size", type=positive_int, help="first N training images only")
     p.add_argument("--checkpoint", help="checkpoint file (written periodically, atomically)")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
-    p.add_argument("--max-steps", type=int, help="stop after N steps in this run (resume later)")
+    p.add_argument("--max-steps", type=positive_int, help="stop after N steps in this run (resume later)")
     p.add_argument("--log-dir", help="per-epoch CSV/JSON log and training-curve PNG")
-    p.add_argument("--kd", type=float, metavar="WEIGHT",
+    p.add_argument("--kd", type=fraction, metavar="WEIGHT",
                    help="distil from the FP model: weight of KL to its logits (1: pure KD, default 0)")
-    p.add_argument("--kd-temperature", type=float)
+    p.add_argument("--kd-temperature", type=positive_float)
     _common(p)
     p.set_defaults(func=cmd_qat)
     p = sub.add_parser("eval", help="accuracy of an artifact or a zoo FP model")
@@ -365,19 +737,75 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ------------------------------------------------------------------ entry point
+
+def _one_line(text: str) -> str:
+    """A message as one line (some exceptions carry several)."""
+    return "; ".join(part.strip() for part in str(text).splitlines() if part.strip()) or "(no message)"
+
+
+def _os_message(exc: OSError) -> str:
+    """``FILE: reason`` for an OSError (errno text and the file names it carries)."""
+    names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+    if exc.strerror and names:
+        return f"{' -> '.join(names)}: {exc.strerror}"
+    return str(exc.strerror or exc)
+
+
+def _report_error(message: str, kind: str, code: int, json_mode: bool, prefix: str = "error") -> int:
+    """Print the one error line (and the JSON error object) and return the exit status."""
+    message = _one_line(message)
+    if os.environ.get(DEBUG_VAR) and sys.exc_info()[0] is not None:
+        traceback.print_exc(file=sys.stderr)
+    print(f"lowbit: {prefix}: {message}", file=sys.stderr)
+    if json_mode:
+        print(json.dumps({"error": message, "type": kind, "exit_code": code}))
+    return code
+
+
+def _wants_json(argv: list[str]) -> bool:
+    """Whether ``--json`` was given (read from argv, since a usage error leaves no parsed arguments)."""
+    return "--json" in (argv[: argv.index("--")] if "--" in argv else argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "command", None) == "export" and not args.out:
-        parser.error("export needs --out PATH")
+    """Run the command line; returns the exit status (0, 2: the user's error, 1: a bug, 130: Ctrl-C)."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    json_mode = _wants_json(argv)
     try:
+        args = build_parser().parse_args(argv)
+        json_mode = bool(getattr(args, "json", json_mode))
         return args.func(args)
+    except UsageError as exc:
+        print(exc.parser.format_usage().rstrip(), file=sys.stderr)
+        return _report_error(f"{exc} (see '{exc.parser.prog} --help')", "UsageError", EXIT_USER_ERROR, json_mode)
     except LowbitError as exc:
-        print(f"lowbit: error: {exc}", file=sys.stderr)
-        return 2
+        return _report_error(str(exc), "LowbitError", EXIT_USER_ERROR, json_mode)
+    except BrokenPipeError:
+        # the reader of our output went away (e.g. `lowbit methods | head -1`): nothing to say, nowhere to say it
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return EXIT_INTERNAL_ERROR
+    except OSError as exc:
+        return _report_error(_os_message(exc), type(exc).__name__, EXIT_USER_ERROR, json_mode)
     except KeyboardInterrupt:
-        print("lowbit: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted(json_mode)
+    except SystemExit as exc:  # --help exits through argparse with status 0: return it like every outcome
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USER_ERROR)
+    except Exception as exc:  # noqa: BLE001 -- everything else is a bug in lowbit: say so, keep it apart
+        hint = "" if os.environ.get(DEBUG_VAR) else f"; rerun with {DEBUG_VAR}=1 for the traceback"
+        return _report_error(f"{type(exc).__name__}: {exc} (a bug in lowbit, please report it{hint})",
+                             "InternalError", EXIT_INTERNAL_ERROR, json_mode, prefix="internal error")
+
+
+def _interrupted(json_mode: bool) -> int:
+    """Ctrl-C: one line (and the JSON object), exit status 130; no traceback even with LOWBIT_DEBUG."""
+    print("lowbit: interrupted", file=sys.stderr)
+    if json_mode:
+        print(json.dumps({"error": "interrupted", "type": "KeyboardInterrupt", "exit_code": EXIT_INTERRUPTED}))
+    return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

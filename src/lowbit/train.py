@@ -489,8 +489,12 @@ def reestimate_bn(model: nn.Module, x: Tensor, batch_size: int, device: torch.de
 def train_zoo_model(name: str, cfg: TrainConfig, data_root: str | None = None, save: bool = True,
                     progress: bool = True, log=print, resume: bool = False, teachers: tuple[str, ...] = (),
                     checkpoint: str | None = None, stop_after: int | None = None,
-                    **model_kwargs) -> tuple[nn.Module, TrainResult]:
-    """Train zoo model ``name`` on Fashion-MNIST and (optionally) store it as the shipped checkpoint.
+                    out: str | Path | None = None, **model_kwargs) -> tuple[nn.Module, TrainResult]:
+    """Train zoo model ``name`` on Fashion-MNIST and (with ``save``) store the trained weights.
+
+    ``out``: the ``.safetensors`` file written (its JSON record beside it); by default
+    ``lowbit.models.zoo.user_checkpoint_path(name)`` in the user's cache, never the package:
+    replacing a shipped checkpoint takes ``out=lowbit.models.zoo.pretrained_path(name)``.
 
     With ``resume`` the shipped checkpoint is the starting point (a fresh schedule of ``cfg.epochs``
     epochs, typically with a smaller ``lr``), and the stored metadata keeps the earlier runs.
@@ -500,8 +504,9 @@ def train_zoo_model(name: str, cfg: TrainConfig, data_root: str | None = None, s
     """
     from .data import load_fashion_mnist
     from .models import create_model
-    from .models.zoo import save_pretrained
+    from .models.zoo import checkpoint_destination, save_pretrained
 
+    out = checkpoint_destination(name, out) if save else None  # a bad path fails now, not after training
     x_train, y_train = load_fashion_mnist("train", data_root)
     x_test, y_test = load_fashion_mnist("test", data_root)
     teacher = None
@@ -544,5 +549,5 @@ def train_zoo_model(name: str, cfg: TrainConfig, data_root: str | None = None, s
             info["epochs"] = sum(r["epochs"] for r in earlier) + cfg.epochs
             info["train_seconds"] = round(sum(r["train_seconds"] for r in earlier) + run["train_seconds"], 1)
             info["runs"] = earlier + [run]
-        save_pretrained(model, name, info)
+        save_pretrained(model, name, info, path=out)
     return model, result

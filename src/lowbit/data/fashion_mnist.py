@@ -39,15 +39,28 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 
 def find_root(root: str | os.PathLike | None = None, split: str = "test") -> Path:
-    """Locate the folder holding ``split``: argument, then $LOWBIT_FASHION_MNIST, then Debian's path."""
-    candidates = [root, os.environ.get(ENV_VAR), DEBIAN_DIR]
-    for cand in candidates:
-        if cand and all((Path(cand) / f).exists() for f in _FILES[split]):
-            return Path(cand)
-    raise LowbitError(
-        f"Fashion-MNIST not found ({split} split): install Debian's package (apt-get install "
-        f"dataset-fashion-mnist), or point ${ENV_VAR} / --data at a folder holding {' and '.join(_FILES[split])}"
-    )
+    """Locate the folder holding ``split``: argument, else $LOWBIT_FASHION_MNIST, else Debian's path.
+
+    A folder the caller names (``root``, or the environment variable when there is no ``root``) is
+    the only one looked at: when it lacks the files this is an error, never a silent fall-back to
+    another copy of the data set (which would evaluate on data the caller did not choose).
+    """
+    files = _FILES[split]
+    if root is not None and str(root) != "":
+        source, where = Path(root), f"--data / root {str(root)!r}"
+    elif os.environ.get(ENV_VAR):
+        source, where = Path(os.environ[ENV_VAR]), f"${ENV_VAR}={os.environ[ENV_VAR]!r}"
+    else:
+        source, where = Path(DEBIAN_DIR), None
+    if all((source / f).is_file() for f in files):
+        return source
+    if where is None:
+        raise LowbitError(
+            f"Fashion-MNIST not found ({split} split): install Debian's package (apt-get install "
+            f"dataset-fashion-mnist), or point ${ENV_VAR} / --data at a folder holding {' and '.join(files)}")
+    missing = [f for f in files if not (source / f).is_file()]
+    why = f"missing {', '.join(missing)}" if source.is_dir() else "no such directory"
+    raise LowbitError(f"Fashion-MNIST {split} split not found in {where}: {why}")
 
 
 def load_fashion_mnist(split: str = "test", root: str | os.PathLike | None = None,
