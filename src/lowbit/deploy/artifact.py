@@ -275,6 +275,7 @@ def load_artifact(path: str | os.PathLike, model: nn.Module | None = None, devic
             wq.zero_point.copy_(tensors[f"{name}.weight_quant.zero_point"])
             qmin = -1 if wq.binary else wq.qrange[0]
             codes = unpack_codes(tensors.pop(f"{name}.weight.codes"), wq.bits, qmin, layer.weight.numel())
+            codes = codes.to(wq.scale.device)  # unpacked on the CPU; the scales live on ``device``
             if wq.binary:
                 codes = 2 * (codes + 1) - 1
             state[f"{name}.weight"] = wq.dequantize(codes.view_as(layer.weight).float())
