@@ -178,8 +178,8 @@ def capture_block_io(model: nn.Module, module: nn.Module, data: Tensor, batch_si
                      ) -> tuple[TensorCache, TensorCache | None]:
     """Inputs (and outputs) of ``module`` inside ``model`` over ``data``; stops each pass early.
 
-    The input is copied before ``module`` runs (a forward hook would see it after the module,
-    which may have changed it in place, e.g. a leading ``ReLU(inplace=True)``).
+    The input is copied before ``module`` runs: a forward hook would see it after the module,
+    which may have changed it in place (e.g. ``x.mul_(2)`` or ``x += ...`` on its input).
     """
     caches: list[TensorCache | None] = [None, None]
     start = [0]
