@@ -107,6 +107,16 @@ class UntraceableNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Skip tests marked ``cuda`` on machines without a CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 def make_zoo(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return randomize_bn(lowbit.create_model(name, **ZOO_SPECS[name]), seed=seed + 1).eval()

@@ -79,14 +79,14 @@ def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = DEFAULT_B
     if len(x) > cfg.calib_size:
         x = sample_calibration(x, cfg.calib_size, cfg.seed)
     try:
-        qmodel, record = prepare(model, cfg, x[:2])
+        qmodel, record = prepare(model, cfg, x[:2].clone())  # a copy: the model may change its input in place
     except LowbitError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         raise LowbitError(f"calibration data of shape {tuple(x.shape[1:])} does not fit the model: {exc}") from None
-    with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's RNG state
-        torch.manual_seed(cfg.seed)
-        spec.handler(qmodel, x, cfg, opts)
+    # every method draws from its own generators seeded with cfg.seed: torch's global RNG (the
+    # caller's, on every device, shared by all threads) is neither read nor reseeded
+    spec.handler(qmodel, x, cfg, opts)
     arch = getattr(model, "lowbit_arch", None)
     qmodel.lowbit_info = {
         "arch": arch, "method": method, "config": cfg.to_dict(),

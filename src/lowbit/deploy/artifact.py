@@ -773,6 +773,7 @@ def _rebuild(manifest: dict, tensors: dict[str, Tensor], model: nn.Module | None
             wq.zero_point.copy_(tensors[f"{name}.weight_quant.zero_point"])
             qmin = -1 if wq.binary else wq.qrange[0]
             codes = unpack_codes(tensors.pop(f"{name}.weight.codes"), wq.bits, qmin, layer.weight.numel())
+            codes = codes.to(wq.scale.device)  # unpacked on the CPU; the scales live on ``device``
             if wq.binary:
                 codes = 2 * (codes + 1) - 1
             elif codes.numel() and codes.max() > wq.qrange[1]:  # e.g. 2^b - 1 offsets in a narrow signed range

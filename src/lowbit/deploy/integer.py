@@ -304,7 +304,9 @@ class IntegerModel(nn.Module):
         self.model = model
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.model(x.cpu())
+        # built on the CPU; after ``.to(device)`` it runs there (inputs follow the model)
+        buffer = next(self.model.buffers(), None)
+        return self.model(x.to(buffer.device if buffer is not None else "cpu"))
 
     @property
     def integer_layers(self) -> list[str]:
@@ -465,10 +467,10 @@ def integer_agreement(qmodel: nn.Module, images: Tensor, imodel: IntegerModel | 
         for i in range(0, len(images), batch_size):
             xb = images[i:i + batch_size]
             sims.append(qmodel(xb.to(device)).float().cpu())
-            ints.append(imodel(xb).float())
+            ints.append(imodel(xb).float().cpu())
             for n in watched:
                 sim_codes = captured[n].pop()
-                int_codes = imodel.layers[n].last_input_codes
+                int_codes = imodel.layers[n].last_input_codes.cpu()
                 same += int((sim_codes == int_codes).sum())
                 total += sim_codes.numel()
                 worst = max(worst, int((sim_codes - int_codes).abs().max()) if sim_codes.numel() else 0)

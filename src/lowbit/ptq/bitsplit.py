@@ -392,7 +392,7 @@ def bitsplit(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: BitSplitO
 
     walk_layers(qmodel, calib, cfg, visit, desc="bit-split")
     if opts.bn_reestimate:
-        reestimate_bn(qmodel, calib, cfg.batch_size, device)
+        reestimate_bn(qmodel, calib.clone(), cfg.batch_size, device)  # a model may change its input in place
 
 
 def _sample_index(numel: int, seed: int, limit: int = 1 << 18) -> Tensor:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..errors import LowbitError
 from ..quant.layers import QUANT_LAYERS, QuantLayer, quant_layers
-from .common import quantizers_disabled
+from .common import fresh_batch, quantizers_disabled
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -61,7 +61,7 @@ def _probe(model: nn.Module, example: Tensor) -> dict[str, _CallRecord]:
             handles.append(module.register_forward_hook(hook(name), with_kwargs=True))
     try:
         with torch.no_grad(), quantizers_disabled(model):
-            model(example)
+            model(example.clone())  # the model may change its input in place
     finally:
         for h in handles:
             h.remove()
@@ -177,31 +177,41 @@ class _StopForward(Exception):
 def capture_block_io(model: nn.Module, module: nn.Module, data: Tensor, batch_size: int,
                      limit_bytes: int, device: torch.device, want_output: bool = True,
                      ) -> tuple[TensorCache, TensorCache | None]:
-    """Inputs (and outputs) of ``module`` inside ``model`` over ``data``; stops each pass early."""
+    """Inputs (and outputs) of ``module`` inside ``model`` over ``data``; stops each pass early.
+
+    The input is copied before ``module`` runs: a forward hook would see it after the module,
+    which may have changed it in place (e.g. ``x.mul_(2)`` or ``x += ...`` on its input).
+    """
     caches: list[TensorCache | None] = [None, None]
     start = [0]
 
-    def hook(_, args, out):
+    def pre_hook(_, args):
         x = args[0]
         if caches[0] is None:
             caches[0] = TensorCache(len(data), x.shape[1:], limit_bytes, device)
-            if want_output:
-                caches[1] = TensorCache(len(data), out.shape[1:], limit_bytes, device)
         caches[0].write(start[0], x)
-        if want_output:
-            caches[1].write(start[0], out)
+        if not want_output:
+            raise _StopForward
+
+    def hook(_, args, out):
+        if caches[1] is None:
+            caches[1] = TensorCache(len(data), out.shape[1:], limit_bytes, device)
+        caches[1].write(start[0], out)
         raise _StopForward
 
-    handle = module.register_forward_hook(hook)
+    handles = [module.register_forward_pre_hook(pre_hook)]
+    if want_output:
+        handles.append(module.register_forward_hook(hook))
     try:
         for i in range(0, len(data), batch_size):
             start[0] = i
             try:
-                model(data[i:i + batch_size].to(device))
+                model(fresh_batch(data, device, slice(i, i + batch_size)))
             except _StopForward:
                 pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     if caches[0] is None:
         raise LowbitError("a block was not reached by the forward pass")
     return caches[0], caches[1]

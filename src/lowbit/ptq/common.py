@@ -8,9 +8,28 @@ import torch
 from torch import Tensor, nn
 
 from ..config import QuantConfig
+from ..errors import LowbitError
 from ..progress import progress_bar
 from ..quant.layers import quant_layers
 from ..quant.quantizer import ActObserver
+
+
+def generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A private RNG on ``device`` seeded with ``seed``.
+
+    PTQ never draws from torch's global RNG: that would change the caller's random state and
+    mix with other threads' draws.
+    """
+    return torch.Generator(device=torch.device(device)).manual_seed(seed)
+
+
+def fresh_batch(data: Tensor, device: str | torch.device, index: slice | Tensor = slice(None)) -> Tensor:
+    """``data[index]`` on ``device`` as a new tensor, to be fed to a model.
+
+    Never a view of ``data``: a model may change its input in place (``x.sub_(mean)``), which
+    must change neither the caller's tensor nor the calibration set later passes read again.
+    """
+    return data[index].to(device, copy=True)
 
 
 @torch.no_grad()
@@ -18,7 +37,7 @@ def run_batches(model: nn.Module, calib: Tensor, cfg: QuantConfig, desc: str = "
     """Forward ``calib`` through ``model`` in batches (outputs discarded)."""
     starts = range(0, len(calib), cfg.batch_size)
     for i in progress_bar(starts, desc=desc, enable=cfg.progress):
-        model(calib[i:i + cfg.batch_size].to(cfg.device))
+        model(fresh_batch(calib, cfg.device, slice(i, i + cfg.batch_size)))
 
 
 @contextmanager
@@ -45,7 +64,14 @@ def observe_fp_inputs(model: nn.Module, calib: Tensor, cfg: QuantConfig) -> dict
         try:
             run_batches(model, calib, cfg, desc="observing activations")
         finally:
-            observers = {n: l.input_quant.stop_observing() for n, l in targets}
+            # every observer comes off, whatever happened; an exception (or KeyboardInterrupt)
+            # propagates as it is: "saw no data" would only hide why the forward pass stopped
+            observers = {n: l.input_quant.observer for n, l in targets}
+            for _, layer in targets:
+                layer.input_quant.observer = None
+    unseen = [n for n, obs in observers.items() if obs is None or not obs.samples]
+    if unseen:  # a complete forward pass that never reached these layers
+        raise LowbitError(f"an activation quantizer saw no data during calibration (layers {unseen[:3]})")
     return observers
 
 

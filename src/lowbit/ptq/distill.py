@@ -29,7 +29,7 @@ from ..quant.learnable import LearnedStepAct, LearnedStepWeight, commit_stand_in
 from ..train import augment_batch, distillation_loss
 from .baselines import MseOptions, mse_start_with_teacher
 from .blocks import capture_block_io, find_blocks, loss_summary
-from .common import quantizers_disabled, restore_grad, train_only
+from .common import generator, quantizers_disabled, restore_grad, train_only
 from .reconstruct import block_loss
 from .registry import register_method
 
@@ -162,7 +162,7 @@ def joint_stage(qmodel: nn.Module, teacher: nn.Module, calib: Tensor, cfg: Quant
         x = calib[idx].to(device)
         if opts.augment:
             x = augment_batch(x, gen)
-        logits = qmodel(x)
+        logits = qmodel(x.clone())  # the teacher gets x as it was, whatever the model does in place
         with quantizers_disabled(teacher):  # the teacher is the FP network
             return kd(logits, x, None)
 
@@ -180,7 +180,7 @@ def joint_stage(qmodel: nn.Module, teacher: nn.Module, calib: Tensor, cfg: Quant
 def distill(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: DistillOptions,
             init: MseOptions = MseOptions()) -> None:
     teacher = mse_start_with_teacher(qmodel, calib, cfg, init)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = generator(cfg.seed)
     was_training = qmodel.training
     qmodel.eval()  # BN (if unfolded) and dropout keep inference behaviour while the weights learn
     report = []

@@ -20,7 +20,7 @@ from ..progress import progress_bar
 from ..quant.learnable import LearnedStepAct, SoftRoundWeight, commit_stand_ins
 from .baselines import MseOptions, mse_start_with_teacher
 from .blocks import Block, capture_block_io, find_blocks, loss_summary
-from .common import quantizers_disabled, restore_grad, train_only
+from .common import generator, quantizers_disabled, restore_grad, train_only
 from .registry import register_method
 
 
@@ -88,7 +88,7 @@ def beta_at(step: int, opts: ReconOptions) -> float | None:
     return opts.beta_end + (opts.beta_start - opts.beta_end) * max(0.0, 1.0 - t)
 
 
-def _swap_in(block: Block, opts: ReconOptions) -> tuple[list, list]:
+def _swap_in(block: Block, opts: ReconOptions, drop_gen: torch.Generator | None) -> tuple[list, list]:
     rounders, acts = [], []
     for _, layer in block.layers:
         wq = layer.weight_quant
@@ -96,15 +96,18 @@ def _swap_in(block: Block, opts: ReconOptions) -> tuple[list, list]:
             layer.weight_quant = SoftRoundWeight(wq, layer.weight)
             rounders.append((layer, layer.weight_quant))
         if layer.input_quant.enabled and (opts.act_lr > 0 or opts.drop_prob > 0):
-            layer.input_quant = LearnedStepAct(layer.input_quant, opts.drop_prob)
+            layer.input_quant = LearnedStepAct(layer.input_quant, opts.drop_prob, generator=drop_gen)
             acts.append((layer, layer.input_quant))
     return rounders, acts
 
 
 def reconstruct_block(block: Block, inputs, targets, opts: ReconOptions, gen: torch.Generator,
-                      progress: bool = True) -> dict[str, float]:
-    """Fit one block's rounding and activation steps to ``targets``; returns first/last loss."""
-    rounders, acts = _swap_in(block, opts)
+                      progress: bool = True, drop_gen: torch.Generator | None = None) -> dict[str, float]:
+    """Fit one block's rounding and activation steps to ``targets``; returns first/last loss.
+
+    ``gen`` (CPU) picks the batches; ``drop_gen`` (on the activations' device) draws the QDrop masks.
+    """
+    rounders, acts = _swap_in(block, opts, drop_gen)
     saved = train_only(block.module, [r.v for _, r in rounders] + [a.scale for _, a in acts if opts.act_lr > 0])
     groups = []
     if rounders:
@@ -157,7 +160,10 @@ def reconstruct(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: ReconO
     blocks = find_blocks(qmodel, calib[:2].to(device), opts.max_block_layers)
     teacher_modules = dict(teacher.named_modules())
     limit = opts.cache_mb * 2 ** 20
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = generator(cfg.seed)
+    # QDrop masks on the activations' device; seeded like the global RNG was before, so results
+    # of earlier versions (which drew the masks from it after torch.manual_seed(seed)) still hold
+    drop_gen = generator(cfg.seed, device) if opts.drop_prob > 0 else None
     report = []
     was_training = qmodel.training
     qmodel.eval()
@@ -168,7 +174,8 @@ def reconstruct(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: ReconO
             _, targets = capture_block_io(teacher, teacher_modules[block.name], calib, cfg.batch_size,
                                           limit, device)
             with torch.enable_grad():
-                losses = reconstruct_block(block, inputs, targets, opts, gen, progress=cfg.progress)
+                losses = reconstruct_block(block, inputs, targets, opts, gen, progress=cfg.progress,
+                                           drop_gen=drop_gen)
             report.append({"block": block.name, "layers": len(block.layers), **losses})
             inputs.close()
             targets.close()

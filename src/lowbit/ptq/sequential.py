@@ -18,7 +18,7 @@ from torch.fx.node import map_arg
 from ..config import QuantConfig
 from ..errors import LowbitError
 from ..progress import progress_bar
-from .common import quantizers_disabled
+from .common import fresh_batch, quantizers_disabled
 from ..quant.layers import QUANT_LAYERS, quant_layers
 
 # visit(name, layer, fp_input, quant_input, (weights_on, inputs_on)) quantizes ``layer`` in place:
@@ -95,7 +95,8 @@ def walk_layers(model: nn.Module, calib: Tensor, cfg: QuantConfig, visit: Visit,
     for idx, node in enumerate(nodes):
         for inp in node.all_input_nodes:
             last_use[inp] = idx
-    chunks = [calib[i:i + cfg.batch_size].to(cfg.device) for i in range(0, len(calib), cfg.batch_size)]
+    # two private copies of the input: in-place graph ops may rewrite either, never ``calib``
+    chunks = [fresh_batch(calib, cfg.device, slice(i, i + cfg.batch_size)) for i in range(0, len(calib), cfg.batch_size)]
     env_fp: dict[Node, list] = {}
     env_q: dict[Node, list] = {}
     for idx, node in enumerate(nodes):
@@ -141,7 +142,8 @@ def capture_inputs(model: nn.Module, layers: dict[str, nn.Module], calib: Tensor
 
     def make_hook(name: str):
         def hook(_mod, inputs):
-            got[name].append(inputs[0].detach())
+            # a copy: the model may change this tensor in place after the layer has read it
+            got[name].append(inputs[0].detach().clone())
             if name == last:
                 raise _Captured
         return hook
@@ -150,7 +152,7 @@ def capture_inputs(model: nn.Module, layers: dict[str, nn.Module], calib: Tensor
     try:
         for i in range(0, len(calib), cfg.batch_size):
             try:
-                model(calib[i:i + cfg.batch_size].to(cfg.device))
+                model(fresh_batch(calib, cfg.device, slice(i, i + cfg.batch_size)))
             except _Captured:
                 pass
     finally:
@@ -166,7 +168,7 @@ def _walk_with_hooks(model: nn.Module, calib: Tensor, cfg: QuantConfig, visit: V
                      todo: set[str], saved: dict[str, tuple[bool, bool]]) -> None:
     from ..graph.surgery import execution_order
 
-    order = [n for n in execution_order(model, calib[:1].to(cfg.device)) if n in todo]
+    order = [n for n in execution_order(model, fresh_batch(calib, cfg.device, slice(0, 1))) if n in todo]
     with quantizers_disabled(model):
         fp_inputs = capture_inputs(model, {n: layers[n] for n in order}, calib, cfg)
     for name in order:

@@ -88,15 +88,26 @@ class LearnedStepAct(nn.Module):
 
     With ``drop_prob`` > 0 and ``dropping`` on, each element keeps its unquantized value with that
     probability (QDrop, Wei et al. 2022), which flattens the loss landscape seen by later blocks.
+    The masks come from ``generator`` (on the activations' device), never from torch's global
+    RNG, so a run is reproducible and leaves the caller's random state alone; without one, a
+    generator seeded with 0 is made on first use.
     """
 
-    def __init__(self, quant: ActQuantizer, drop_prob: float = 0.0, lsq_grad_scale: bool = False) -> None:
+    def __init__(self, quant: ActQuantizer, drop_prob: float = 0.0, lsq_grad_scale: bool = False,
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.quant = quant
         self.scale = nn.Parameter(quant.scale.detach().clone())
         self.drop_prob = drop_prob
         self.dropping = drop_prob > 0
         self.lsq_grad_scale = lsq_grad_scale
+        self.generator = generator
+
+    def _keep_mask(self, x: Tensor) -> Tensor:
+        """Elements that stay unquantized: each with probability ``drop_prob``."""
+        if self.generator is None:
+            self.generator = torch.Generator(device=x.device).manual_seed(0)
+        return torch.rand(x.shape, generator=self.generator, device=x.device, dtype=x.dtype) < self.drop_prob
 
     def forward(self, x: Tensor) -> Tensor:
         q = self.quant
@@ -106,7 +117,7 @@ class LearnedStepAct(nn.Module):
         s = self.scale.abs().clamp_min(1e-8)
         if self.lsq_grad_scale:
             s = scale_grad(s, 1.0 / math.sqrt(x[0].numel() * max(abs(qmin), qmax)))
-        keep = torch.rand_like(x) < self.drop_prob if self.dropping and self.training else None
+        keep = self._keep_mask(x) if self.dropping and self.training else None
         return _LsqFakeQuant.apply(x, s, q.zero_point, qmin, qmax, keep)
 
     @torch.no_grad()

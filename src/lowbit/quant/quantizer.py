@@ -123,7 +123,12 @@ class WeightQuantizer(nn.Module):
 
 
 class ActObserver:
-    """Running min/max plus a bounded random sample of the values a quantizer saw."""
+    """Running min/max plus a bounded random sample of the values a quantizer saw.
+
+    The samples are copies on the CPU, never views of the observed tensor: models may change a
+    layer's input in place after the layer ran (``x += conv(x)``, ``relu_``), and a kept view
+    would then hold values the layer never saw.
+    """
 
     def __init__(self, sample_per_batch: int = 65536, seed: int = 0) -> None:
         self.lo = float("inf")
@@ -138,8 +143,11 @@ class ActObserver:
         self.hi = max(self.hi, flat.max().item())
         if flat.numel() > self.sample_per_batch:
             idx = torch.randint(0, flat.numel(), (self.sample_per_batch,), generator=self.gen).to(flat.device)
-            flat = flat[idx]
-        self.samples.append(flat.cpu())
+            sample = flat[idx]  # advanced indexing: a new tensor
+        else:
+            sample = flat
+        # copy=True: on the CPU, .cpu() / .float() / reshape return the live tensor itself or a view of it
+        self.samples.append(sample.to("cpu", copy=True))
 
     def values(self) -> Tensor:
         """Sampled values with the exact extremes included (so min/max stays exact)."""
