@@ -79,7 +79,7 @@ def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = DEFAULT_B
     if len(x) > cfg.calib_size:
         x = sample_calibration(x, cfg.calib_size, cfg.seed)
     try:
-        qmodel, record = prepare(model, cfg, x[:2].clone())  # a copy: the model may change its input in place
+        qmodel, record = prepare(model, cfg, x[:2])
     except LowbitError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:

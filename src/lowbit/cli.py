@@ -217,8 +217,11 @@ def check_writable(path: str | os.PathLike, create_parent: bool = False) -> Path
 
 
 def output_file(text: str) -> str:
-    """An output path that can be written (see ``check_writable``)."""
+    """An artifact path with a suffix ``lowbit.export`` writes, that can be written (see ``check_writable``)."""
+    from .api import export_format
+
     try:
+        export_format(text)
         check_writable(text)
     except LowbitError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
@@ -654,7 +657,7 @@ def _quant_args(p: argparse.ArgumentParser, out_required: bool = False) -> None:
     p.add_argument("--option", action="append", type=parse_option, metavar="NAME=VALUE",
                    help="method option or QuantConfig field without its own flag (repeatable), e.g. --option p_act=2.4")
     p.add_argument("--out", type=output_file, required=out_required,
-                   help="write the artifact here (.lowbit safetensors, or .onnx)")
+                   help="write the artifact here: .lowbit, .safetensors or no suffix (packed artifact), or .onnx")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -122,7 +122,7 @@ def prepare(model: nn.Module, cfg: QuantConfig, example: Tensor,
         pairs = fold_batchnorm(qmodel) if cfg.fold_bn else []
         eq_pairs = equalize(qmodel) if cfg.equalize else []
     warn_float_layers(qmodel, wrap_layers(qmodel, cfg))
-    order = execution_order(qmodel, example.to(cfg.device))
+    order = execution_order(qmodel, example.to(cfg.device, copy=True))  # a copy: a model may change its input in place
     assign_roles(qmodel, order, cfg)
     return qmodel, {"fold_pairs": [list(p) for p in pairs], "equalized_pairs": [list(p) for p in eq_pairs],
                     "layer_order": order}
