@@ -36,7 +36,8 @@ def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = DEFAULT_B
         **options: ``QuantConfig`` fields (granularity, groups, calib_size, device, ...),
             ``quantize_all=True`` (no 8-bit first/last layers, quantized input), ``config=``
             a QuantConfig, ``input_key=`` (the input's key in dict batches), and the method's own
-            options.
+            options. A method option named like a QuantConfig field wins (``batch_size`` of
+            brecq/qdrop/distill: images per step); set the config's through ``config=``.
 
     Returns:
         The quantized simulation, in eval mode, on ``device``; its ``lowbit_info`` records the
@@ -44,7 +45,7 @@ def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = DEFAULT_B
     """
     spec = get_method(method)
     input_key = check_value(options.pop("input_key", None), str | None, "input_key", "lowbit")
-    cfg, method_options = build_config(w_bits, a_bits, options)
+    cfg, method_options = build_config(w_bits, a_bits, options, spec.option_names)
     opts = spec.make_options(method_options)
     x = read_calibration(calib, cfg.calib_size, cfg.seed, input_key)
     try:

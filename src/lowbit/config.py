@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Collection
 from typing import Annotated, Any, Literal, get_args
 
 import torch
@@ -99,13 +100,18 @@ class _DefaultBits(int):
 DEFAULT_BITS = _DefaultBits(4)
 
 
-def build_config(w_bits: int, a_bits: int | None, options: dict[str, Any]) -> tuple[QuantConfig, dict[str, Any]]:
+def build_config(w_bits: int, a_bits: int | None, options: dict[str, Any],
+                 method_options: Collection[str] = ()) -> tuple[QuantConfig, dict[str, Any]]:
     """Split ``options`` into a QuantConfig and the method's own options.
 
     Understands every ``QuantConfig`` field, ``config=`` (a QuantConfig to start from) and
     ``quantize_all=True`` (shorthand for ``first_last_bits=None, quantize_input=True``). Bits
     passed explicitly override those of a ``config=`` object; the defaults do not. Every value is
     checked against its declared type (``QuantConfig`` does it), so ``fold_bn="no"`` is refused.
+
+    A name in ``method_options`` (the method's option names) stays with the method even when
+    ``QuantConfig`` has a field of that name (``batch_size`` of brecq, qdrop and distill is the
+    images per optimisation step); the config's field is then set through ``config=``.
 
     Returns:
         The config and the remaining options (the method's own, checked by its registry entry).
@@ -114,7 +120,7 @@ def build_config(w_bits: int, a_bits: int | None, options: dict[str, Any]) -> tu
     base = options.pop("config", None)
     if base is not None and not isinstance(base, QuantConfig):
         raise LowbitError("config= must be a lowbit.QuantConfig")
-    common = {k: options.pop(k) for k in list(options) if k in CONFIG_FIELDS}
+    common = {k: options.pop(k) for k in list(options) if k in CONFIG_FIELDS and k not in method_options}
     if check_value(options.pop("quantize_all", False), bool, "quantize_all", "lowbit"):
         implied = {"first_last_bits": None, "quantize_input": True}
         clash = sorted(k for k, v in implied.items() if k in common and common[k] != v)

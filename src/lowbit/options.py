@@ -143,12 +143,14 @@ def _check(value: Any, annotation: Any, where: str) -> Any:
                 return value
         raise _Mismatch(where, value)
     if origin in (Union, types.UnionType):
+        nested = None
         for member in args:
             try:
                 return _check(value, member, where)
-            except _Mismatch:
-                continue
-        raise _Mismatch(where, value)
+            except _Mismatch as bad:
+                if bad.where != where:  # the right kind of container, with a wrong item: report the item
+                    nested = nested or bad
+        raise nested or _Mismatch(where, value)
     if annotation is bool:
         if isinstance(value, (bool, np.bool_)):
             return bool(value)

@@ -20,6 +20,11 @@ class Method:
     options: type | None
     description: str
 
+    @property
+    def option_names(self) -> frozenset[str]:
+        """Names of the options this method takes (its options dataclass's init fields)."""
+        return frozenset(f.name for f in fields(self.options) if f.init) if self.options else frozenset()
+
     def make_options(self, given: dict[str, Any]) -> Any:
         """Build the options dataclass from ``given``, checked by name and declared type.
 
@@ -28,7 +33,7 @@ class Method:
                 its field's annotation (naming the method and the option), or one the options'
                 own ``__post_init__`` refuses.
         """
-        allowed = {f.name for f in fields(self.options) if f.init} if self.options else set()
+        allowed = self.option_names
         unknown = sorted(set(given) - allowed)
         if unknown:
             hint = ", ".join(sorted(allowed)) or "none"

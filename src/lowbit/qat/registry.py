@@ -26,6 +26,11 @@ class QatMethod:
     description: str
     fold_bn: bool = True  # False: BN stays during training (and is folded by finalize)
 
+    @property
+    def option_names(self) -> frozenset[str]:
+        """Names of the options this method takes."""
+        return Method(self.name, self.setup, self.options, self.description).option_names
+
     def make_options(self, given: dict[str, Any]) -> Any:
         """The options dataclass, checked by name and declared type like a PTQ method's."""
         return Method(self.name, self.setup, self.options, self.description).make_options(given)

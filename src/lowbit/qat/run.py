@@ -82,17 +82,21 @@ def qat(model: nn.Module, train_data: Tensor | Iterable, val_data: Any = None, m
         log: where per-epoch lines go.
         **options: ``QuantConfig`` fields (granularity, groups, seed, device, ...), ``QatConfig``
             fields (lr, batch_size, checkpoint, resume, log_dir, ...), ``input_key`` and
-            ``target_key`` (the keys of dict batches) and the method's options.
+            ``target_key`` (the keys of dict batches) and the method's options. A name shared
+            by several goes to the method's options first (gdrq's ``momentum``), then to
+            ``QatConfig`` (``batch_size``); ``QuantConfig``'s field is then set through ``config=``.
     """
     spec = get_qat_method(method)
     keys = {k: check_value(options.pop(k, None), str | None, k, "lowbit") for k in ("input_key", "target_key")}
-    # paths may be os.PathLike; the config stores strings (it goes into JSON run records)
+    # a method's own option wins over a training field of the same name (gdrq's momentum);
+    # paths may be os.PathLike, the config stores strings (it goes into JSON run records)
     train_opts = {k: os.fspath(v) if isinstance(v, os.PathLike) else v
-                  for k, v in ((k, options.pop(k)) for k in list(options) if k in QAT_FIELDS)}
+                  for k, v in ((k, options.pop(k)) for k in list(options)
+                               if k in QAT_FIELDS and k not in spec.option_names)}
     if epochs is not None:
         train_opts["epochs"] = epochs
     tcfg = QatConfig(**train_opts)
-    cfg, method_options = build_config(w_bits, a_bits, options)
+    cfg, method_options = build_config(w_bits, a_bits, options, spec.option_names)
     opts = spec.make_options(method_options)
     if not spec.fold_bn:
         cfg = cfg.with_(fold_bn=False)
