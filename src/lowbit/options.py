@@ -160,8 +160,13 @@ def _check(value: Any, annotation: Any, where: str) -> Any:
             return int(value)
         raise _Mismatch(where, value)
     if annotation is float:
-        if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value):
-            return float(value)
+        if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+            try:
+                number = float(value)
+            except OverflowError:  # an int beyond float range
+                raise _Mismatch(where, value) from None
+            if math.isfinite(number):
+                return number
         raise _Mismatch(where, value)
     if annotation is str:
         if isinstance(value, str):
