@@ -1,8 +1,8 @@
 """Quantization configuration: one frozen dataclass shared by every method."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
 from collections.abc import Collection
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Annotated, Any, Literal, get_args
 
 import torch
@@ -83,7 +83,7 @@ class QuantConfig:
 CONFIG_FIELDS = frozenset(f.name for f in fields(QuantConfig))
 
 
-def check_device(device: str) -> None:
+def check_device(device: str | torch.device) -> None:
     """Refuse a device string torch does not know, or CUDA where it is not available."""
     try:
         dev = torch.device(device)
