@@ -9,49 +9,14 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
-from .config import CONFIG_FIELDS, QuantConfig
-from .data.calib import as_calibration_tensor, sample_calibration
+from .config import DEFAULT_BITS, QuantConfig, build_config  # noqa: F401  (re-exported: lowbit.api.build_config)
+from .config import check_device as _check_device
+from .data.calib import read_calibration
 from .errors import LowbitError
 from .graph.surgery import input_ranks, prepare
+from .options import check_value
 from .ptq.registry import get_method
 from .ptq.registry import methods as _methods
-
-
-def _check_device(device: str) -> None:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise LowbitError(f"unknown device {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LowbitError(f"device {device!r} requested but CUDA is not available")
-
-
-class _DefaultBits(int):
-    """The default bit width (4), distinguishable from an explicit 4 so that config= can win."""
-
-
-DEFAULT_BITS = _DefaultBits(4)
-
-
-def build_config(w_bits: int, a_bits: int | None, options: dict[str, Any]) -> tuple[QuantConfig, dict[str, Any]]:
-    """Split ``options`` into a QuantConfig and the method's own options.
-
-    Bits passed explicitly override those of a ``config=`` object; the defaults do not.
-    """
-    options = dict(options)
-    base = options.pop("config", None)
-    if base is not None and not isinstance(base, QuantConfig):
-        raise LowbitError("config= must be a lowbit.QuantConfig")
-    common = {k: options.pop(k) for k in list(options) if k in CONFIG_FIELDS}
-    if options.pop("quantize_all", False):
-        common.update(first_last_bits=None, quantize_input=True)
-    if base is None:
-        base = QuantConfig()
-    bits = {name: value for name, value in (("w_bits", w_bits), ("a_bits", a_bits))
-            if type(value) is not _DefaultBits}
-    cfg = base.with_(**bits, **common)
-    _check_device(cfg.device)
-    return cfg, options
 
 
 def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = DEFAULT_BITS, a_bits: int | None = DEFAULT_BITS,
@@ -60,24 +25,29 @@ def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = DEFAULT_B
 
     Args:
         model: any FP CNN (left unchanged).
-        calib: N x C x H x W normalized inputs, or an iterable of batches (tensors or (input, label)).
+        calib: normalized float inputs N x C x H x W, an ``(input, target)`` pair of tensors, a
+            map-style ``Dataset``, or an iterable of batches (tensors, ``(input, target)`` tuples,
+            or dicts with ``input_key``). Tensors and Datasets with more than ``calib_size``
+            images are subsampled by ``seed``; other iterables give their first ``calib_size``
+            images and are read no further (see ``lowbit.data.calib``).
         w_bits: weight bits of body layers (1..16).
         a_bits: activation bits of body-layer inputs (1..16), None for weights only.
         method: a name from ``lowbit.methods()``.
         **options: ``QuantConfig`` fields (granularity, groups, calib_size, device, ...),
             ``quantize_all=True`` (no 8-bit first/last layers, quantized input), ``config=``
-            a QuantConfig, and the method's own options.
+            a QuantConfig, ``input_key=`` (the input's key in dict batches), and the method's own
+            options. A method option named like a QuantConfig field wins (``batch_size`` of
+            brecq/qdrop/distill: images per step); set the config's through ``config=``.
 
     Returns:
         The quantized simulation, in eval mode, on ``device``; its ``lowbit_info`` records the
         method, config, options, folded BN pairs and the calibration ``input_shape``.
     """
     spec = get_method(method)
-    cfg, method_options = build_config(w_bits, a_bits, options)
+    input_key = check_value(options.pop("input_key", None), str | None, "input_key", "lowbit")
+    cfg, method_options = build_config(w_bits, a_bits, options, spec.option_names)
     opts = spec.make_options(method_options)
-    x = as_calibration_tensor(calib, ranks=input_ranks(model))
-    if len(x) > cfg.calib_size:
-        x = sample_calibration(x, cfg.calib_size, cfg.seed)
+    x = read_calibration(calib, cfg.calib_size, cfg.seed, input_key, input_ranks(model))
     try:
         qmodel, record = prepare(model, cfg, x[:2])
     except LowbitError:

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 from torch import Tensor, nn
 
 from ..config import QuantConfig
 from ..errors import LowbitError
+from ..options import Range
 from ..quant.quantizer import ActObserver
 from ..quant.ranges import aciq_range, lp_search_range, minmax_range
 from .common import calibrate_inputs, calibrate_weights, observe_fp_inputs
@@ -31,10 +33,10 @@ class MseOptions:
         shrink: step of the clip ratio.
     """
 
-    p_weight: float = 2.0
-    p_act: float = 2.4
-    candidates: int = 100
-    shrink: float = 0.01
+    p_weight: Annotated[float, Range(gt=0)] = 2.0
+    p_act: Annotated[float, Range(gt=0)] = 2.4
+    candidates: Annotated[int, Range(ge=1)] = 100
+    shrink: Annotated[float, Range(gt=0, lt=1)] = 0.01
 
     def __post_init__(self) -> None:
         if self.p_weight <= 0 or self.p_act <= 0 or self.candidates < 1 or not 0 < self.shrink < 1:
@@ -70,7 +72,7 @@ class AciqOptions:
         dist: assumed distribution, "laplace" (b = mean |x - mean|) or "gauss" (sigma).
     """
 
-    dist: str = "laplace"
+    dist: Literal["laplace", "gauss"] = "laplace"
 
     def __post_init__(self) -> None:
         if self.dist not in ("laplace", "gauss"):

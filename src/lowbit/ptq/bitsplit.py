@@ -19,6 +19,7 @@ known to compute ``conv(x, W)``: their weights get the MSE clipping search inste
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 
 from ..config import QuantConfig
 from ..errors import LowbitError
+from ..options import Range
 from ..quant.bitplanes import num_planes, split_planes, stitch_planes
 from ..quant.layers import layer_kind, out_channels
 from ..quant.ranges import RANGE_ESTIMATORS, lp_search_range
@@ -52,13 +54,13 @@ class BitSplitOptions:
         fit_dtype: "float64" (default, exact and stable) or "float32" for the coordinate descent.
     """
 
-    iters: int = 4
-    samples: int = 32768
+    iters: Annotated[int, Range(ge=1)] = 4
+    samples: Annotated[int, Range(ge=0)] = 32768
     error_compensation: bool = True
-    act_method: str = "mse"
+    act_method: Literal["lloyd", "mse", "minmax"] = "mse"
     bias_correction: bool = True
     bn_reestimate: bool = False
-    fit_dtype: str = "float64"
+    fit_dtype: Literal["float64", "float32"] = "float64"
 
     def __post_init__(self) -> None:
         if self.act_method not in ("lloyd", "mse", "minmax"):

@@ -16,13 +16,14 @@ teacher, with a few images:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Annotated, Iterable
 
 import torch
 from torch import Tensor, nn
 
 from ..config import QuantConfig
 from ..errors import LowbitError
+from ..options import Range
 from ..progress import progress_bar
 from ..quant.layers import QuantConv2d, QuantLinear, quant_layers
 from ..quant.learnable import LearnedStepAct, LearnedStepWeight, commit_stand_ins
@@ -50,15 +51,15 @@ class DistillOptions:
         cache_mb: in-memory budget per cached tensor; larger caches go to a temporary file.
     """
 
-    block_iters: int = 300
-    joint_iters: int = 1000
-    batch_size: int = 32
-    lr: float = 1e-4
-    scale_lr: float = 1e-3
-    temperature: float = 1.0
+    block_iters: Annotated[int, Range(ge=0)] = 300
+    joint_iters: Annotated[int, Range(ge=0)] = 1000
+    batch_size: Annotated[int, Range(ge=1)] = 32
+    lr: Annotated[float, Range(gt=0)] = 1e-4
+    scale_lr: Annotated[float, Range(ge=0)] = 1e-3
+    temperature: Annotated[float, Range(gt=0)] = 1.0
     augment: bool = True
-    max_block_layers: int = 8
-    cache_mb: int = 1024
+    max_block_layers: Annotated[int, Range(ge=1)] = 8
+    cache_mb: Annotated[int, Range(ge=0)] = 1024
 
     def __post_init__(self) -> None:
         if self.block_iters < 0 or self.joint_iters < 0 or self.batch_size < 1:

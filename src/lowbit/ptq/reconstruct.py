@@ -10,12 +10,14 @@ during the fit (``drop_prob=0.5``), which is the ``qdrop`` method.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import Tensor, nn
 
 from ..config import QuantConfig
 from ..errors import LowbitError
+from ..options import Range
 from ..progress import progress_bar
 from ..quant.learnable import LearnedStepAct, SoftRoundWeight, commit_stand_ins
 from .baselines import MseOptions, mse_start_with_teacher
@@ -43,17 +45,17 @@ class ReconOptions:
         cache_mb: in-memory budget per cached tensor; larger caches go to a temporary file.
     """
 
-    iters: int = 500
-    batch_size: int = 32
-    lr: float = 1e-3
-    act_lr: float = 4e-5
-    reg_weight: float = 0.01
-    beta_start: float = 20.0
-    beta_end: float = 2.0
-    warmup: float = 0.2
-    drop_prob: float = 0.0
-    max_block_layers: int = 8
-    cache_mb: int = 1024
+    iters: Annotated[int, Range(ge=1)] = 500
+    batch_size: Annotated[int, Range(ge=1)] = 32
+    lr: Annotated[float, Range(gt=0)] = 1e-3
+    act_lr: Annotated[float, Range(ge=0)] = 4e-5
+    reg_weight: Annotated[float, Range(ge=0)] = 0.01
+    beta_start: Annotated[float, Range(gt=0)] = 20.0  # >= beta_end
+    beta_end: Annotated[float, Range(gt=0)] = 2.0
+    warmup: Annotated[float, Range(ge=0, lt=1)] = 0.2
+    drop_prob: Annotated[float, Range(ge=0, lt=1)] = 0.0
+    max_block_layers: Annotated[int, Range(ge=1)] = 8
+    cache_mb: Annotated[int, Range(ge=0)] = 1024
 
     def __post_init__(self) -> None:
         if self.iters < 1 or self.batch_size < 1:
@@ -70,7 +72,7 @@ class ReconOptions:
 class QDropOptions(ReconOptions):
     """Block reconstruction with QDrop (activation quantization dropped with ``drop_prob``)."""
 
-    drop_prob: float = 0.5
+    drop_prob: Annotated[float, Range(ge=0, lt=1)] = 0.5
 
 
 def block_loss(out: Tensor, target: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..config import QuantConfig
 from ..errors import LowbitError
+from ..options import check_options, option_types
 
 Handler = Callable[[nn.Module, Tensor, QuantConfig, Any], None]
 
@@ -19,22 +20,44 @@ class Method:
     options: type | None
     description: str
 
+    @property
+    def option_names(self) -> frozenset[str]:
+        """Names of the options this method takes (its options dataclass's init fields)."""
+        return frozenset(f.name for f in fields(self.options) if f.init) if self.options else frozenset()
+
     def make_options(self, given: dict[str, Any]) -> Any:
-        """Build the options dataclass; unknown names raise a LowbitError listing known ones."""
-        allowed = {f.name for f in fields(self.options)} if self.options else set()
+        """Build the options dataclass from ``given``, checked by name and declared type.
+
+        Raises:
+            LowbitError: an unknown name (listing the known ones), or a value that does not match
+                its field's annotation (naming the method and the option), or one the options'
+                own ``__post_init__`` refuses.
+        """
+        allowed = self.option_names
         unknown = sorted(set(given) - allowed)
         if unknown:
             hint = ", ".join(sorted(allowed)) or "none"
             raise LowbitError(f"unknown option(s) {unknown} for method {self.name!r}; "
                               f"its options: {hint}; common options: see lowbit.QuantConfig")
-        return self.options(**given) if self.options else None
+        if not self.options:
+            return None
+        # types before construction, so that __post_init__ range checks never compare a str
+        return self.options(**check_options(self.options, given, f"method {self.name!r}"))
 
 
 _METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, options: type | None = None, description: str = "") -> Callable[[Handler], Handler]:
-    """Decorator registering ``handler(qmodel, calib, cfg, opts)`` under ``name``."""
+    """Decorator registering ``handler(qmodel, calib, cfg, opts)`` under ``name``.
+
+    ``options`` is a dataclass whose field annotations declare each option's type (see
+    ``lowbit.options``); they are resolved here, so an annotation lowbit cannot check fails at
+    registration with a TypeError rather than when the method is used.
+    """
+    if options is not None:
+        option_types(options)
+
     def deco(fn: Handler) -> Handler:
         _METHODS[name] = Method(name, fn, options, description or (fn.__doc__ or "").strip().split("\n")[0])
         return fn

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..errors import LowbitError
 from ..evaluate import accuracy
+from ..options import check_fields
 from ..progress import progress_bar
 from ..train import (distillation_loss, load_checkpoint, parameter_shapes, private_global_rng, restore_failed,
                      save_checkpoint, seed_global_rng, train_step)
@@ -83,6 +84,7 @@ class QatConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self, "QatConfig")  # declared types first: "3" is not an int
         if self.epochs < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise LowbitError("qat: epochs, batch_size and checkpoint_every must be >= 1")
         if self.optimizer not in OPTIMIZERS:

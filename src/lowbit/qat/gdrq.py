@@ -17,12 +17,14 @@ Han et al., "Low-bit Quantization Needs Good Distribution" (CVPRW 2020).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import Tensor, nn
 
 from ..config import QuantConfig
 from ..errors import LowbitError
+from ..options import Range
 from ..ptq.baselines import MseOptions, mse
 from ..quant.layers import quant_layers
 from ..quant.learnable import commit_stand_ins
@@ -44,9 +46,9 @@ class GdrqOptions:
         momentum: moving-average momentum of the activation threshold.
     """
 
-    k_weight: float | None = None
-    k_act: float | None = None
-    momentum: float = 0.99
+    k_weight: Annotated[float, Range(gt=0)] | None = None
+    k_act: Annotated[float, Range(gt=0)] | None = None
+    momentum: Annotated[float, Range(ge=0, lt=1)] = 0.99
 
     def __post_init__(self) -> None:
         if any(k is not None and k <= 0 for k in (self.k_weight, self.k_act)) or not 0 <= self.momentum < 1:

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..config import QuantConfig
 from ..errors import LowbitError
+from ..options import option_types
 from ..ptq.registry import Method
 
 # setup(qmodel, calib, cfg, opts): trainable quantizers in place; finalize(qmodel, cfg, opts): plain
@@ -25,7 +26,13 @@ class QatMethod:
     description: str
     fold_bn: bool = True  # False: BN stays during training (and is folded by finalize)
 
+    @property
+    def option_names(self) -> frozenset[str]:
+        """Names of the options this method takes."""
+        return Method(self.name, self.setup, self.options, self.description).option_names
+
     def make_options(self, given: dict[str, Any]) -> Any:
+        """The options dataclass, checked by name and declared type like a PTQ method's."""
         return Method(self.name, self.setup, self.options, self.description).make_options(given)
 
 
@@ -34,6 +41,9 @@ _QAT: dict[str, QatMethod] = {}
 
 def register_qat_method(name: str, setup: Setup, finalize: Finalize, options: type | None = None,
                         description: str = "", fold_bn: bool = True) -> None:
+    """Register a QAT method; ``options`` annotations are resolved now (TypeError if lowbit cannot check them)."""
+    if options is not None:
+        option_types(options)
     _QAT[name] = QatMethod(name, setup, finalize, options, description, fold_bn)
 
 

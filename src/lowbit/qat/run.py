@@ -2,35 +2,64 @@
 from __future__ import annotations
 
 import copy
+import os
+from collections.abc import Mapping
 from dataclasses import asdict, is_dataclass
 from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
 
-from ..api import DEFAULT_BITS, build_config
-from ..data.calib import as_calibration_tensor, sample_calibration
+from ..config import DEFAULT_BITS, build_config
+from ..data.calib import (as_calibration_tensor, check_input, concat_batches, is_map_dataset, sample_calibration,
+                          split_batch)
 from ..errors import LowbitError
 from ..graph.fold import find_conv_bn_pairs
 from ..graph.surgery import input_ranks, prepare
+from ..options import check_value
 from ..train import private_global_rng
 from .engine import CONFIG_RESUMABLE, QAT_FIELDS, QatConfig, check_checkpoint_target, fit
 from .registry import get_qat_method
 
 
-def _as_labelled(data: Any, what: str, ranks: tuple[int, ...] = (4,)) -> tuple[Tensor, Tensor]:
-    """``(x, y)`` tensors from a pair of tensors or an iterable of ``(x, y)`` batches."""
+def _as_labelled(data: Any, what: str, input_key: str | None = None, target_key: str | None = None,
+                 ranks: tuple[int, ...] = (4,)) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` tensors from a pair of tensors, a map-style Dataset or an iterable of batches.
+
+    Batches (and Dataset items) are ``(input, target, ...)`` tuples or lists, or dicts read with
+    ``input_key`` and ``target_key``; labels are refused where images are expected.
+    """
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        if input_key is not None:
+            raise LowbitError(f"input_key={input_key!r} applies to dict batches, but {what} is a pair of tensors")
         x, y = data
     else:
-        try:
-            batches = list(data)
-        except TypeError:
-            raise LowbitError(f"{what} must be (images, labels) tensors or an iterable of (x, y) batches") from None
-        if not batches or not all(isinstance(b, (tuple, list)) and len(b) >= 2 for b in batches):
-            raise LowbitError(f"{what} batches must be (images, labels) pairs")
-        x = torch.cat([torch.as_tensor(b[0]) for b in batches])
-        y = torch.cat([torch.as_tensor(b[1]) for b in batches])
+        if isinstance(data, Mapping):
+            items: Iterable = [data]  # one dict batch
+        elif is_map_dataset(data):
+            items = (data[i] for i in range(len(data)))
+        else:
+            try:
+                items = iter(data)
+            except TypeError:
+                raise LowbitError(f"{what} must be (images, labels) tensors, a Dataset or an iterable of "
+                                  f"(x, y) batches, got {type(data).__name__}") from None
+        xs, ys = [], []
+        for i, item in enumerate(items):
+            where = f"{what} batch {i}"
+            x, y = split_batch(item, where, input_key, target_key)
+            if y is None:
+                raise LowbitError(f"{where} has no labels: {what} batches must be (images, labels) pairs, or "
+                                  f"dicts with input_key= and target_key=")
+            xs.append(check_input(x, where, ranks=ranks))
+            y = torch.as_tensor(y)
+            ys.append(y.reshape(1) if y.dim() == 0 else y)  # a Dataset item's label is a scalar
+        if not xs:
+            raise LowbitError(f"{what} is empty")
+        x = concat_batches(xs)
+        if any(t.dim() != 1 for t in ys):
+            raise LowbitError(f"{what}: labels must be a 1-D integer tensor with one label per image")
+        y = torch.cat(ys)
     x = as_calibration_tensor(x, ranks=ranks)
     if y.dim() != 1 or len(y) != len(x) or y.is_floating_point():
         raise LowbitError(f"{what}: labels must be a 1-D integer tensor with one label per image")
@@ -44,7 +73,8 @@ def qat(model: nn.Module, train_data: Tensor | Iterable, val_data: Any = None, m
 
     Args:
         model: trained FP CNN (left unchanged).
-        train_data: ``(images, labels)`` tensors, or an iterable of ``(x, y)`` batches.
+        train_data: ``(images, labels)`` tensors, a map-style Dataset of ``(image, label)`` items,
+            or an iterable of ``(x, y)`` batches (or of dicts: pass ``input_key`` and ``target_key``).
         val_data: same form, evaluated after every epoch (optional).
         method: a name from ``lowbit.qat_methods()`` ("lsq", "gdrq").
         w_bits: weight bits of body layers.
@@ -52,7 +82,10 @@ def qat(model: nn.Module, train_data: Tensor | Iterable, val_data: Any = None, m
         epochs: training epochs (``QatConfig.epochs`` by default).
         log: where per-epoch lines go.
         **options: ``QuantConfig`` fields (granularity, groups, seed, device, ...), ``QatConfig``
-            fields (lr, batch_size, checkpoint, resume, overwrite, log_dir, ...) and the method's options.
+            fields (lr, batch_size, checkpoint, resume, overwrite, log_dir, ...), ``input_key`` and
+            ``target_key`` (the keys of dict batches) and the method's options. A name shared
+            by several goes to the method's options first (gdrq's ``momentum``), then to
+            ``QatConfig`` (``batch_size``); ``QuantConfig``'s field is then set through ``config=``.
 
     Raises:
         LowbitError: among others, when ``checkpoint`` exists and neither ``resume`` nor ``overwrite``
@@ -63,18 +96,23 @@ def qat(model: nn.Module, train_data: Tensor | Iterable, val_data: Any = None, m
     The caller's global random state (CPU, and the GPU trained on) is the same afterwards.
     """
     spec = get_qat_method(method)
-    train_opts = {k: options.pop(k) for k in list(options) if k in QAT_FIELDS}
+    keys = {k: check_value(options.pop(k, None), str | None, k, "lowbit") for k in ("input_key", "target_key")}
+    # a method's own option wins over a training field of the same name (gdrq's momentum);
+    # paths may be os.PathLike, the config stores strings (it goes into JSON run records)
+    train_opts = {k: os.fspath(v) if isinstance(v, os.PathLike) else v
+                  for k, v in ((k, options.pop(k)) for k in list(options)
+                               if k in QAT_FIELDS and k not in spec.option_names)}
     if epochs is not None:
         train_opts["epochs"] = epochs
     tcfg = QatConfig(**train_opts)
     check_checkpoint_target(tcfg)  # before the (possibly long) setup
-    cfg, method_options = build_config(w_bits, a_bits, options)
+    cfg, method_options = build_config(w_bits, a_bits, options, spec.option_names)
     opts = spec.make_options(method_options)
     if not spec.fold_bn:
         cfg = cfg.with_(fold_bn=False)
     ranks = input_ranks(model)
-    x_train, y_train = _as_labelled(train_data, "train_data", ranks)
-    val = _as_labelled(val_data, "val_data", ranks) if val_data is not None else None
+    x_train, y_train = _as_labelled(train_data, "train_data", **keys, ranks=ranks)
+    val = _as_labelled(val_data, "val_data", **keys, ranks=ranks) if val_data is not None else None
     calib = sample_calibration(x_train, min(cfg.calib_size, len(x_train)), cfg.seed)
     qmodel, record = prepare(model, cfg, calib[:2])
     if not spec.fold_bn:
