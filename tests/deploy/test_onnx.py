@@ -33,18 +33,26 @@ def export(qmodel: nn.Module, path: Path, **kwargs) -> Path:
     return export_onnx(qmodel, path, input_shape=SHAPE, **kwargs)
 
 
-def assert_matches_simulation(qmodel: nn.Module, path: Path, images: torch.Tensor) -> None:
-    """ORT reproduces the simulation: almost every logit equal, argmax agreeing on (nearly) all images.
+def assert_matches_simulation(qmodel: nn.Module, path: Path, images: torch.Tensor, exact: bool = True) -> None:
+    """ORT reproduces the simulation: the same argmax on every image and the same logits.
 
-    Float sums in ONNX Runtime and PyTorch run in different orders, so a value on a rounding
-    boundary may land on the other code now and then; the median difference stays at float noise.
+    ``exact``: every logit equal up to float noise (1e-5 of the largest). ONNX Runtime fuses
+    8-bit Q/DQ pairs around a conv into its integer kernels (QLinearConv), which requantize with
+    their own rounding, so with 8-bit activations (``exact=False``) a value on a rounding boundary
+    lands on the neighbouring code now and then: a few images' logits move by up to 2% of the
+    largest, all others stay equal.
     """
-    sim = qmodel(images).detach()
+    with torch.no_grad():
+        sim = qmodel(images)
     ort = torch.from_numpy(onnx_session(path).run(None, {"input": images.numpy()})[0])
     diff = (sim - ort).abs()
     scale = sim.abs().max().clamp_min(1e-12)
-    assert diff.median() <= 1e-5 * scale, f"median |diff| {diff.median():.3g} vs logits {scale:.3g}"
-    assert (sim.argmax(1) == ort.argmax(1)).float().mean() >= 0.9
+    equal_rows = (diff <= 1e-5 * scale).all(1).float().mean().item()
+    assert torch.equal(sim.argmax(1), ort.argmax(1)), "ONNX Runtime predicts another class"
+    if exact:
+        assert equal_rows == 1.0, f"max |diff| {diff.max():.3g} vs logits {scale:.3g}"
+    else:
+        assert equal_rows >= 0.9 and diff.max() <= 2e-2 * scale, (equal_rows, (diff.max() / scale).item())
 
 
 def dq_codes(model: onnx.ModelProto) -> dict[str, tuple[int, np.ndarray]]:
@@ -64,7 +72,7 @@ def test_zoo_round_trip_through_onnx_runtime(name, config, tmp_path) -> None:
     w_bits, a_bits = CONFIGS[config]
     q = lowbit.quantize(make_model(name), calib_tensor(16), w_bits=w_bits, a_bits=a_bits, method="minmax")
     path = export(q, tmp_path / "m.onnx")
-    assert_matches_simulation(q, path, calib_tensor(16, seed=7))
+    assert_matches_simulation(q, path, calib_tensor(64, seed=7), exact=a_bits < 8)
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
     assert model.opset_import[0].version == {8: 13, 4: 21, 2: 25}[w_bits]
@@ -116,7 +124,7 @@ def test_sub_byte_weights_are_stored_at_their_width(tmp_path) -> None:
 def test_other_widths_and_layouts(bits, a_bits, options, tmp_path) -> None:
     q = lowbit.quantize(make_model("resnet20"), calib_tensor(32), w_bits=bits, a_bits=a_bits, **options)
     path = export(q, tmp_path / "m.onnx")
-    assert_matches_simulation(q, path, calib_tensor(16, seed=3))
+    assert_matches_simulation(q, path, calib_tensor(64, seed=3), exact=a_bits != 8)
     report = onnx_weight_report(path)
     layers = dict(quant_layers(q))
     for row in report:
@@ -132,7 +140,7 @@ def test_other_widths_and_layouts(bits, a_bits, options, tmp_path) -> None:
 
 
 def test_other_methods_and_a_zoo_free_model(tmp_path) -> None:
-    images = calib_tensor(16, seed=9)
+    images = calib_tensor(64, seed=9)
     quick = {"brecq": {"iters": 5}, "qdrop": {"iters": 5}, "distill": {"block_iters": 5, "joint_iters": 5}}
     for method in lowbit.methods():
         q = lowbit.quantize(make_model("zoofree"), calib_tensor(16), w_bits=4, a_bits=4, method=method,
@@ -247,13 +255,14 @@ def test_int32_bias_graph_and_folded_weight_sessions(tmp_path) -> None:
     from lowbit.deploy.integer import with_int32_bias
 
     q = lowbit.quantize(make_model("resnet20"), calib_tensor(32), w_bits=8, a_bits=8)
-    images = calib_tensor(32, seed=11)
+    images = calib_tensor(64, seed=11)
     path = export(q, tmp_path / "i32.onnx", int32_bias=True)
     model = onnx.load(str(path))
     bias_types = {t.data_type for t in model.graph.initializer if t.name.endswith(".bias_q")}
     assert bias_types == {TensorProto.INT32}
     assert json.loads(model.metadata_props[0].value)["bias"] == "int32"
-    assert_matches_simulation(with_int32_bias(q), path, images)  # a device's int32 biases, not the float ones
+    # a device's int32 biases, not the float ones; 8-bit codes: ONNX Runtime's integer kernels
+    assert_matches_simulation(with_int32_bias(q), path, images, exact=False)
     # the default graph under weight folding: same results, weights dequantized once at load
     plain = export(q, tmp_path / "plain.onnx")
     folded = torch.from_numpy(onnx_session(plain, fold_weights=True).run(None, {"input": images.numpy()})[0])
