@@ -25,19 +25,28 @@ CONFIGS = {"W8A8": (8, 8), "W4A4": (4, 4), "W2A4": (2, 4)}
 def test_zoo_integer_path_agrees_with_simulation(name, config) -> None:
     w_bits, a_bits = CONFIGS[config]
     q = lowbit.quantize(make_model(name), calib_tensor(16), w_bits=w_bits, a_bits=a_bits, method="minmax")
-    images = calib_tensor(8, seed=7)
+    images = calib_tensor(64, seed=7)
     device = integer_model(q)
     layers = dict(quant_layers(q))
     # every layer with a quantized input accumulates in integers; by the protocol only the first does not
     assert set(device.integer_layers) == {n for n, l in layers.items() if l.input_quant.enabled}
     assert device.traced and device.requantized, "conv -> ReLU -> conv chains requantize in fixed point"
-    # int32 biases: the device equals the simulation with int32-rounded biases, up to requantization ties
+    # int32 biases: the device equals the simulation with int32-rounded biases; with 16 fractional
+    # bias bits it reproduces the unmodified simulation
     res = integer_agreement(with_int32_bias(q), images, device)
-    assert res["code_agreement"] >= 99.5 and res["argmax_agreement"] >= 87.5
     assert res["fits_int32"]
-    # with 16 fractional bias bits the device reproduces the unmodified simulation
     res16 = integer_agreement(q, images, integer_model(q, bias_frac_bits=16))
-    assert res16["code_agreement"] >= 99.5 and res16["argmax_agreement"] >= 87.5
+    with torch.no_grad():
+        logit_scale = q(images).abs().max().item()
+    for r in (res, res16):
+        assert r["argmax_agreement"] == 100.0, r
+        # the accumulators are exact, so a code differs only where the simulation's float sums or
+        # the fixed-point requantization land a value on the other side of a rounding boundary:
+        # none in these 64 images at sub-8-bit codes; at 8 bits, with 16x finer steps, a few codes
+        # in ten thousand, a few steps apart once propagated
+        assert r["code_agreement"] >= (99.99 if a_bits < 8 else 99.8) and r["max_code_diff"] <= 8, r
+        if a_bits < 8:
+            assert r["max_abs_diff"] <= 1e-2 * logit_scale, r
 
 
 def test_fully_integer_network_and_untraceable_fallback() -> None:

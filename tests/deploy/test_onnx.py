@@ -33,18 +33,33 @@ def export(qmodel: nn.Module, path: Path, **kwargs) -> Path:
     return export_onnx(qmodel, path, input_shape=SHAPE, **kwargs)
 
 
-def assert_matches_simulation(qmodel: nn.Module, path: Path, images: torch.Tensor) -> None:
-    """ORT reproduces the simulation: almost every logit equal, argmax agreeing on (nearly) all images.
+def _ort_fuses_integer_kernels(qmodel: nn.Module) -> bool:
+    """Whether some conv takes 8-bit input codes: ONNX Runtime then fuses its Q/DQ pair into QLinearConv."""
+    return any(isinstance(l, nn.Conv2d) and l.input_quant.enabled and l.input_quant.bits == 8
+               for _, l in quant_layers(qmodel))
 
-    Float sums in ONNX Runtime and PyTorch run in different orders, so a value on a rounding
-    boundary may land on the other code now and then; the median difference stays at float noise.
+
+def assert_matches_simulation(qmodel: nn.Module, path: Path, images: torch.Tensor, exact: bool | None = None) -> None:
+    """ORT reproduces the simulation: the same argmax on every image, the same logits on nearly every one.
+
+    A logit counts as the same within 1e-5 of the largest. Float sums in ONNX Runtime and PyTorch
+    run in different orders, so a value on a rounding boundary can land on the neighbouring code:
+    rare (at most 1 image in 64 seen), but that image's logits then move by up to a few percent.
+    ``exact=False`` (the default when a conv takes 8-bit input codes): ONNX Runtime fuses those
+    Q/DQ pairs into its integer kernels (QLinearConv), which requantize with their own rounding,
+    so such flips are more frequent (up to 3 images in 64 seen).
     """
-    sim = qmodel(images).detach()
+    if exact is None:
+        exact = not _ort_fuses_integer_kernels(qmodel)
+    with torch.no_grad():
+        sim = qmodel(images)
     ort = torch.from_numpy(onnx_session(path).run(None, {"input": images.numpy()})[0])
     diff = (sim - ort).abs()
     scale = sim.abs().max().clamp_min(1e-12)
-    assert diff.median() <= 1e-5 * scale, f"median |diff| {diff.median():.3g} vs logits {scale:.3g}"
-    assert (sim.argmax(1) == ort.argmax(1)).float().mean() >= 0.9
+    equal_rows = (diff <= 1e-5 * scale).all(1).float().mean().item()
+    assert torch.equal(sim.argmax(1), ort.argmax(1)), "ONNX Runtime predicts another class"
+    assert equal_rows >= (0.95 if exact else 0.8), f"{equal_rows:.1%} of images with the same logits"
+    assert diff.max() <= 5e-2 * scale, f"max |diff| {diff.max():.3g} vs logits {scale:.3g}"
 
 
 def dq_codes(model: onnx.ModelProto) -> dict[str, tuple[int, np.ndarray]]:
@@ -64,7 +79,8 @@ def test_zoo_round_trip_through_onnx_runtime(name, config, tmp_path) -> None:
     w_bits, a_bits = CONFIGS[config]
     q = lowbit.quantize(make_model(name), calib_tensor(16), w_bits=w_bits, a_bits=a_bits, method="minmax")
     path = export(q, tmp_path / "m.onnx")
-    assert_matches_simulation(q, path, calib_tensor(16, seed=7))
+    assert _ort_fuses_integer_kernels(q) == (a_bits == 8)
+    assert_matches_simulation(q, path, calib_tensor(64, seed=7))
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
     assert model.opset_import[0].version == {8: 13, 4: 21, 2: 25}[w_bits]
@@ -116,7 +132,7 @@ def test_sub_byte_weights_are_stored_at_their_width(tmp_path) -> None:
 def test_other_widths_and_layouts(bits, a_bits, options, tmp_path) -> None:
     q = lowbit.quantize(make_model("resnet20"), calib_tensor(32), w_bits=bits, a_bits=a_bits, **options)
     path = export(q, tmp_path / "m.onnx")
-    assert_matches_simulation(q, path, calib_tensor(16, seed=3))
+    assert_matches_simulation(q, path, calib_tensor(64, seed=3))
     report = onnx_weight_report(path)
     layers = dict(quant_layers(q))
     for row in report:
@@ -132,7 +148,7 @@ def test_other_widths_and_layouts(bits, a_bits, options, tmp_path) -> None:
 
 
 def test_other_methods_and_a_zoo_free_model(tmp_path) -> None:
-    images = calib_tensor(16, seed=9)
+    images = calib_tensor(64, seed=9)
     quick = {"brecq": {"iters": 5}, "qdrop": {"iters": 5}, "distill": {"block_iters": 5, "joint_iters": 5}}
     for method in lowbit.methods():
         q = lowbit.quantize(make_model("zoofree"), calib_tensor(16), w_bits=4, a_bits=4, method=method,
@@ -247,7 +263,7 @@ def test_int32_bias_graph_and_folded_weight_sessions(tmp_path) -> None:
     from lowbit.deploy.integer import with_int32_bias
 
     q = lowbit.quantize(make_model("resnet20"), calib_tensor(32), w_bits=8, a_bits=8)
-    images = calib_tensor(32, seed=11)
+    images = calib_tensor(64, seed=11)
     path = export(q, tmp_path / "i32.onnx", int32_bias=True)
     model = onnx.load(str(path))
     bias_types = {t.data_type for t in model.graph.initializer if t.name.endswith(".bias_q")}

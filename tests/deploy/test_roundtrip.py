@@ -26,7 +26,7 @@ def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def round_trip(q: nn.Module, tmp_path, model: nn.Module | None = None) -> nn.Module:
     """Artifact -> load gives the same logits and codes; the loaded model's ONNX graph matches ``q`` in ORT."""
-    images = calib_tensor(16, seed=7)
+    images = calib_tensor(64, seed=7)
     path = lowbit.export(q, tmp_path / "m.lowbit")
     loaded = lowbit.load(path, model=model)
     assert torch.equal(logits(loaded, images), logits(q, images))

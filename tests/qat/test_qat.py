@@ -34,23 +34,50 @@ def _data(n: int = 64, seed: int = 0):
 
 
 def test_scale_clip_weight_threshold_and_ste() -> None:
-    w = torch.randn(8, 4, 3, 3, requires_grad=True)
+    w = (torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(0)) * 2).requires_grad_()
     wq = WeightQuantizer(2, 8, "group", 4)
     sc = ScaleClipWeight(wq, k=2.0)
     out = sc(w)
-    t = 2.0 * w.detach().abs().reshape(4, -1).mean(1)  # per group of 2 filters
+    t = 2.0 * w.detach().abs().reshape(4, -1).mean(1)  # T per group of 2 filters
     step = t / 1  # 2-bit narrow range: qmax = 1
-    for g in range(4):
-        vals = out[2 * g:2 * g + 2].detach().unique()
-        assert set(torch.round(vals / step[g]).tolist()) <= {-1.0, 0.0, 1.0}
+    rows = w.detach().reshape(4, -1)
+    # forward: round to the step, clamp to the ternary codes (what the committed quantizer computes)
+    expected = torch.clamp(torch.round(rows / step.view(4, 1)), -1, 1) * step.view(4, 1)
+    assert torch.allclose(out.detach().reshape(4, -1), expected, rtol=0, atol=1e-6)
     out.sum().backward()
-    clip = (w.detach().abs().reshape(4, -1) / step.view(4, 1)).round() <= 1  # STE: 1 inside the clip range
-    inside = (w.detach().reshape(4, -1).abs() <= step.view(4, 1) * 1.5)
-    assert torch.equal(w.grad.reshape(4, -1) != 0, inside & clip | inside)
+    # GDRQ's straight-through estimator: gradient exactly 1 inside [-T, T], exactly 0 outside it,
+    # also in the half step beyond T that still rounds to the top code
+    inside = rows.abs() <= t.view(4, 1)
+    beyond = (rows.abs() > t.view(4, 1)) & (rows.abs() < 1.5 * step.view(4, 1))
+    assert inside.any() and (~inside).any() and beyond.any()  # the data exercises every case
+    assert torch.equal(w.grad.reshape(4, -1), inside.float())
     # the threshold follows the weights at every call
     with torch.no_grad():
         w.mul_(3)
     assert torch.allclose(sc.step(w), 3 * step)
+
+
+@pytest.mark.parametrize("two_sided", [False, True])
+def test_scale_clip_act_ste_is_inside_the_clip_range(two_sided: bool) -> None:
+    bits = 4
+    aq = ActQuantizer(bits, symmetric=two_sided)
+    aq.set_range(-1.0 if two_sided else 0.0, 1.0)  # signed symmetric codes for a two-sided range
+    assert aq.signed == two_sided
+    sc = ScaleClipAct(aq, k=3.0, momentum=0.9, two_sided=two_sided)
+    sc.start(2.0)  # T = 2
+    sc.eval()
+    x = torch.linspace(-3.0, 3.0, 6001, dtype=torch.float32).requires_grad_()
+    out = sc(x)
+    scale, zp = sc.qparams()
+    qmin, qmax = aq.qrange
+    expected = (torch.clamp(torch.round(x.detach() / scale) + zp, qmin, qmax) - zp) * scale
+    assert torch.equal(out.detach(), expected)
+    out.sum().backward()
+    lo = -2.0 if two_sided else 0.0
+    inside = (x.detach() >= lo) & (x.detach() <= 2.0)
+    step = scale.item()
+    beyond = (x.detach() > 2.0) & (x.detach() < 2.0 + step / 2)
+    assert beyond.any() and torch.equal(x.grad, inside.float())
 
 
 def test_scale_clip_act_moving_average() -> None:

@@ -186,12 +186,23 @@ def test_act_quantizer_symmetric_for_signed_input():
     assert not aq2.signed and aq2.qrange == (0, 15)
 
 
-def test_one_bit_activation_is_affine_not_binary():
-    x = torch.randn(64)
+@pytest.mark.parametrize("shift", [0.0, 1.5, -1.5])
+def test_one_bit_activation_is_affine_not_binary(shift):
+    x = torch.randn(64, generator=torch.Generator().manual_seed(0)) + shift
     aq = ActQuantizer(1, symmetric=True)
     aq.calibrate(_observe(aq, x).values(), minmax_range)
     assert not aq.signed and aq.qrange == (0, 1)
-    assert len(aq(x).unique()) <= 2
+    # two levels one step (the whole observed range) apart, zero being one of them (not sign codes)
+    lo, hi = x.min().item(), x.max().item()
+    s, z = aq.scale.item(), aq.zero_point.item()
+    assert s == pytest.approx(hi - lo, rel=1e-6) and z == round(-lo / s) and z in (0, 1)
+    levels = torch.tensor([-z * s, (1 - z) * s])
+    assert 0.0 in levels.tolist()
+    out = aq(x)
+    assert torch.equal(out.unique(), levels)  # both levels used, nothing else
+    # every value goes to the nearer level (the data has no value half-way between them)
+    nearest = levels[(x.unsqueeze(1) - levels).abs().argmin(1)]
+    assert torch.equal(out, nearest)
 
 
 def test_observer_tracks_extremes_over_batches():

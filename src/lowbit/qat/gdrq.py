@@ -4,8 +4,11 @@ Han et al., "Low-bit Quantization Needs Good Distribution" (CVPRW 2020).
 
 * Scale-Clip on weights: each group of output filters is clipped to ``[-T, T]`` with
   ``T = k * mean|w|`` recomputed at every step and quantized uniformly (step ``T / qmax``), which
-  turns bell-shaped weights into uniform-like ones; straight-through inside ``[-T, T]``.
-* Scale-Clip on activations: ``T = k * mean|x|`` tracked as an exponential moving average.
+  turns bell-shaped weights into uniform-like ones. Straight-through gradient exactly inside
+  ``[-T, T]`` (the paper's clip), zero outside it: also in the half step beyond ``T`` that still
+  rounds to the top code, where a plain quantizer's clamp would pass it.
+* Scale-Clip on activations: ``T = k * mean|x|`` tracked as an exponential moving average;
+  range ``[0, T]`` (or ``[-T, T]`` for signed inputs), straight-through inside it in the same way.
 * ``k`` is chosen per layer at the start unless given (``GdrqOptions``): the paper's k of 2 to 3
   suits bell-shaped tensors, but post-ReLU inputs are about half zeros, so their least-error k
   is 6 to 12, and ternary (2-bit) weight codes want about 1.6.
@@ -60,6 +63,17 @@ def scale_clip_threshold(x: Tensor, k: float, dims: int = 1) -> Tensor:
     return k * x.detach().abs().reshape(*x.shape[:dims], -1).mean(-1)
 
 
+def clip_ste(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """``x`` unchanged in the forward pass; its gradient kept only where ``lo <= x <= hi``.
+
+    Scale-Clip's straight-through estimator: the quantized value is what the plain quantizer
+    computes (so training and the committed model agree bit for bit), but no gradient flows
+    outside the clipping range, including the half step beyond it that still rounds inside.
+    """
+    inside = (x >= lo) & (x <= hi)
+    return torch.where(inside, x, x.detach())
+
+
 class ScaleClipWeight(nn.Module):
     """Per-group Scale-Clip weight quantizer: threshold recomputed from the weights at every call."""
 
@@ -82,7 +96,8 @@ class ScaleClipWeight(nn.Module):
         rep = q.channels // q.num_groups
         s = self.step(w).repeat_interleave(rep).view(q.channel_shape(w.dim()))
         qmin, qmax = q.qrange
-        return fake_quantize(w, s, torch.zeros_like(s), qmin, qmax)
+        t = s * qmax  # T (or the 1e-8 floor's T): the clip range of the straight-through gradient
+        return fake_quantize(clip_ste(w, -t, t), s, torch.zeros_like(s), qmin, qmax)
 
     @torch.no_grad()
     def commit(self, layer: nn.Module) -> WeightQuantizer:
@@ -93,7 +108,10 @@ class ScaleClipWeight(nn.Module):
 
 
 class ScaleClipAct(nn.Module):
-    """Activation Scale-Clip: ``T = k * mean|x|`` as a moving average, range ``[0, T]`` or ``[-T, T]``."""
+    """Activation Scale-Clip: ``T = k * mean|x|`` as a moving average, range ``[0, T]`` or ``[-T, T]``.
+
+    Straight-through gradient inside that range only (``clip_ste``).
+    """
 
     def __init__(self, quant: ActQuantizer, k: float, momentum: float, two_sided: bool) -> None:
         super().__init__()
@@ -130,7 +148,9 @@ class ScaleClipAct(nn.Module):
                     self.threshold.mul_(self.momentum).add_((1 - self.momentum) * batch_t)
         scale, zp = self.qparams()
         qmin, qmax = q.qrange
-        return fake_quantize(x, scale, zp, qmin, qmax)
+        t = self.threshold.clamp_min(1e-8)
+        lo = -t if self.two_sided else torch.zeros_like(t)
+        return fake_quantize(clip_ste(x, lo, t), scale, zp, qmin, qmax)
 
     @torch.no_grad()
     def commit(self) -> ActQuantizer:
