@@ -130,6 +130,9 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched, xb: Tensor, 
         loss = F.cross_entropy(logits, yb, label_smoothing=label_smoothing)
     else:
         loss = loss_fn(logits, xb, yb)
+    if not torch.isfinite(loss):  # stop before the step writes NaN into the weights (and a checkpoint)
+        raise LowbitError(f"training diverged: the loss is {loss.item()}; lower the learning rate "
+                          f"(lr, scale_lr) or check the data")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
