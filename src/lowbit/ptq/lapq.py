@@ -30,7 +30,7 @@ from ..config import QuantConfig
 from ..errors import LowbitError
 from ..progress import progress_bar
 from ..quant.layers import quant_layers
-from ..quant.quantizer import ActObserver
+from ..quant.quantizer import ActObserver, ActQuantizer
 from ..quant.ranges import lp_search_range
 from .common import calibrate_inputs, calibrate_weights, observe_fp_inputs, quantizers_disabled
 from .registry import register_method
@@ -49,6 +49,8 @@ class LapqOptions:
         p_count: number of p values, evenly spaced in ``[p_min, p_max]`` (1: only ``p_min``).
         candidates: clip ratios tried by each Lp search (shrinking the min/max range by ``shrink``).
         shrink: step of the clip ratio.
+        lp_samples: activation values each Lp search runs on (a seeded subsample of those
+            observed, extremes kept; 0: all). The sweep runs ``p_count`` searches per input.
         iters: Powell iterations (each: one line search along every direction, then one along
             the new conjugate direction).
         line_evals: loss evaluations per line search at most.
@@ -62,6 +64,7 @@ class LapqOptions:
     p_count: int = 5
     candidates: int = 100
     shrink: float = 0.01
+    lp_samples: int = 65536
     iters: int = 2
     line_evals: int = 6
     step: float = 0.1
@@ -71,8 +74,8 @@ class LapqOptions:
     def __post_init__(self) -> None:
         if not 0 < self.p_min <= self.p_max or self.p_count < 1:
             raise LowbitError("lapq options: 0 < p_min <= p_max and p_count >= 1")
-        if self.candidates < 1 or not 0 < self.shrink < 1:
-            raise LowbitError("lapq options: candidates >= 1 and 0 < shrink < 1")
+        if self.candidates < 1 or not 0 < self.shrink < 1 or self.lp_samples < 0:
+            raise LowbitError("lapq options: candidates >= 1, 0 < shrink < 1 and lp_samples >= 0")
         if self.iters < 0 or self.line_evals < 1 or not self.step > 0 or self.max_evals < 0 or self.loss_images < 1:
             raise LowbitError("lapq options: iters >= 0, line_evals >= 1, step > 0, max_evals >= 0, loss_images >= 1")
 
@@ -274,6 +277,39 @@ def lp_init(qmodel: nn.Module, observers: dict[str, ActObserver], p: float, opts
     calibrate_inputs(qmodel, observers, lp_search_range, p=p, candidates=opts.candidates, shrink=opts.shrink)
 
 
+def subsample_observers(observers: dict[str, ActObserver], n: int, seed: int) -> dict[str, ActObserver]:
+    """Observers holding at most ``n`` of the sampled values each (seeded), with the exact extremes."""
+    if n <= 0:
+        return observers
+    out = {}
+    gen = torch.Generator().manual_seed(seed)
+    for name, obs in observers.items():
+        values = obs.values()
+        small = ActObserver(seed=seed)
+        small.lo, small.hi = obs.lo, obs.hi
+        if len(values) > n:
+            values = values[torch.randperm(len(values), generator=gen)[:n]]
+        small.samples = [values]  # values() appends the extremes again
+        out[name] = small
+    return out
+
+
+def _clip_state(qmodel: nn.Module) -> list[tuple[Tensor, Tensor, bool]]:
+    """Scale, zero point and code signedness of every quantizer (to restore a calibration)."""
+    return [(q.scale.clone(), q.zero_point.clone(), q.signed) for _, layer in quant_layers(qmodel)
+            for q in (layer.weight_quant, layer.input_quant)]
+
+
+@torch.no_grad()
+def _set_clip_state(qmodel: nn.Module, state: list[tuple[Tensor, Tensor, bool]]) -> None:
+    quantizers = [q for _, layer in quant_layers(qmodel) for q in (layer.weight_quant, layer.input_quant)]
+    for q, (scale, zero_point, signed) in zip(quantizers, state):
+        q.scale.copy_(scale)
+        q.zero_point.copy_(zero_point)
+        if isinstance(q, ActQuantizer):
+            q.signed = signed
+
+
 def best_p(ps: list[float], losses: list[float]) -> float:
     """Minimiser of the parabola fitted to ``loss(p)`` inside the sweep, else the best sampled p."""
     i = int(np.argmin(losses))
@@ -288,27 +324,31 @@ def best_p(ps: list[float], losses: list[float]) -> float:
 @register_method("lapq", LapqOptions,
                  description="LAPQ: Lp-norm initialisation over p, then Powell on all clipping values against the loss")
 def lapq(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: LapqOptions) -> dict:
-    """Loss-aware PTQ; returns a report (p sweep, chosen p, start and final loss, evaluations)."""
+    """Loss-aware PTQ; returns a report (p sweep, chosen p, start and final loss, evaluations), also
+    kept as ``qmodel.lowbit_lapq``."""
     start = time.perf_counter()
-    observers = observe_fp_inputs(qmodel, calib, cfg)
+    observers = subsample_observers(observe_fp_inputs(qmodel, calib, cfg), opts.lp_samples, cfg.seed)
     objective = ClipObjective(qmodel, loss_subset(calib, opts.loss_images, cfg.seed), cfg)
     ps = opts.p_values()
-    sweep = []
+    sweep, states = [], []
     for p in progress_bar(ps, desc="lapq: Lp sweep", enable=cfg.progress):
         lp_init(qmodel, observers, p, opts)
         sweep.append(objective.loss())
-    p_star = best_p(ps, sweep)
-    if p_star in ps:
-        p_loss = sweep[ps.index(p_star)]
-    else:
-        lp_init(qmodel, observers, p_star, opts)
-        p_loss = objective.loss()
-    if p_loss > min(sweep):  # the fit missed: start from the best p measured
-        p_star, p_loss = ps[int(np.argmin(sweep))], min(sweep)
-    lp_init(qmodel, observers, p_star, opts)
+        states.append(_clip_state(qmodel))
+    best = int(np.argmin(sweep))
+    p_star, p_loss, state = ps[best], sweep[best], states[best]
+    p_fit = best_p(ps, sweep)
+    if p_fit not in ps:
+        lp_init(qmodel, observers, p_fit, opts)
+        fit_loss = objective.loss()
+        if fit_loss <= p_loss:  # else the parabola missed: start from the best p measured
+            p_star, p_loss, state = p_fit, fit_loss, _clip_state(qmodel)
+    _set_clip_state(qmodel, state)
     objective.rebase()  # log-multipliers relative to the Lp start
     x, final, evals = powell(objective, torch.zeros(len(objective.quantizers), dtype=torch.float64), opts.iters,
                              opts.line_evals, opts.step, opts.max_evals, progress=cfg.progress)
     objective.set(x)
-    return {"p_sweep": dict(zip(ps, sweep)), "p": p_star, "start_loss": p_loss, "final_loss": final,
-            "evals": evals, "seconds": time.perf_counter() - start}
+    report = {"p_sweep": dict(zip(ps, sweep)), "p": p_star, "start_loss": p_loss, "final_loss": final,
+              "evals": evals, "seconds": time.perf_counter() - start}
+    qmodel.lowbit_lapq = report
+    return report
