@@ -235,9 +235,13 @@ def kl_range(x: Tensor, bits: int, signed: bool, symmetric: bool, narrow: bool =
     Non-negative (or non-positive) rows are histogrammed as |x| in ``bins`` bins over
     ``[0, max|x|]`` and the candidate thresholds are ``i * max|x| / bins`` for ``i`` from the
     number of codes on that side (``2^bits`` unsigned, ``2^(bits-1)`` signed, i.e. TensorRT's 128
-    at int8) up to ``bins``. Rows with both signs are histogrammed two-sided (``bins`` per side,
-    sign-aware, as MXNet / TVM do) and the candidates clip both tails at ``+-i * max|x| / bins``,
-    quantized into all ``2^bits`` (narrow: ``2^bits - 1``) codes. See ``kl_divergences`` for P and Q.
+    at int8) up to ``bins``; the threshold is the right edge of the last kept bin and ties go to
+    the largest (NVIDIA's pytorch-quantization does both; it always starts at 128 bins, which
+    would rule out every clip below 1/16 of the max at 4 bit). Rows with both signs are
+    histogrammed two-sided (``bins`` per side, sign-aware, as MXNet / TVM do) and the candidates
+    clip both tails at ``+-i * max|x| / bins``, quantized into all ``2^bits`` (narrow:
+    ``2^bits - 1``) codes; for codes with a zero point the window also stops at the observed
+    extremes, since those codes span only the clipped data. See ``kl_divergences`` for P and Q.
 
     ``flatten_zero`` replaces the count of the bin holding 0 by its neighbour's (NVIDIA's
     pytorch-quantization does this): half of a ReLU input is exactly 0. The quantizer keeps 0
