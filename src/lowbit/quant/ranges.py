@@ -5,6 +5,7 @@ shape ``G``; ``qparams_from_range`` turns them into scale and zero point.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -109,3 +110,148 @@ def lloyd_range(x: Tensor, bits: int, signed: bool, symmetric: bool, narrow: boo
 
 
 RANGE_ESTIMATORS["lloyd"] = lloyd_range
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorRT entropy calibration (Migacz 2017): the clip whose quantized histogram is closest in KL
+# ---------------------------------------------------------------------------------------------
+
+def kl_divergences(hist: Tensor, starts: Tensor, lengths: Tensor, levels: int, eps: float = 1e-4,
+                   block: int = 256) -> Tensor:
+    """KL(P || Q) of every candidate window of a histogram (TensorRT entropy calibration).
+
+    Candidate ``k`` keeps bins ``[starts[k], starts[k] + lengths[k])``. Its reference P is that
+    slice with the clipped mass folded into the outermost kept bins (left tail into the first,
+    right tail into the last). Its quantized Q merges the slice (without the tails) into
+    ``levels`` equal chunks (bin ``t`` goes to chunk ``floor(t * levels / length)``) and spreads
+    each chunk's mass evenly over the chunk's bins where P is non-zero (0 elsewhere). Then, as
+    MXNet / TVM do, each of P and Q is smoothed (every empty bin of the window gets ``eps``
+    counts, taken evenly from its non-empty bins) and normalised.
+
+    Q is constant on the non-empty bins of a chunk, so ``sum_t P_t log Q_t`` is summed per chunk;
+    only ``sum_t P_t log P_t`` needs every bin.
+
+    Args:
+        hist: ``N`` bin counts.
+        starts, lengths: ``K`` windows (integer tensors), every length at least ``levels``.
+        levels: number of quantized values covering a window.
+        eps: smoothing mass (in counts) of an empty bin.
+        block: candidates evaluated at once (bounds memory to ``block x max(lengths)``).
+
+    Returns:
+        ``K`` divergences (``inf`` where Q has no mass).
+    """
+    hist = hist.double()
+    dev = hist.device
+    n_bins = hist.numel()
+    cum = torch.cat([hist.new_zeros(1), hist.cumsum(0)])
+    tiny = eps * 1e-3  # a non-empty bin lighter than its share of eps stays a tiny positive mass
+    out = []
+    for b in range(0, len(starts), block):
+        s = starts[b:b + block].to(dev).long()
+        n = lengths[b:b + block].to(dev).long()
+        k = len(s)
+        t = torch.arange(int(n.max()), device=dev)
+        support = t.unsqueeze(0) < n.unsqueeze(1)
+        sliced = hist[(s.unsqueeze(1) + t).clamp(max=n_bins - 1)] * support
+        rows = torch.arange(k, device=dev)
+        p = sliced.clone()
+        p[rows, 0] += cum[s]                              # left tail (values below the clip)
+        p[rows, n - 1] += cum[-1] - cum[s + n]            # right tail (values above the clip)
+        nz = p > 0
+        n_nz = nz.sum(1)
+        # smoothed P (unnormalised; smoothing keeps its total)
+        take_p = (eps * (n - n_nz) / n_nz.clamp_min(1)).unsqueeze(1)
+        ps = torch.where(nz, (p - take_p).clamp_min(tiny), eps * support)
+        p_total = ps.sum(1)
+        p_log_p = (ps * ps.clamp_min(1e-300).log()).sum(1)
+        # Q per chunk: mass / non-empty bins. Chunk j holds the bins t with floor(t * levels / n) = j,
+        # i.e. t in [ceil(j n / levels), ceil((j + 1) n / levels)): segment sums of row-wise cumsums.
+        per_bin = torch.stack([sliced, nz.double(), ps * nz])
+        cums = torch.cat([per_bin.new_zeros(3, k, 1), per_bin.cumsum(2)], 2)
+        j = torch.arange(levels + 1, device=dev)
+        edges = (j.unsqueeze(0) * n.unsqueeze(1) + levels - 1) // levels
+        mass, bins_nz, p_in = cums.gather(2, edges.expand(3, k, levels + 1)).diff(dim=2)
+        q_on = (mass > 0) & (bins_nz > 0)                 # chunks whose non-empty bins Q covers
+        q_bins = (bins_nz * q_on).sum(1)                  # bins where Q > 0 before smoothing
+        take_q = eps * (n - q_bins) / q_bins.clamp_min(1)
+        qs = (mass / bins_nz.clamp_min(1) - take_q.unsqueeze(1)).clamp_min(tiny)
+        q_total = (qs * bins_nz * q_on).sum(1) + eps * (n - q_bins)
+        p_on = (p_in * q_on).sum(1)                       # P mass where Q is non-empty
+        p_log_q = (p_in * q_on * qs.log()).sum(1) + (p_total - p_on) * math.log(eps)
+        div = (p_log_p - p_log_q) / p_total - p_total.log() + q_total.log()
+        out.append(torch.where(q_bins > 0, div, torch.full_like(div, float("inf"))))
+    return torch.cat(out) if out else hist.new_zeros(0)
+
+
+def _kl_row(v: Tensor, bits: int, signed: bool, symmetric: bool, narrow: bool, bins: int, eps: float,
+            flatten_zero: bool) -> tuple[float, float]:
+    lo0, hi0 = float(v.min()), float(v.max())
+    top = max(-lo0, hi0)
+    if top <= 0:
+        return lo0, hi0
+    qmin, qmax = int_range(bits, True, narrow) if signed and symmetric else int_range(bits, False)
+    width = top / bins
+    if lo0 >= 0 or hi0 <= 0:
+        # one-sided (TensorRT): histogram of |x| over [0, max|x|], codes from 0 up cover it
+        levels = qmax + 1
+        a = v.abs()
+        hist = torch.bincount((a / width).long().clamp(0, bins - 1), minlength=bins).double()
+        if flatten_zero and bins > 1:
+            hist[0] = hist[1]
+        keep = torch.arange(min(levels, bins), bins + 1, device=v.device)
+        starts = torch.zeros_like(keep)
+        lengths = keep
+    else:
+        # two-sided: bins on each side of 0; a symmetric threshold i * width clips both tails.
+        # Symmetric codes span [-T, T] whatever the data; codes with a zero point span only the
+        # data inside it, so their window stops at the observed extremes.
+        levels = qmax - qmin + 1
+        hist = torch.bincount(((v + top) / width).long().clamp(0, 2 * bins - 1), minlength=2 * bins).double()
+        if flatten_zero:
+            hist[bins] = hist[bins + 1]  # the bin holding exact zeros, [0, width)
+        i = torch.arange(1, bins + 1, device=v.device)
+        left = bins - i
+        right = bins + i
+        if not (signed and symmetric):
+            first = int((hist > 0).nonzero()[0])
+            last = int((hist > 0).nonzero()[-1]) + 1
+            left, right = left.clamp_min(first), right.clamp_max(last)
+        ok = (right - left) >= levels
+        if not bool(ok.any()):
+            return lo0, hi0
+        keep, starts, lengths = i[ok], left[ok], (right - left)[ok]
+    div = kl_divergences(hist, starts, lengths, levels, eps)
+    # the largest threshold among equal minima (pytorch-quantization does the same)
+    best = int(len(div) - 1 - torch.argmin(div.flip(0)))
+    thr = float(keep[best]) * width
+    return max(lo0, -thr), min(hi0, thr)
+
+
+def kl_range(x: Tensor, bits: int, signed: bool, symmetric: bool, narrow: bool = False, bins: int = 2048,
+             eps: float = 1e-4, flatten_zero: bool = True) -> tuple[Tensor, Tensor]:
+    """TensorRT entropy calibration: the clip minimising KL(reference || quantized histogram), per row.
+
+    Non-negative (or non-positive) rows are histogrammed as |x| in ``bins`` bins over
+    ``[0, max|x|]`` and the candidate thresholds are ``i * max|x| / bins`` for ``i`` from the
+    number of codes on that side (``2^bits`` unsigned, ``2^(bits-1)`` signed, i.e. TensorRT's 128
+    at int8) up to ``bins``; the threshold is the right edge of the last kept bin and ties go to
+    the largest (NVIDIA's pytorch-quantization does both; it always starts at 128 bins, which
+    would rule out every clip below 1/16 of the max at 4 bit). Rows with both signs are
+    histogrammed two-sided (``bins`` per side, sign-aware, as MXNet / TVM do) and the candidates
+    clip both tails at ``+-i * max|x| / bins``, quantized into all ``2^bits`` (narrow:
+    ``2^bits - 1``) codes; for codes with a zero point the window also stops at the observed
+    extremes, since those codes span only the clipped data. See ``kl_divergences`` for P and Q.
+
+    ``flatten_zero`` replaces the count of the bin holding 0 by its neighbour's (NVIDIA's
+    pytorch-quantization does this): half of a ReLU input is exactly 0. The quantizer keeps 0
+    exactly (it is a code), but Q smears that spike evenly over the first chunk, so without the
+    fix the spike dominates the divergence and drags every threshold down to the smallest chunks.
+    """
+    if bins < 2:
+        raise LowbitError(f"kl_range needs bins >= 2, got {bins}")
+    lo, hi = zip(*(_kl_row(row, bits, signed, symmetric, narrow, bins, eps, flatten_zero) for row in x))
+    return (torch.tensor(lo, dtype=x.dtype, device=x.device), torch.tensor(hi, dtype=x.dtype, device=x.device))
+
+
+RANGE_ESTIMATORS["kl"] = kl_range
