@@ -120,7 +120,7 @@ def test_sample_calibration_picks_distinct_images():
 
 # ---------------------------------------------------------------- methods
 
-BUILTIN_METHODS = ["aciq", "bitsplit", "brecq", "distill", "minmax", "mse", "qdrop"]
+BUILTIN_METHODS = ["aciq", "bitsplit", "brecq", "distill", "kl", "lapq", "minmax", "mse", "qdrop"]
 
 
 def test_methods_lists_builtins():
@@ -132,7 +132,7 @@ def test_methods_lists_builtins():
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
     x = calib_tensor(4, size=8)
     quick = {"brecq": {"iters": 1}, "qdrop": {"iters": 1}, "distill": {"block_iters": 1, "joint_iters": 1},
-             "bitsplit": {"samples": 64}}
+             "bitsplit": {"samples": 64}, "lapq": {"iters": 1, "loss_images": 4}}
     for name in BUILTIN_METHODS:
         q = lowbit.quantize(net, x, method=name, **quick.get(name, {}))
         assert q.lowbit_info["method"] == name
