@@ -89,6 +89,10 @@ def export_format(path: str | os.PathLike) -> str:
                       f"ONNX QDQ graph, or .lowbit, .safetensors or no suffix for the packed artifact")
 
 
+# the options of ONNX exports and their types (deploy.onnx_qdq.export_onnx's keyword arguments)
+ONNX_OPTIONS: dict[str, Any] = {"opset": int | None, "input_shape": tuple[int, ...] | None, "int32_bias": bool}
+
+
 def export(qmodel: nn.Module, path: str | os.PathLike, **onnx_options: Any) -> Path:
     """Write the deployable artifact of a quantized model.
 
@@ -102,7 +106,12 @@ def export(qmodel: nn.Module, path: str | os.PathLike, **onnx_options: Any) -> P
     path = Path(path)
     if kind == "onnx":
         from .deploy.onnx_qdq import export_onnx
-        return export_onnx(qmodel, path, **onnx_options)
+
+        unknown = sorted(set(onnx_options) - set(ONNX_OPTIONS))
+        if unknown:
+            raise LowbitError(f"unknown ONNX export option(s) {unknown}; known: {', '.join(ONNX_OPTIONS)}")
+        checked = {k: check_value(v, ONNX_OPTIONS[k], k, "lowbit.export") for k, v in onnx_options.items()}
+        return export_onnx(qmodel, path, **checked)
     if onnx_options:
         raise LowbitError(f"options {sorted(onnx_options)} apply to .onnx exports only")
     return save_artifact(qmodel, path)

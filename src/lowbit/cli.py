@@ -779,8 +779,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         json_mode = bool(getattr(args, "json", json_mode))
         return args.func(args)
-    except UsageError as exc:
-        print(exc.parser.format_usage().rstrip(), file=sys.stderr)
+    except UsageError as exc:  # one line, like every other error; it points to --help for the usage
         return _report_error(f"{exc} (see '{exc.parser.prog} --help')", "UsageError", EXIT_USER_ERROR, json_mode)
     except LowbitError as exc:
         return _report_error(str(exc), "LowbitError", EXIT_USER_ERROR, json_mode)

@@ -7,6 +7,8 @@ import stat
 from pathlib import Path
 from typing import Callable
 
+from .errors import LowbitFileError
+
 # permission bits carried over from a file that is being replaced (not setuid/setgid/sticky)
 _PERMISSIONS = 0o777
 
@@ -39,8 +41,29 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     may recreate the temporary file themselves (safetensors creates 0600 files), so the mode is set
     again after ``write``. The process umask is never changed. If ``write`` fails, ``path`` is left
     as it was and the temporary file is removed.
+
+    Raises:
+        LowbitFileError: when the file cannot be written (a missing or read-only folder, a folder
+            in its place, a full disk, ...), naming the path and the system's reason.
     """
     path = Path(path)
+    try:
+        _write_replacing(path, write)
+    except OSError as exc:
+        if isinstance(exc, LowbitFileError):
+            raise
+        reason = exc.strerror or str(exc)
+        raise LowbitFileError(f"cannot write {path}: {reason}") from exc
+
+
+def _write_replacing(path: Path, write: Callable[[str], object]) -> None:
+    if path.is_dir():
+        raise IsADirectoryError(21, "it is a folder")
+    for parent in path.parents:  # mkdir would only say "File exists"
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(20, f"{parent} is a file, not a folder")
+            break
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp, mode = _create_temporary(path)
     try:

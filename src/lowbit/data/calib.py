@@ -43,6 +43,8 @@ _ORDER_HINT = ("batches must be (input, target) with the input first, or dicts w
 
 def sample_indices(length: int, n: int, seed: int = 0) -> Tensor:
     """The positions ``sample_calibration`` picks: ``n`` of ``range(length)`` without replacement."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise LowbitError(f"the number of calibration images must be a positive integer, got {n!r}")
     if n > length:
         raise LowbitError(f"asked for {n} calibration images but only {length} are available")
     gen = torch.Generator().manual_seed(seed)

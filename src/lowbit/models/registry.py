@@ -29,6 +29,11 @@ def create_model(name: str, **kwargs) -> nn.Module:
     """
     if name not in _MODELS:
         raise LowbitError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
-    model = _MODELS[name](**kwargs)
+    try:
+        model = _MODELS[name](**kwargs)
+    except (TypeError, ValueError, RuntimeError) as exc:  # unknown or ill-typed constructor arguments
+        if not kwargs:  # the defaults failing is a bug of the constructor, not a user error
+            raise
+        raise LowbitError(f"cannot build {name} with arguments {kwargs}: {exc}") from None
     model.lowbit_arch = {"name": name, "kwargs": dict(kwargs)}
     return model

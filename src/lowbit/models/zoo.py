@@ -96,14 +96,7 @@ def build_model(name: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
     kwargs = {} if kwargs is None else kwargs
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise LowbitError(f"model arguments must be a mapping of names to values, got {kwargs!r}")
-    try:
-        return create_model(name, **kwargs)
-    except LowbitError:
-        raise
-    except (TypeError, ValueError, RuntimeError) as exc:
-        if not kwargs:
-            raise
-        raise LowbitError(f"cannot build {name} with arguments {json.dumps(kwargs)}: {exc}") from None
+    return create_model(name, **kwargs)  # bad arguments are a LowbitError there
 
 
 def read_state_file(path: str | os.PathLike) -> dict[str, Tensor]:
