@@ -17,6 +17,19 @@ ZOO_SPECS: dict[str, dict] = {
 }
 IMAGE_SIZE = 16  # every zoo model ends in adaptive pooling, 16x16 keeps the suite fast
 
+# Options that run every PTQ method in well under a second on the tiny models (one entry per method).
+TINY_METHOD_OPTIONS: dict[str, dict] = {
+    "minmax": {},
+    "mse": {"candidates": 10},
+    "aciq": {},
+    "kl": {},
+    "lapq": {"iters": 1, "loss_images": 4, "p_count": 2, "lp_samples": 1024, "candidates": 10},
+    "brecq": {"iters": 3, "batch_size": 4},
+    "qdrop": {"iters": 3, "batch_size": 4},
+    "distill": {"block_iters": 2, "joint_iters": 2, "batch_size": 4},
+    "bitsplit": {"iters": 1, "samples": 256},
+}
+
 
 @torch.no_grad()
 def randomize_bn(model: nn.Module, seed: int = 0, spread: float = 1.0) -> nn.Module:

@@ -21,17 +21,9 @@ from lowbit.deploy.integer import integer_agreement, integer_model
 from lowbit.deploy.onnx_qdq import onnx_predict
 from lowbit.quant.layers import quant_layers
 
-from .conftest import calib_tensor, make_model
+from .conftest import TINY_METHOD_OPTIONS, calib_tensor, make_model
 
-TINY = {
-    "minmax": {},
-    "mse": {"candidates": 10},
-    "aciq": {},
-    "brecq": {"iters": 3, "batch_size": 4},
-    "qdrop": {"iters": 3, "batch_size": 4},
-    "distill": {"block_iters": 2, "joint_iters": 2, "batch_size": 4},
-    "bitsplit": {"iters": 1, "samples": 256},
-}
+TINY = TINY_METHOD_OPTIONS
 
 
 class InPlaceResidual(nn.Module):

@@ -17,18 +17,9 @@ from torch.utils._pytree import tree_flatten
 
 import lowbit
 
-from .conftest import calib_tensor, make_model
+from .conftest import TINY_METHOD_OPTIONS, calib_tensor, make_model
 
-# tiny options: every method in well under a second on the tiny zoo models
-TINY = {
-    "minmax": {},
-    "mse": {"candidates": 10},
-    "aciq": {},
-    "brecq": {"iters": 3, "batch_size": 4},
-    "qdrop": {"iters": 3, "batch_size": 4},
-    "distill": {"block_iters": 2, "joint_iters": 2, "batch_size": 4},
-    "bitsplit": {"iters": 1, "samples": 256},
-}
+TINY = TINY_METHOD_OPTIONS
 
 
 def _model() -> nn.Module:

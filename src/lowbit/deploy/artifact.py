@@ -773,11 +773,11 @@ def _rebuild(manifest: dict, tensors: dict[str, Tensor], model: nn.Module | None
             wq.zero_point.copy_(tensors[f"{name}.weight_quant.zero_point"])
             qmin = -1 if wq.binary else wq.qrange[0]
             codes = unpack_codes(tensors.pop(f"{name}.weight.codes"), wq.bits, qmin, layer.weight.numel())
-            codes = codes.to(wq.scale.device)  # unpacked on the CPU; the scales live on ``device``
+            if not wq.binary and codes.numel() and codes.max() > wq.qrange[1]:  # e.g. 2^b - 1 in a narrow signed range
+                raise LowbitError(f"layer {name!r}: weight codes above the {wq.bits}-bit range's top {wq.qrange[1]}")
+            codes = codes.to(wq.scale.device)  # unpacked (and checked) on the CPU; the scales live on ``device``
             if wq.binary:
                 codes = 2 * (codes + 1) - 1
-            elif codes.numel() and codes.max() > wq.qrange[1]:  # e.g. 2^b - 1 offsets in a narrow signed range
-                raise LowbitError(f"layer {name!r}: weight codes above the {wq.bits}-bit range's top {wq.qrange[1]}")
             state[f"{name}.weight"] = wq.dequantize(codes.view_as(layer.weight).float())
     _check_state(tensors, qmodel.state_dict())
     state.update(tensors)
