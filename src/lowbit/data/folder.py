@@ -45,9 +45,12 @@ def load_image_folder(root: str | os.PathLike, size: tuple[int, int] = (28, 28),
         raise LowbitError("mean and std need one value per channel")
     arrays = []
     for path, _ in entries:
-        with Image.open(path) as img:
-            img = img.convert(mode).resize((size[1], size[0]), Image.BILINEAR)
-            arr = np.asarray(img, dtype=np.float32) / 255.0
+        try:
+            with Image.open(path) as img:
+                img = img.convert(mode).resize((size[1], size[0]), Image.BILINEAR)
+                arr = np.asarray(img, dtype=np.float32) / 255.0
+        except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError; truncated files too
+            raise LowbitError(f"cannot read image {path}: {exc}") from None
         arrays.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
     x = torch.from_numpy(np.stack(arrays))
     x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
