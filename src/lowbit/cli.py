@@ -485,9 +485,12 @@ def _quantize_from_args(args: argparse.Namespace, evaluate: bool):
     import lowbit
     from .data import sample_calibration
 
+    from .layer_bits import check_patterns
+
     kwargs = _quantize_kwargs(args)
     _check_data(args, ("train", "test") if evaluate else ("train",))
     fp = _load_fp_model(args)
+    check_patterns(fp, kwargs.get("layer_bits"))  # before any image is read
     x_train, _ = _data(args, "train")
     calib = sample_calibration(x_train, min(args.calib_size, len(x_train)), args.seed)
     torch.manual_seed(args.seed)
@@ -629,9 +632,12 @@ def cmd_qat(args: argparse.Namespace) -> int:
     import lowbit
     from .evaluate import accuracy
 
+    from .layer_bits import check_patterns
+
     kwargs = _qat_kwargs(args)
     _check_data(args, ("train", "test"))
     fp = _load_fp_model(args)
+    check_patterns(fp, kwargs.get("layer_bits"))  # before any image is read
     x_train, y_train = _data(args, "train")
     if args.train_size:
         x_train, y_train = x_train[:args.train_size], y_train[:args.train_size]

@@ -113,16 +113,31 @@ def resolve_layer_bits(names: list[str], order: list[str], w_bits: int, a_bits: 
     roles = roles_of(names, order)
     defaults = {n: default_bits(roles[n], w_bits, a_bits, first_last_bits, quantize_input) for n in names}
     resolved = dict(defaults)
-    for pattern, value in (check_layer_bits(layer_bits) or {}).items():
-        matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-        if not matched:
-            some = ", ".join(repr(n) for n in names[:6]) + (", ..." if len(names) > 6 else "")
-            raise LowbitError(f"layer_bits: pattern {pattern!r} matches no quantizable layer (layers: {some}; "
-                              f"patterns are fnmatch globs over module names, e.g. 'layers.0.*', '*.conv1')")
-        for n in matched:
+    layer_bits = check_layer_bits(layer_bits) or {}
+    for pattern, value in layer_bits.items():
+        for n in matching(names, pattern):
             if roles[n] != "unused":  # a layer never called has nothing to calibrate: it stays float
                 resolved[n] = _apply(resolved[n], defaults[n], value)
     return resolved
+
+
+def matching(names: list[str], pattern: str) -> list[str]:
+    """The layer names ``pattern`` matches; a LowbitError naming the pattern (and some layers) when none."""
+    matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+    if not matched:
+        some = ", ".join(repr(n) for n in names[:6]) + (", ..." if len(names) > 6 else "")
+        raise LowbitError(f"layer_bits: pattern {pattern!r} matches no quantizable layer (layers: {some}; "
+                          f"patterns are fnmatch globs over module names, e.g. 'layers.0.*', '*.conv1')")
+    return matched
+
+
+def check_patterns(model: Any, layer_bits: LayerBitsMap | None) -> None:
+    """Refuse a pattern that matches none of ``model``'s quantizable layers (before any data is read)."""
+    from .quant.layers import quantizable
+
+    names = [n for n, m in model.named_modules() if quantizable(m)]
+    for pattern in check_layer_bits(layer_bits) or {}:
+        matching(names, pattern)
 
 
 def record(resolved: Mapping[str, LayerBits]) -> dict[str, dict[str, Any]]:
