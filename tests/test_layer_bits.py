@@ -149,9 +149,10 @@ def test_every_method_honours_the_map(fp, method) -> None:
         assert torch.equal(fc.weight, dict(fp.named_parameters())["fc.weight"])  # the float layer: untouched
 
 
-def test_qat_honours_the_map(fp) -> None:
+@pytest.mark.parametrize("method", ["lsq", "gdrq"])
+def test_qat_honours_the_map(fp, method) -> None:
     x, y = calib_tensor(16), torch.arange(16) % 10
-    q = lowbit.qat(fp, (x, y), method="lsq", epochs=1, batch_size=8, log=lambda s: None, layer_bits=MIXED)
+    q = lowbit.qat(fp, (x, y), method=method, epochs=1, batch_size=8, log=lambda s: None, layer_bits=MIXED)
     assert bits_of(q) == mixed_expectation(q)
     assert q.lowbit_info["layer_bits"]["fc"]["enabled"] is False
     _check_codes_in_range(q)

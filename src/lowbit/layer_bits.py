@@ -31,7 +31,6 @@ from .options import Range, check_value
 Bits = Annotated[int, Range(ge=1, le=16)]
 LayerBitsValue = Union[Bits, tuple[Bits, Union[Bits, None]], None]
 LayerBitsMap = Mapping[str, LayerBitsValue]
-ROLES = ("first", "last", "only", "body", "unused")
 FLOAT_WORDS = ("fp", "float", "none", "null")  # CLI spellings of "keep in float"
 
 
