@@ -36,6 +36,7 @@ def test_flags_and_file_end_to_end(setup, capsys) -> None:  # noqa: F811
     assert json.loads(capsys.readouterr().out)["totals"]["fp_layers"] == 1
     res = run_json(capsys, ["quantize", *common, "--calib-size", "16", "--no-eval", "--layer-bits", "layers.*=3"])
     assert res["quantized_mb"] < res["fp32_mb"]
+    assert res["avg_w_bits"] < 4 and res["fp_layers"] == 0  # body at 3 bits, first/last at 8
 
 
 def test_qat_flag(setup, capsys) -> None:  # noqa: F811

@@ -520,6 +520,10 @@ def _report(args: argparse.Namespace, fp, qmodel, seconds: float, evaluate: bool
                   f"  eval time: FP {fp_t:.2f}s  simulated-quantized {q_t:.2f}s"]
     lines.append(f"  size: FP32 {result['fp32_mb']:.3f} MB -> quantized {result['quantized_mb']:.3f} MB "
                  f"({result['compression']:.1f}x)")
+    totals = lowbit.summary(qmodel).totals  # the true widths once --layer-bits or the protocol mixed them
+    result.update(avg_w_bits=totals["avg_w_bits"], avg_a_bits=totals["avg_a_bits"], fp_layers=totals["fp_layers"])
+    lines.append(f"  avg weight bits {totals['avg_w_bits']:.3f} (parameter-weighted, float layers at 32), "
+                 f"{totals['fp_layers']} float layer(s); `lowbit inspect` shows every layer")
     if args.out:
         path = lowbit.export(qmodel, args.out)
         result.update(artifact=str(path), artifact_mb=path.stat().st_size / 2 ** 20)
