@@ -5,7 +5,8 @@ from .errors import LowbitError
 from .models import create_model, list_models, load_pretrained, register_model
 from .ptq.registry import register_method
 from .qat import QatConfig, qat, qat_methods
+from .summary import Summary, summary
 
 __version__ = "0.1.0"
 __all__ = ["export", "integer_model", "load", "methods", "quantize", "QuantConfig", "LowbitError", "create_model", "list_models",
-           "load_pretrained", "register_model", "register_method", "qat", "qat_methods", "QatConfig", "__version__"]
+           "load_pretrained", "register_model", "register_method", "qat", "qat_methods", "QatConfig", "summary", "Summary", "__version__"]

@@ -14,6 +14,7 @@ from .config import check_device as _check_device
 from .data.calib import read_calibration
 from .errors import LowbitError
 from .graph.surgery import input_ranks, prepare
+from .layer_bits import check_layer_bits
 from .options import check_value
 from .ptq.registry import get_method
 from .ptq.registry import methods as _methods
@@ -34,22 +35,27 @@ def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = DEFAULT_B
         a_bits: activation bits of body-layer inputs (1..16), None for weights only.
         method: a name from ``lowbit.methods()``.
         **options: ``QuantConfig`` fields (granularity, groups, calib_size, device, ...),
-            ``quantize_all=True`` (no 8-bit first/last layers, quantized input), ``config=``
+            ``quantize_all=True`` (no 8-bit first/last layers, quantized input),
+            ``layer_bits={pattern: bits | (w_bits, a_bits) | None}`` (per-layer widths over glob
+            patterns of layer names, later patterns win, None keeps a layer in float; see
+            ``lowbit.layer_bits``), ``config=``
             a QuantConfig, ``input_key=`` (the input's key in dict batches), and the method's own
             options. A method option named like a QuantConfig field wins (``batch_size`` of
             brecq/qdrop/distill: images per step); set the config's through ``config=``.
 
     Returns:
         The quantized simulation, in eval mode, on ``device``; its ``lowbit_info`` records the
-        method, config, options, folded BN pairs and the calibration ``input_shape``.
+        method, config, options, folded BN pairs, the calibration ``input_shape`` and every
+        layer's resolved widths (``layer_bits``: name -> w_bits, a_bits, enabled).
     """
     spec = get_method(method)
     input_key = check_value(options.pop("input_key", None), str | None, "input_key", "lowbit")
+    layer_bits = check_layer_bits(options.pop("layer_bits", None))
     cfg, method_options = build_config(w_bits, a_bits, options, spec.option_names)
     opts = spec.make_options(method_options)
     x = read_calibration(calib, cfg.calib_size, cfg.seed, input_key, input_ranks(model))
     try:
-        qmodel, record = prepare(model, cfg, x[:2])
+        qmodel, record = prepare(model, cfg, x[:2], layer_bits=layer_bits)
     except LowbitError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:

@@ -333,6 +333,34 @@ def _method_options(args: argparse.Namespace, flags: dict[str, str | None]) -> d
     return options
 
 
+def _layer_bits(args: argparse.Namespace) -> dict[str, Any]:
+    """``{"layer_bits": map}`` from ``--layer-bits-file`` then ``--layer-bits`` (later entries win), or ``{}``.
+
+    The file is a JSON object ``{pattern: bits | null | [w_bits, a_bits or null]}``; a flag is
+    ``PATTERN=BITS``, ``PATTERN=fp`` or ``PATTERN=W,A`` (A an int or fp).
+    """
+    from .layer_bits import check_layer_bits, parse_cli_entry
+
+    entries: dict[str, Any] = {}
+    if args.layer_bits_file:
+        try:
+            data = json.loads(Path(args.layer_bits_file).read_text())
+        except ValueError as exc:
+            raise LowbitError(f"--layer-bits-file {args.layer_bits_file}: not JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise LowbitError(f"--layer-bits-file {args.layer_bits_file}: expected a JSON object "
+                              f"{{pattern: bits, null or [w_bits, a_bits]}}, got {type(data).__name__}")
+        try:
+            entries.update(check_layer_bits(data, "--layer-bits-file") or {})
+        except LowbitError as exc:
+            raise LowbitError(f"{args.layer_bits_file}: {exc}") from None
+    for text in args.layer_bits or []:
+        pattern, value = parse_cli_entry(text)
+        entries.pop(pattern, None)  # a repeated pattern moves to the end: the later one wins
+        entries[pattern] = value
+    return {"layer_bits": entries} if entries else {}
+
+
 # ------------------------------------------------------------------ commands
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -423,6 +451,7 @@ _QUANTIZE_FLAGS: dict[str, str | None] = {
     "w_bits": "--w-bits", "a_bits": "--a-bits", "method": "--method", "calib_size": "--calib-size",
     "seed": "--seed", "device": "--device", "quantize_all": "--quantize-all", "equalize": "--equalize",
     "fold_bn": "--no-fold", "progress": "--no-progress", "config": None, "model": None, "calib": None,
+    "layer_bits": "--layer-bits or --layer-bits-file",
 }
 _QAT_FLAGS: dict[str, str | None] = {
     **_QUANTIZE_FLAGS, "epochs": "--epochs", "resume": "--resume", "lr": "--lr", "scale_lr": "--scale-lr",
@@ -443,9 +472,9 @@ def _quantize_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
     kwargs = dict(calib_size=args.calib_size, seed=args.seed, device=args.device, quantize_all=args.quantize_all,
                   equalize=args.equalize, fold_bn=not args.no_fold, progress=_progress(args),
-                  **_method_options(args, _QUANTIZE_FLAGS))
+                  **_method_options(args, _QUANTIZE_FLAGS), **_layer_bits(args))
     spec = get_method(args.method)
-    _, method_options = build_config(args.w_bits, args.a_bits, dict(kwargs))
+    _, method_options = build_config(args.w_bits, args.a_bits, {k: v for k, v in kwargs.items() if k != "layer_bits"})
     spec.make_options(method_options)
     return kwargs
 
@@ -456,9 +485,12 @@ def _quantize_from_args(args: argparse.Namespace, evaluate: bool):
     import lowbit
     from .data import sample_calibration
 
+    from .layer_bits import check_patterns
+
     kwargs = _quantize_kwargs(args)
     _check_data(args, ("train", "test") if evaluate else ("train",))
     fp = _load_fp_model(args)
+    check_patterns(fp, kwargs.get("layer_bits"))  # before any image is read
     x_train, _ = _data(args, "train")
     calib = sample_calibration(x_train, min(args.calib_size, len(x_train)), args.seed)
     torch.manual_seed(args.seed)
@@ -488,6 +520,10 @@ def _report(args: argparse.Namespace, fp, qmodel, seconds: float, evaluate: bool
                   f"  eval time: FP {fp_t:.2f}s  simulated-quantized {q_t:.2f}s"]
     lines.append(f"  size: FP32 {result['fp32_mb']:.3f} MB -> quantized {result['quantized_mb']:.3f} MB "
                  f"({result['compression']:.1f}x)")
+    totals = lowbit.summary(qmodel).totals  # the true widths once --layer-bits or the protocol mixed them
+    result.update(avg_w_bits=totals["avg_w_bits"], avg_a_bits=totals["avg_a_bits"], fp_layers=totals["fp_layers"])
+    lines.append(f"  avg weight bits {totals['avg_w_bits']:.3f} (parameter-weighted, float layers at 32), "
+                 f"{totals['fp_layers']} float layer(s); `lowbit inspect` shows every layer")
     if args.out:
         path = lowbit.export(qmodel, args.out)
         result.update(artifact=str(path), artifact_mb=path.stat().st_size / 2 ** 20)
@@ -548,6 +584,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """The per-layer table and totals of an artifact (``lowbit.summary`` of the loaded model)."""
+    import lowbit
+
+    from .deploy.artifact import read_artifact
+
+    model = None
+    if args.model:
+        model = lowbit.create_model(args.model, **(args.model_kwargs or {}))
+    elif args.model_kwargs:
+        raise LowbitError("--model-kwargs needs --model")
+    elif not read_artifact(args.artifact)[0].get("arch"):
+        raise LowbitError(f"{args.artifact} names no zoo architecture: pass --model NAME (and --model-kwargs)")
+    report = lowbit.summary(lowbit.load(args.artifact, model=model))
+    if args.json:
+        print(json.dumps({"artifact": args.artifact, **report.to_dict()}, indent=2))
+    else:
+        print(f"{args.artifact}\n\n{report.to_markdown()}")
+    return 0
+
+
 def _qat_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Every keyword argument of ``lowbit.qat`` but the model, data and log, checked up front."""
     from .api import build_config
@@ -565,9 +622,10 @@ def _qat_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs = dict(epochs=args.epochs, resume=args.resume, seed=args.seed, device=args.device,
                   quantize_all=args.quantize_all, progress=_progress(args), calib_size=args.calib_size,
                   equalize=args.equalize, **({"fold_bn": False} if args.no_fold else {}), **train,
-                  **_method_options(args, _QAT_FLAGS))
+                  **_method_options(args, _QAT_FLAGS), **_layer_bits(args))
     spec = get_qat_method(args.method)
     rest = dict(kwargs)
+    rest.pop("layer_bits", None)  # checked by _layer_bits
     QatConfig(**{k: rest.pop(k) for k in list(rest) if k in QAT_FIELDS})
     _, method_options = build_config(args.w_bits, args.a_bits, rest)
     spec.make_options(method_options)
@@ -578,9 +636,12 @@ def cmd_qat(args: argparse.Namespace) -> int:
     import lowbit
     from .evaluate import accuracy
 
+    from .layer_bits import check_patterns
+
     kwargs = _qat_kwargs(args)
     _check_data(args, ("train", "test"))
     fp = _load_fp_model(args)
+    check_patterns(fp, kwargs.get("layer_bits"))  # before any image is read
     x_train, y_train = _data(args, "train")
     if args.train_size:
         x_train, y_train = x_train[:args.train_size], y_train[:args.train_size]
@@ -654,6 +715,11 @@ def _quant_args(p: argparse.ArgumentParser, out_required: bool = False) -> None:
                    help="no 8-bit first/last layers, quantize the network input too")
     p.add_argument("--equalize", action="store_true", help="cross-layer equalization first")
     p.add_argument("--no-fold", action="store_true", help="keep BatchNorm unfolded")
+    p.add_argument("--layer-bits", action="append", metavar="PATTERN=BITS",
+                   help="per-layer widths over glob patterns of layer names (repeatable, later wins): "
+                        "'layers.0.*=8', 'fc=fp' (keep in float), 'conv1=4,8' (weights 4, input 8; 'W,fp': float input)")
+    p.add_argument("--layer-bits-file", type=existing_file, metavar="MAP.json",
+                   help="JSON object {pattern: bits | null | [w_bits, a_bits]}, applied before --layer-bits")
     p.add_argument("--option", action="append", type=parse_option, metavar="NAME=VALUE",
                    help="method option or QuantConfig field without its own flag (repeatable), e.g. --option p_act=2.4")
     p.add_argument("--out", type=output_file, required=out_required,
@@ -731,6 +797,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kd-temperature", type=positive_float)
     _common(p)
     p.set_defaults(func=cmd_qat)
+    p = sub.add_parser("inspect", help="per-layer bit widths, parameters and bytes of a .lowbit artifact")
+    p.add_argument("artifact", type=existing_file, help="a .lowbit artifact")
+    p.add_argument("--model", help="zoo architecture, for an artifact that names none (see `lowbit models`)")
+    p.add_argument("--model-kwargs", type=json_object, metavar="JSON", help="constructor arguments for --model")
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of the markdown table")
+    p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("eval", help="accuracy of an artifact or a zoo FP model")
     p.add_argument("artifact", nargs="?", help="a .lowbit artifact (or an .onnx file)")
     p.add_argument("--onnx", metavar="FILE", help="evaluate an ONNX model in ONNX Runtime (CPU)")

@@ -107,7 +107,7 @@ MANIFEST_CASES: list[tuple[str, str, Callable[[dict], None], str]] = [
     ("name-twice", "sym", cell(BODY, "name", "conv1"), "layer 'conv1' has more than one row"),
     ("role-unknown", "sym", cell(BODY, "role", "middle"), f"layer '{BODY}': role must be one of"),
     ("role-first-as-only", "sym", cell("conv1", "role", "only"), "layer 'conv1': role must be 'first'"),
-    ("role-first-as-body", "sym", cell("conv1", "role", "body"), "layer 'conv1': w_bits must be 4 for a 'body'"),
+    ("role-first-as-body", "sym", cell("conv1", "role", "body"), "layer 'conv1': role must be 'first'"),
     ("role-unused-active", "sym", cell(BODY, "role", "unused"), "role 'unused' has no active quantizer"),
     ("rows-swapped", "sym", swap_rows(BODY, "layers.0.0.conv2"), "not in the order the model calls its layers"),
     ("shape-zero", "sym", cell(BODY, "shape", [4, 0, 3, 3]), "shape must be a non-empty list of positive integers"),
@@ -139,7 +139,7 @@ MANIFEST_CASES: list[tuple[str, str, Callable[[dict], None], str]] = [
     ("a_signed-flipped", "sym", cell(BODY, "a_signed", 1), "a_signed must be 0: signed input codes need a_symmetric"),
     ("zp-required", "asym", cell(BODY, "zp", 0), "zp must be 1: the config's weights are asymmetric"),
     ("zp-without-w", "asym", cell(BODY, "w", 0), "zp must be 0 when the weights are not quantized"),
-    ("w-cleared", "sym", cell(BODY, "w", 0), "params blob is longer"),
+    ("w-cleared", "sym", cell(BODY, "w", 0), "w must be 1 .weights quantized. as the artifact.s layer_bits say"),
     ("bn-relu", "sym", cell("conv1", "bn", "relu"),  # the case: the ReLU became Identity silently
      r"fold pair \['conv1', 'relu'\]: 'relu' is a ReLU, not a BatchNorm"),
     ("bn-conv", "asym", cell("conv1", "bn", BODY), f"'{BODY}' is a Conv2d, not a BatchNorm"),

@@ -24,6 +24,8 @@ from ..errors import LowbitError
 from ..files import atomic_write
 from ..graph.fold import apply_fold_structure
 from ..graph.surgery import count_float_layers, execution_order, wrap_layers
+from ..layer_bits import LayerBits, default_bits, from_record
+from ..layer_bits import record as layer_bits_record
 from ..quant.layers import LAYER_KINDS, out_channels, quant_layers
 from ..quant.uniform import int_range
 from .packing import pack_codes, packed_nbytes, unpack_codes
@@ -135,6 +137,9 @@ def save_artifact(qmodel: nn.Module, path: str | os.PathLike) -> Path:
                 "params": PARAMS_LAYOUT, "fields": list(FIELDS), "layers": rows}
     if other_pairs:
         manifest["fold_pairs"] = other_pairs
+    if info.get("layer_bits"):  # the resolved per-layer widths, one [w, a] (null: float) per row: checked at load
+        resolved = from_record(info["layer_bits"], "lowbit_info layer_bits")
+        manifest["layer_bits"] = [_compact(resolved.get(r[0])) for r in rows]
     metadata = {"format": FORMAT, "version": VERSION, "manifest": json.dumps(manifest, separators=(",", ":"))}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
@@ -273,16 +278,41 @@ def _check_kind_shape(row: dict) -> None:
         raise _bad("out", f"output channels that fit a {kind.name} weight of shape {shape}", out)
 
 
-def _protocol_bits(role: str, cfg: QuantConfig) -> tuple[int, int | None]:
-    """Weight and input bits ``graph.surgery.assign_roles`` gives a layer of ``role`` under ``cfg``."""
-    special = cfg.first_last_bits
-    w_bits = special if special is not None and role in ("first", "last", "only") else cfg.w_bits
-    a_bits = special if special is not None and role == "last" and cfg.a_bits is not None else cfg.a_bits
-    return w_bits, a_bits
+def _protocol_bits(role: str, cfg: QuantConfig) -> LayerBits:
+    """Widths ``graph.surgery.assign_roles`` gives a layer of ``role`` under ``cfg`` without user entries
+    (files written before the resolved per-layer map was stored)."""
+    return default_bits(role, cfg.w_bits, cfg.a_bits, cfg.first_last_bits, cfg.quantize_input)
 
 
-def _check_row_fields(row: dict, cfg: QuantConfig) -> None:
-    """The fields of one checked row against each other and against the config."""
+def _check_row_bits(row: dict, cfg: QuantConfig, bits: LayerBits | None) -> None:
+    """A row's widths against the file's resolved per-layer map (``bits``), or, in files without one,
+    against the config's first/last protocol."""
+    role = row["role"]
+    if bits is not None:  # the map is explicit: which quantizers are on and their widths must match it
+        said = "as the artifact's layer_bits say"
+        if row["w"] != int(bits.enabled):
+            raise _bad("w", f"{int(bits.enabled)} (weights {'quantized' if bits.enabled else 'float'}) {said}", row["w"])
+        if row["w"] and row["w_bits"] != bits.w_bits:
+            raise _bad("w_bits", f"{bits.w_bits} for a {role!r} layer {said}", row["w_bits"])
+        if row["a"] != int(bits.a_bits is not None):
+            raise _bad("a", f"{int(bits.a_bits is not None)} (input {'float' if bits.a_bits is None else 'quantized'}) "
+                       f"{said}", row["a"])
+        if row["a"] and row["a_bits"] != bits.a_bits:
+            raise _bad("a_bits", f"{bits.a_bits} for a {role!r} layer {said}", row["a_bits"])
+        return
+    expected = _protocol_bits(row["role"], cfg)
+    w_bits = expected.w_bits if expected.w_bits is not None else cfg.w_bits
+    a_bits = expected.a_bits if expected.a_bits is not None else cfg.a_bits
+    if row["w"] and row["w_bits"] != w_bits:
+        raise _bad("w_bits", f"{w_bits} for a {role!r} layer (config w_bits={cfg.w_bits}, "
+                   f"first_last_bits={cfg.first_last_bits})", row["w_bits"])
+    if row["a"] and row["a_bits"] != a_bits:
+        raise _bad("a_bits", f"{a_bits} for a {role!r} layer (config a_bits={cfg.a_bits}, "
+                   f"first_last_bits={cfg.first_last_bits})", row["a_bits"])
+
+
+def _check_row_fields(row: dict, cfg: QuantConfig, bits: LayerBits | None = None) -> None:
+    """The fields of one checked row against each other, the config and the layer's resolved widths."""
     _check_kind_shape(row)
     channels, groups, role = _scale_channels(row), row["groups"], row["role"]
     if cfg.granularity == "tensor" and groups != 1:
@@ -303,16 +333,10 @@ def _check_row_fields(row: dict, cfg: QuantConfig) -> None:
     if row["a_signed"] and not (cfg.a_symmetric and row["a_bits"] is not None and row["a_bits"] > 1):
         raise _bad("a_signed", f"0: signed input codes need a_symmetric and more than 1 bit (config a_symmetric="
                    f"{cfg.a_symmetric}, a_bits={row['a_bits']})", 1)
-    w_bits, a_bits = _protocol_bits(role, cfg)
-    if row["w"] and row["w_bits"] != w_bits:
-        raise _bad("w_bits", f"{w_bits} for a {role!r} layer (config w_bits={cfg.w_bits}, "
-                   f"first_last_bits={cfg.first_last_bits})", row["w_bits"])
-    if row["a"] and row["a_bits"] != a_bits:
-        raise _bad("a_bits", f"{a_bits} for a {role!r} layer (config a_bits={cfg.a_bits}, "
-                   f"first_last_bits={cfg.first_last_bits})", row["a_bits"])
+    _check_row_bits(row, cfg, bits)
 
 
-def _check_row(row: dict, cfg: QuantConfig, where: str) -> dict:
+def _check_row(row: dict, cfg: QuantConfig, where: str, bits: LayerBits | None = None) -> dict:
     """A manifest row with every field checked on its own, across fields and against the config."""
     name = row.get("name")
     prefix = f"layer {name!r}" if isinstance(name, str) and name else where
@@ -320,7 +344,7 @@ def _check_row(row: dict, cfg: QuantConfig, where: str) -> dict:
     try:
         for field, check in ROW_CHECKS.items():
             row[field] = check(row[field], field)
-        _check_row_fields(row, cfg)
+        _check_row_fields(row, cfg, bits)
     except LowbitError as exc:
         raise LowbitError(f"{prefix}: {exc}") from None
     return row
@@ -507,8 +531,37 @@ class _Reader:
             raise LowbitError(f"the artifact's {self.what} blob is longer than its manifest says")
 
 
-def _rows(stored: dict, cfg: QuantConfig) -> list[dict]:
-    """The version-2 manifest's layer rows as checked dicts."""
+def _compact(bits: LayerBits | None) -> list[int | None] | None:
+    """A row's resolved widths in the manifest: ``[w_bits, a_bits]``, or null for a float layer."""
+    if bits is None:
+        raise LowbitError("the model's lowbit_info layer_bits lack an entry for one of its layers")
+    return None if not bits.enabled else [bits.w_bits, bits.a_bits]
+
+
+def _layer_bits(stored: dict) -> list[LayerBits] | None:
+    """The manifest's resolved widths, one per layer row (None in files written before they were stored)."""
+    if "layer_bits" not in stored:
+        return None
+    value, layers = stored["layer_bits"], stored.get("layers")
+    if not isinstance(layers, list) or not layers:
+        return None  # _rows reports the damaged rows
+    if not isinstance(value, list) or len(value) != len(layers):
+        raise _damaged("layer_bits", f"it must be a list with one entry per layer row, got {_show(value)}")
+    out = []
+    for i, entry in enumerate(value):
+        if entry is None:
+            bits = LayerBits(None, None)
+        elif (isinstance(entry, list) and len(entry) == 2 and _is_int(entry[0]) and 1 <= entry[0] <= 16
+              and (entry[1] is None or (_is_int(entry[1]) and 1 <= entry[1] <= 16))):
+            bits = LayerBits(entry[0], entry[1])
+        else:
+            raise _bad(f"layer_bits[{i}]", "null (a float layer) or [w_bits 1..16, a_bits 1..16 or null]", entry)
+        out.append(bits)
+    return out
+
+
+def _rows(stored: dict, cfg: QuantConfig, layer_bits: list[LayerBits] | None = None) -> list[dict]:
+    """The version-2 manifest's layer rows as checked dicts (against the resolved widths where stored)."""
     fields = _required(stored, "fields")
     if (not isinstance(fields, list) or not all(isinstance(f, str) for f in fields)
             or sorted(fields) not in (sorted(FIELDS), sorted(REQUIRED_FIELDS))):  # each column once
@@ -521,7 +574,7 @@ def _rows(stored: dict, cfg: QuantConfig) -> list[dict]:
     for i, row in enumerate(layers):
         if not isinstance(row, list) or len(row) != len(fields):
             raise LowbitError(f"layers[{i}] must be a list of {len(fields)} values (one per field), got {_show(row)}")
-        rows.append(_check_row(dict(zip(fields, row)), cfg, f"layers[{i}]"))
+        rows.append(_check_row(dict(zip(fields, row)), cfg, f"layers[{i}]", None if layer_bits is None else layer_bits[i]))
     names = [r["name"] for r in rows]
     if len(set(names)) != len(names):
         raise LowbitError(f"layer {next(n for n in names if names.count(n) > 1)!r} has more than one row")
@@ -532,7 +585,8 @@ def _expand(stored: dict, tensors: dict[str, Tensor]) -> tuple[dict, dict[str, T
     """The compact (version 2) manifest and blobs as one spec and named tensors per layer, all checked."""
     cfg = _config(_required(stored, "config"))
     header = _check_header(stored)
-    rows = _rows(stored, cfg)
+    layer_bits = _layer_bits(stored)
+    rows = _rows(stored, cfg, layer_bits)
     pairs = [[r["name"], r["bn"]] for r in rows if r["bn"]] + _pairs(stored.get("fold_pairs", []), "fold_pairs")
     _check_pairs(pairs)
     if header["input_shape"] is not None:  # written by lowbit.quantize / qat: rows in execution order
@@ -572,6 +626,8 @@ def _expand(stored: dict, tensors: dict[str, Tensor]) -> tuple[dict, dict[str, T
     out.update(tensors)
     manifest = {**header, "fold_pairs": pairs, "layer_order": [r["name"] for r in rows if r["role"] != "unused"],
                 "layers": {r["name"]: _spec(r, cfg) for r in rows}}
+    if layer_bits is not None:
+        manifest["layer_bits"] = layer_bits_record({r["name"]: b for r, b in zip(rows, layer_bits)})
     return manifest, out
 
 
@@ -786,6 +842,10 @@ def _rebuild(manifest: dict, tensors: dict[str, Tensor], model: nn.Module | None
     if missing or unexpected:
         raise LowbitError(f"artifact does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     qmodel.lowbit_info = {k: manifest.get(k) for k in ("arch", "method", "options", "fold_pairs", "input_shape")}
+    # the resolved widths: stored ones, else those the rows hold (older files followed the config's protocol)
+    qmodel.lowbit_info["layer_bits"] = manifest.get("layer_bits") or layer_bits_record(
+        {n: LayerBits(s["w_bits"] if s["w_enabled"] else None, s["a_bits"] if s["a_enabled"] and s["w_enabled"] else None)
+         for n, s in manifest["layers"].items()})
     qmodel.lowbit_info["config"] = cfg.to_dict()
     if manifest.get("layer_order"):
         qmodel.lowbit_info["layer_order"] = manifest["layer_order"]

@@ -14,6 +14,16 @@ def fp32_bytes(model: nn.Module) -> int:
     return sum(v.numel() * (4 if v.is_floating_point() else v.element_size()) for v in state.values())
 
 
+def layer_weight_bytes(layer: nn.Module) -> int:
+    """Bytes of one quantized layer's weight as stored: codes at their bit width (byte-aligned per
+    layer) plus their scales (and zero points when asymmetric) at 32 bit; float32 when its weight
+    quantizer is off."""
+    wq = layer.weight_quant
+    if not wq.enabled:
+        return layer.weight.numel() * 4
+    return (layer.weight.numel() * wq.bits + 7) // 8 + wq.num_groups * 4 * (1 if wq.symmetric else 2)
+
+
 def quantized_bytes(qmodel: nn.Module) -> int:
     """Theoretical size: quantized weights at their bit width, their scales (and zero points when
     asymmetric) at 32 bit, enabled input quantizers' scale and zero point, and every other
@@ -29,8 +39,7 @@ def quantized_bytes(qmodel: nn.Module) -> int:
     for name, layer in quant_layers(qmodel):
         wq = layer.weight_quant
         if wq.enabled:
-            total += (layer.weight.numel() * wq.bits + 7) // 8
-            total += wq.num_groups * 4 * (1 if wq.symmetric else 2)
+            total += layer_weight_bytes(layer)
             counted.update({f"{name}.weight", f"{name}.weight_quant.scale", f"{name}.weight_quant.zero_point"})
         if layer.input_quant.enabled:
             total += 8
@@ -41,6 +50,13 @@ def quantized_bytes(qmodel: nn.Module) -> int:
         if key not in counted:
             total += value.numel() * (4 if value.is_floating_point() else value.element_size())
     return total
+
+
+def own_weight_elements(module: nn.Module) -> int:
+    """Weight elements (parameters of 2+ dims) of a layer lowbit does not quantize, its sub-layers excluded
+    (they are counted on their own)."""
+    own = [p for n, p in module.named_parameters() if "." not in n or n.startswith("parametrizations.")]
+    return sum(p.numel() for p in own if p.dim() >= 2)
 
 
 def weight_counts(qmodel: nn.Module) -> dict[str, int | list[str]]:
@@ -58,8 +74,7 @@ def weight_counts(qmodel: nn.Module) -> dict[str, int | list[str]]:
             floating += layer.weight.numel()
     others = float_weight_layers(qmodel)
     for _, module in others:
-        own = [p for n, p in module.named_parameters() if "." not in n or n.startswith("parametrizations.")]
-        floating += sum(p.numel() for p in own if p.dim() >= 2)  # sub-layers are counted on their own
+        floating += own_weight_elements(module)
     return {"quantized_weights": quantized, "float_weights": floating, "float_layers": [n for n, _ in others]}
 
 

@@ -9,6 +9,8 @@ from torch import Tensor, nn
 
 from ..config import QuantConfig
 from ..errors import LowbitError
+from ..layer_bits import LayerBits, LayerBitsMap, resolve_layer_bits, roles_of
+from ..layer_bits import record as layer_bits_record
 from ..quant.layers import float_weight_layers, layer_kind, quant_layers, quantizable, quantize_layer
 from ..quant.quantizer import ActQuantizer, WeightQuantizer
 from .equalize import equalize
@@ -78,36 +80,45 @@ def execution_order(model: nn.Module, example: Tensor) -> list[str]:
     return list(seen)
 
 
-def assign_roles(model: nn.Module, order: list[str], cfg: QuantConfig) -> None:
-    """Apply the protocol: first layer input FP (unless asked), first/last weights and last input at 8 bit."""
+def assign_roles(model: nn.Module, order: list[str], cfg: QuantConfig,
+                 layer_bits: LayerBitsMap | None = None) -> dict[str, LayerBits]:
+    """Give every quantized layer its role and its widths from the resolved ``layer_bits`` map.
+
+    The config's protocol (first layer input FP unless ``quantize_input``, first/last weights
+    and last input at ``first_last_bits``) is the map's default entry, user entries win over it
+    (``lowbit.layer_bits``). Layers never called stay in float. Returns the resolved map.
+    """
     layers = dict(quant_layers(model))
-    if not order:
-        return
-    first, last = layers[order[0]], layers[order[-1]]
-    first.role, last.role = "first", "last"
-    if len(order) == 1:
-        first.role = "only"
-    if not cfg.quantize_input:
-        first.input_quant.enabled = False
-    if cfg.first_last_bits is not None:
-        first.weight_quant.bits = cfg.first_last_bits
-        last.weight_quant.bits = cfg.first_last_bits
-        if last is not first and last.input_quant.bits is not None:
-            last.input_quant.bits = cfg.first_last_bits
+    names = list(layers)
+    roles = roles_of(names, order)
+    resolved = resolve_layer_bits(names, order, cfg.w_bits, cfg.a_bits, cfg.first_last_bits, cfg.quantize_input,
+                                  layer_bits)
     for name, layer in layers.items():
-        if name not in order:  # never called: leave it in float
-            layer.role = "unused"
-            layer.weight_quant.enabled = False
-            layer.input_quant.enabled = False
+        layer.role = roles[name]
+        apply_layer_bits(layer, resolved[name])
+    return resolved
+
+
+def apply_layer_bits(layer: nn.Module, bits: LayerBits) -> None:
+    """Set a quantized layer's quantizers to its resolved widths (a None width disables the quantizer)."""
+    wq, aq = layer.weight_quant, layer.input_quant
+    wq.enabled = bits.w_bits is not None
+    if wq.enabled:
+        wq.bits = bits.w_bits
+    aq.enabled = bits.a_bits is not None
+    if aq.enabled:
+        aq.bits = bits.a_bits
 
 
 def prepare(model: nn.Module, cfg: QuantConfig, example: Tensor,
-            fold_pairs: list[tuple[str, str]] | None = None) -> tuple[nn.Module, dict]:
+            fold_pairs: list[tuple[str, str]] | None = None,
+            layer_bits: LayerBitsMap | None = None) -> tuple[nn.Module, dict]:
     """A quantization-ready deep copy of ``model`` (the original is not touched).
 
     With ``fold_pairs`` given (when rebuilding from an artifact) only the structure of those
     folds is applied; otherwise pairs are found by tracing and folded with their values.
-    Returns the model and a record of the graph changes.
+    ``layer_bits`` are per-layer widths (``lowbit.layer_bits``). Returns the model and a record
+    of the graph changes and of every layer's resolved widths (``"layer_bits"``).
     """
     if not isinstance(model, nn.Module):
         raise LowbitError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -123,6 +134,6 @@ def prepare(model: nn.Module, cfg: QuantConfig, example: Tensor,
         eq_pairs = equalize(qmodel) if cfg.equalize else []
     warn_float_layers(qmodel, wrap_layers(qmodel, cfg))
     order = execution_order(qmodel, example.to(cfg.device, copy=True))  # a copy: a model may change its input in place
-    assign_roles(qmodel, order, cfg)
+    resolved = assign_roles(qmodel, order, cfg, layer_bits)
     return qmodel, {"fold_pairs": [list(p) for p in pairs], "equalized_pairs": [list(p) for p in eq_pairs],
-                    "layer_order": order}
+                    "layer_order": order, "layer_bits": layer_bits_record(resolved)}

@@ -16,6 +16,7 @@ from ..data.calib import (as_calibration_tensor, check_input, concat_batches, is
 from ..errors import LowbitError
 from ..graph.fold import find_conv_bn_pairs
 from ..graph.surgery import input_ranks, prepare
+from ..layer_bits import check_layer_bits
 from ..options import check_value
 from ..train import private_global_rng
 from .engine import CONFIG_RESUMABLE, QAT_FIELDS, QatConfig, check_checkpoint_target, fit
@@ -81,7 +82,8 @@ def qat(model: nn.Module, train_data: Tensor | Iterable, val_data: Any = None, m
         a_bits: activation bits of body-layer inputs (None: weights only).
         epochs: training epochs (``QatConfig.epochs`` by default).
         log: where per-epoch lines go.
-        **options: ``QuantConfig`` fields (granularity, groups, seed, device, ...), ``QatConfig``
+        **options: ``layer_bits`` (per-layer widths, as in ``lowbit.quantize``),
+            ``QuantConfig`` fields (granularity, groups, seed, device, ...), ``QatConfig``
             fields (lr, batch_size, checkpoint, resume, overwrite, log_dir, ...), ``input_key`` and
             ``target_key`` (the keys of dict batches) and the method's options. A name shared
             by several goes to the method's options first (gdrq's ``momentum``), then to
@@ -106,6 +108,7 @@ def qat(model: nn.Module, train_data: Tensor | Iterable, val_data: Any = None, m
         train_opts["epochs"] = epochs
     tcfg = QatConfig(**train_opts)
     check_checkpoint_target(tcfg)  # before the (possibly long) setup
+    layer_bits = check_layer_bits(options.pop("layer_bits", None))
     cfg, method_options = build_config(w_bits, a_bits, options, spec.option_names)
     opts = spec.make_options(method_options)
     if not spec.fold_bn:
@@ -114,7 +117,7 @@ def qat(model: nn.Module, train_data: Tensor | Iterable, val_data: Any = None, m
     x_train, y_train = _as_labelled(train_data, "train_data", **keys, ranks=ranks)
     val = _as_labelled(val_data, "val_data", **keys, ranks=ranks) if val_data is not None else None
     calib = sample_calibration(x_train, min(cfg.calib_size, len(x_train)), cfg.seed)
-    qmodel, record = prepare(model, cfg, calib[:2])
+    qmodel, record = prepare(model, cfg, calib[:2], layer_bits=layer_bits)
     if not spec.fold_bn:
         qmodel.lowbit_bn_pairs = find_conv_bn_pairs(model, scale_mergeable=True)
     with private_global_rng(cfg.seed, cfg.device):  # seeded setup; the caller's RNG state is left alone
@@ -129,6 +132,7 @@ def qat(model: nn.Module, train_data: Tensor | Iterable, val_data: Any = None, m
             run[f"config.{key}" if key in QAT_FIELDS else key] = value
     for key, value in (asdict(opts) if is_dataclass(opts) else {}).items():
         run[f"option.{key}" if key in run or key in QAT_FIELDS else key] = value
+    run["layer_bits"] = record["layer_bits"]  # a checkpoint resumes only with the same per-layer widths
     teacher = copy.deepcopy(model).eval() if tcfg.kd_weight > 0 else None  # fit runs it under no_grad
     summary = fit(qmodel, x_train, y_train, val, tcfg, run, cfg.seed, torch.device(cfg.device),
                   progress=cfg.progress, log=log, teacher=teacher)

@@ -1,0 +1,104 @@
+"""``lowbit.summary``: per-layer bit widths, parameters and bytes of a quantized model, with totals.
+
+Bytes come from ``deploy.size`` (the same counting as the artifact's size and the "Size (MB)"
+reports): weights at their bit width plus their scales, float32 for layers left in float.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .deploy.artifact import require_quantized
+from .deploy.size import MB, layer_weight_bytes, own_weight_elements, quantized_bytes
+from .quant.layers import float_weight_layers, quant_layers
+
+FLOAT_BITS = 32  # a layer left in float counts as 32-bit weights in the averages
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    """One weight layer: ``w_bits`` None = float weights, ``a_bits`` None = float input."""
+
+    name: str
+    kind: str
+    role: str
+    w_bits: int | None
+    a_bits: int | None
+    params: int  # weight elements
+    weight_bytes: int  # at their width plus scales (float32 when w_bits is None)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The per-layer table (``layers``) and the totals of a quantized model.
+
+    Totals: ``avg_w_bits`` (parameter-weighted over every weight layer, float ones at 32),
+    ``avg_w_bits_quantized`` (over quantized layers only), ``avg_a_bits`` (mean over the layers
+    whose input is quantized, None when none is), ``weight_bytes`` (sum of the layers'),
+    ``model_bytes`` (all stored tensor data, as ``deploy.size.quantized_bytes``), ``params``,
+    ``fp_layers`` (weight layers left in float), ``pruned_channels`` (0: no channel is pruned yet).
+    """
+
+    layers: list[LayerSummary]
+    totals: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": [asdict(r) for r in self.layers], "totals": dict(self.totals)}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def to_markdown(self) -> str:
+        """The table and the totals as GitHub markdown."""
+        def bits(b: int | None) -> str:
+            return "fp" if b is None else str(b)
+
+        lines = ["| layer | kind | role | W bits | A bits | params | weight bytes |",
+                 "|---|---|---|---:|---:|---:|---:|"]
+        lines += [f"| {r.name} | {r.kind} | {r.role} | {bits(r.w_bits)} | {bits(r.a_bits)} | {r.params} | "
+                  f"{r.weight_bytes} |" for r in self.layers]
+        t = self.totals
+        avg_a = "fp" if t["avg_a_bits"] is None else f"{t['avg_a_bits']:.3f}"
+        avg_q = "-" if t["avg_w_bits_quantized"] is None else f"{t['avg_w_bits_quantized']:.3f}"
+        lines += ["", f"avg W bits {t['avg_w_bits']:.3f} (float layers at 32; quantized layers only: {avg_q}), "
+                  f"avg A bits {avg_a}, weight bytes {t['weight_bytes']} ({t['weight_bytes'] / MB:.4f} MB), "
+                  f"model {t['model_bytes'] / MB:.4f} MB, {t['params']} weight params, "
+                  f"{t['fp_layers']} float layer(s), {t['pruned_channels']} pruned channel(s)"]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+def summary(qmodel: nn.Module) -> Summary:
+    """Per-layer widths, parameters and bytes of a model from ``lowbit.quantize`` / ``qat`` / ``load``."""
+    require_quantized(qmodel)
+    rows: list[LayerSummary] = []
+    for name, layer in quant_layers(qmodel):
+        wq, aq = layer.weight_quant, layer.input_quant
+        rows.append(LayerSummary(name, layer.kind, layer.role, wq.bits if wq.enabled else None,
+                                 aq.bits if aq.enabled else None, layer.weight.numel(), layer_weight_bytes(layer)))
+    for name, module in float_weight_layers(qmodel):  # kinds lowbit does not quantize: float32
+        params = own_weight_elements(module)
+        rows.append(LayerSummary(name, type(module).__name__, "float", None, None, params, params * 4))
+    return Summary(rows, _totals(rows, quantized_bytes(qmodel)))
+
+
+def _totals(rows: list[LayerSummary], model_bytes: int) -> dict[str, Any]:
+    params = sum(r.params for r in rows)
+    quantized = [r for r in rows if r.w_bits is not None]
+    q_params = sum(r.params for r in quantized)
+    a_bits = [r.a_bits for r in rows if r.a_bits is not None]
+    return {
+        "avg_w_bits": sum(r.params * (r.w_bits or FLOAT_BITS) for r in rows) / params if params else 0.0,
+        "avg_w_bits_quantized": sum(r.params * r.w_bits for r in quantized) / q_params if q_params else None,
+        "avg_a_bits": sum(a_bits) / len(a_bits) if a_bits else None,
+        "weight_bytes": sum(r.weight_bytes for r in rows),
+        "model_bytes": model_bytes,
+        "params": params,
+        "fp_layers": sum(r.w_bits is None for r in rows),
+        "pruned_channels": 0,
+    }
