@@ -6,10 +6,9 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-import torch
 from torch import Tensor, nn
 
-from .config import DEFAULT_BITS, QuantConfig, build_config  # noqa: F401  (re-exported: lowbit.api.build_config)
+from .config import DEFAULT_BITS, build_config  # noqa: F401  (re-exported: lowbit.api.build_config)
 from .config import check_device as _check_device
 from .data.calib import read_calibration
 from .errors import LowbitError

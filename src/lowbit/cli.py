@@ -467,7 +467,7 @@ def _quantize_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     The method, bits, QuantConfig fields and method options are validated by the API's own
     functions here, before any model or data is loaded.
     """
-    from .api import build_config
+    from .config import build_config
     from .ptq.registry import get_method
 
     kwargs = dict(calib_size=args.calib_size, seed=args.seed, device=args.device, quantize_all=args.quantize_all,
@@ -607,7 +607,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _qat_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Every keyword argument of ``lowbit.qat`` but the model, data and log, checked up front."""
-    from .api import build_config
+    from .config import build_config
     from .qat.engine import QAT_FIELDS, QatConfig
     from .qat.registry import get_qat_method
 

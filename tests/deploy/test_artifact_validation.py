@@ -154,12 +154,12 @@ MANIFEST_CASES: list[tuple[str, str, Callable[[dict], None], str]] = [
     ("config-list", "sym", key(("config",), []), "'config' is missing or damaged"),
     ("config-absent", "sym", key(("config",), drop=True), "'config' is missing or damaged"),
     ("config-required", "sym", key(("config", "w_narrow"), drop=True), r"lacks \['w_narrow'\]"),
-    ("config-w_bits-string", "sym", key(("config", "w_bits"), "4"), "config: w_bits must be an integer, got '4'"),
+    ("config-w_bits-string", "sym", key(("config", "w_bits"), "4"), "config: .*w_bits must be an integer.*, got '4'"),
     ("config-w_bits-99", "sym", key(("config", "w_bits"), 99), "config: .*w_bits"),
-    ("config-bool-string", "sym", key(("config", "w_symmetric"), "False"), "config: w_symmetric must be true or false"),
-    ("config-bool-int", "sym", key(("config", "fold_bn"), 1), "config: fold_bn must be true or false, got 1"),
-    ("config-granularity", "sym", key(("config", "granularity"), "rows"), "config: granularity must be one of"),
-    ("config-groups", "sym", key(("config", "groups"), -1.5), "config: groups must be an integer or null"),
+    ("config-bool-string", "sym", key(("config", "w_symmetric"), "False"), "config: .*w_symmetric must be"),
+    ("config-bool-int", "sym", key(("config", "fold_bn"), 1), "config: .*fold_bn must be .*, got 1"),
+    ("config-granularity", "sym", key(("config", "granularity"), "rows"), "config: .*granularity must be one of"),
+    ("config-groups", "sym", key(("config", "groups"), -1.5), "config: .*groups must be"),
     ("config-calib_size", "sym", key(("config", "calib_size"), 0), "config: .*calib_size"),
     ("config-a_symmetric", "sym", key(("config", "a_symmetric"), True), None),  # no row is signed: same model
     ("config-granularity-tensor", "sym", key(("config", "granularity"), "tensor"), "groups must be 1 .per-tensor"),
@@ -371,8 +371,8 @@ def test_untouched_version_1_file_loads(sources, version1, tmp_path) -> None:
 
 @pytest.mark.parametrize("arch, message", [
     ({"name": "nope", "kwargs": {}}, "unknown model 'nope'"),
-    ({"name": "resnet20", "kwargs": {"width": "4"}}, "arch: zoo model 'resnet20' cannot be built"),
-    ({"name": "resnet20", "kwargs": {"depth": 3}}, "cannot be built with kwargs"),
+    ({"name": "resnet20", "kwargs": {"width": "4"}}, "arch: cannot build resnet20 with arguments"),
+    ({"name": "resnet20", "kwargs": {"depth": 3}}, "arch: cannot build resnet20 with arguments .*depth"),
     ({"name": "resnet20", "kwargs": {"width": 8}}, "shape or groups differ"),
     (None, "pass model="),
 ], ids=["unknown", "kwarg-type", "kwarg-unknown", "other-width", "none"])

@@ -11,8 +11,6 @@ import functools
 import json
 import math
 import os
-import types
-import typing
 from pathlib import Path
 from typing import Any, Callable
 
@@ -364,43 +362,18 @@ def _spec(row: dict, cfg: QuantConfig) -> dict:
     }
 
 
-_TYPE_CHECKS: dict[Any, tuple[str, Callable[[Any], bool]]] = {
-    int: ("an integer", _is_int),
-    bool: ("true or false", lambda v: isinstance(v, bool)),
-    str: ("a string", lambda v: isinstance(v, str)),
-    float: ("a finite number", lambda v: _is_int(v) or (isinstance(v, float) and math.isfinite(v))),
-    type(None): ("null", lambda v: v is None),
-}
-
-
-@functools.cache
-def _config_types() -> dict[str, tuple[str, Callable[[Any], bool]] | None]:
-    """Per QuantConfig field: what its annotation accepts (None for annotations this check does not know)."""
-    out: dict[str, tuple[str, Callable[[Any], bool]] | None] = {}
-    for name, hint in typing.get_type_hints(QuantConfig).items():
-        options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-        if all(t in _TYPE_CHECKS for t in options):
-            checks = [_TYPE_CHECKS[t] for t in options]
-            out[name] = (" or ".join(text for text, _ in checks),
-                         lambda v, checks=checks: any(ok(v) for _, ok in checks))
-        else:
-            out[name] = None  # QuantConfig itself validates it
-    return out
-
-
 def _config(data: Any) -> QuantConfig:
-    """The QuantConfig a manifest's ``config`` describes: every field type-checked, then validated by QuantConfig."""
+    """The QuantConfig a manifest's ``config`` describes, validated (field types included) by QuantConfig."""
     if not isinstance(data, dict):
         raise _damaged("config", f"it must be an object of QuantConfig fields, got {_show(data)}")
     missing = [k for k in CONFIG_REQUIRED if k not in data]
     if missing:
         raise _damaged("config", f"it lacks {missing}, which say how the stored numbers are read")
-    types_ = _config_types()
-    for key, value in data.items():
-        if types_.get(key) is not None and not types_[key][1](value):
-            raise _bad(f"config: {key}", types_[key][0], value)
+    fields = {k: v for k, v in data.items() if k not in RUNTIME_CONFIG}
+    if fields.get("granularity") != "group" and isinstance(fields.get("groups"), int):
+        fields["groups"] = None  # files written before QuantConfig refused it may hold it; it plays no part
     try:
-        return QuantConfig.from_dict({k: v for k, v in data.items() if k not in RUNTIME_CONFIG})
+        return QuantConfig.from_dict(fields)
     except (LowbitError, TypeError, ValueError, OverflowError) as exc:
         raise LowbitError(f"config: {exc}") from None
 
@@ -738,11 +711,10 @@ def _zoo_model(arch: dict | None) -> nn.Module:
     kwargs = arch.get("kwargs", {})
     try:
         return create_model(arch["name"], **kwargs)
-    except LowbitError:
-        raise
-    except Exception as exc:  # the constructor refused the recorded kwargs
-        raise LowbitError(f"arch: zoo model {arch['name']!r} cannot be built with kwargs {_show(kwargs)} "
-                          f"({type(exc).__name__}: {exc})") from None
+    except LowbitError as exc:  # an unknown name, or arguments its constructor refuses
+        raise LowbitError(f"arch: {exc}") from None
+    except Exception as exc:  # a file must never crash the loader, whatever it names
+        raise LowbitError(f"arch: zoo model {arch['name']!r} cannot be built ({type(exc).__name__}: {exc})") from None
 
 
 def _check_state(tensors: dict[str, Tensor], target: dict[str, Tensor]) -> None:
@@ -806,7 +778,7 @@ def _rebuild(manifest: dict, tensors: dict[str, Tensor], model: nn.Module | None
     layers = dict(quant_layers(qmodel))
     if set(layers) != set(manifest["layers"]):
         not_layers = sorted(set(manifest["layers"]) - set(layers))
-        raise LowbitError(f"the model's layers do not match the artifact's (different architecture?): " + (
+        raise LowbitError("the model's layers do not match the artifact's (different architecture?): " + (
             f"{not_layers[:3]} are not layers the model has lowbit quantize" if not_layers else
             f"the model's {sorted(set(layers) - set(manifest['layers']))[:3]} have no row"))
     state = {}
