@@ -7,12 +7,18 @@ are computed once and cached:
 
 - ``"kl"``: mean KL divergence ``KL(p_fp || p_q)`` of the softmax outputs over the calibration
   images (a task-loss proxy that needs no labels), with the top-1 agreement to the FP model.
-- ``"taylor"``: the first-order score of LBA (Zhao et al., CVPR 2021)
-  ``|(x - x_hat)^T g(x_hat)| / n``, where ``g`` is the gradient of the KL loss w.r.t. the
-  quantized tensor at the quantized point, accumulated over all calibration batches, and ``n``
-  its number of elements (weights: ``x = W``; activations: ``x`` = the layer's input, ``n`` per
-  image). Each (layer, width) costs one forward and one backward pass that stops at the
-  quantized tensor; the KL of that forward pass comes for free and is reported too.
+- ``"taylor"``: the first-order score of LBA (Zhao et al., CVPR 2021). With ``g`` the gradient
+  of the mean KL loss w.r.t. the quantized tensor at the quantized point (accumulated over all
+  calibration batches; weights: ``x = W``; activations: ``x`` = the layer's input), the score
+  is ``|(x - x_hat)^T g(x_hat)|``: since the KL is 0 at ``x``, it is the first-order estimate
+  of the KL that quantizing the tensor adds, in the same units as "kl" and additive over layers,
+  which is what ranking and the knapsack of ``lowbit.allocate_bits`` need. LBA's per-element
+  form ``|(x - x_hat)^T g(x_hat)| / n`` (``n`` the tensor's elements, per image for inputs) is
+  in ``extra["taylor_per_element"]``: it compares units per stored element, and favours small
+  layers when used to rank whole layers (a 40-weight classifier outranks a 576-weight conv
+  that costs ten times more KL; see tests/test_sensitivity.py). Each (layer, width) costs one
+  forward and one backward pass that stops at the quantized tensor; the KL of that forward
+  pass comes for free and is reported too.
 
 A Hessian-trace score (HAWQ) is not offered: see the README section "Sensitivity and bit
 allocation" for why.
@@ -65,8 +71,9 @@ class SensitivityReport:
         out_channels: unit name -> output channels (one float32 scale each, for sizes).
         input_elements: unit name -> input elements per image (the activation budget weight).
         order: unit names in execution order (the first and last layer by protocol).
-        extra: other measurements: "kl" (when the metric is taylor) and "top1_agreement"
-            (fraction of images whose top-1 class matches the FP model), unit -> bits -> value.
+        extra: other measurements, unit -> bits -> value: "top1_agreement" (fraction of
+            images whose top-1 class matches the FP model), and with metric taylor "kl" and
+            "taylor_per_element" (LBA's score divided by the tensor's elements).
         skipped: unit name -> why it has no scores (e.g. the first layer's input is not
             quantized by default, so it has no activation sensitivity).
         seconds: wall time of the measurement.
@@ -301,6 +308,7 @@ def sensitivity(model: nn.Module, calib: Tensor | Iterable, bits: Iterable[int] 
     scores: dict[str, dict[int, float]] = {}
     kl_table: dict[str, dict[int, float]] = {}
     agree_table: dict[str, dict[int, float]] = {}
+    lba_table: dict[str, dict[int, float]] = {}
     steps = [(n, b) for n in units for b in widths]
     for name, b in progress_bar(steps, desc=f"sensitivity ({metric})", enable=show):
         layer = layers[name]
@@ -341,16 +349,18 @@ def sensitivity(model: nn.Module, calib: Tensor | Iterable, bits: Iterable[int] 
         kl_table.setdefault(name, {})[b] = kl_sum / len(x)
         agree_table.setdefault(name, {})[b] = agree / len(x)
         if metric == "taylor":
-            total = 0.0
+            total = per_element = 0.0
             for p in probes:
                 n = layer.weight.numel() if p.quantizer is wq else in_elems[name]
-                total += abs(p.acc) / n
+                total += abs(p.acc)
+                per_element += abs(p.acc) / n
             scores.setdefault(name, {})[b] = total
+            lba_table.setdefault(name, {})[b] = per_element
     if metric == "kl":
         scores = kl_table
         extra = {"top1_agreement": agree_table}
     else:
-        extra = {"kl": kl_table, "top1_agreement": agree_table}
+        extra = {"kl": kl_table, "top1_agreement": agree_table, "taylor_per_element": lba_table}
     params = {n: int(layers[n].weight.numel()) for n in order}
     out_ch = {n: int(layers[n].weight_quant.channels) for n in order}
     return SensitivityReport(metric=metric, target=target, bits=widths, scores=scores, params=params,
