@@ -640,6 +640,9 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     widths = _check_widths(args.bits)
     if args.allocate is not None and args.target != "weights":
         raise LowbitError("--allocate needs --target weights (the budget is the average weight bits)")
+    if args.allocate is not None and args.allocate < min(widths):
+        raise LowbitError(f"--allocate {args.allocate}: the budget is too small: below the narrowest width of "
+                          f"--bits ({min(widths)})")
     kwargs: dict[str, Any] = dict(calib_size=args.calib_size, seed=args.seed, device=args.device,
                                   fold_bn=not args.no_fold, batch_size=args.batch_size, w_range=args.w_range,
                                   progress=_progress(args))
