@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import json
 
 import pytest
@@ -148,3 +149,13 @@ def test_bad_arguments(kwargs, message, data):
 def test_spearman():
     assert spearman({"a": 1, "b": 2, "c": 3}, {"a": 10, "b": 20, "c": 30}) == pytest.approx(1.0)
     assert spearman({"a": 1, "b": 2, "c": 3}, {"a": 3, "b": 2, "c": 1}) == pytest.approx(-1.0)
+
+
+def test_every_zoo_model_and_a_non_zoo_cnn(any_model):
+    """Both metrics, weights and inputs together: a finite score for every layer that is called."""
+    x = torch.randn(6, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    report = sensitivity(any_model, x, bits=(2,), target="both", metric="taylor", w_range="minmax",
+                         a_range="minmax")
+    assert report.order and set(report.scores) == set(report.order)
+    assert all(math.isfinite(v[2]) and v[2] >= 0 for v in report.scores.values())
+    assert all(math.isfinite(v[2]) for v in report.extra["kl"].values())
