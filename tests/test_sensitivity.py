@@ -159,3 +159,14 @@ def test_every_zoo_model_and_a_non_zoo_cnn(any_model):
     assert report.order and set(report.scores) == set(report.order)
     assert all(math.isfinite(v[2]) and v[2] >= 0 for v in report.scores.values())
     assert all(math.isfinite(v[2]) for v in report.extra["kl"].values())
+
+
+def test_per_element_score_favours_small_layers(data):
+    """Why whole layers are ranked by the total first-order change, not LBA's per-element form:
+    on the toy model at 2 bits the 40-weight classifier has the larger per-element score although
+    the fragile 576-weight conv2 costs far more KL."""
+    report = sensitivity(Fragile(), data, bits=(2,), metric="taylor", granularity="tensor")
+    per, kl = report.extra["taylor_per_element"], report.extra["kl"]
+    assert kl["conv2"][2] > 10 * kl["fc"][2]
+    assert per["fc"][2] > per["conv2"][2]
+    assert report.scores["conv2"][2] > report.scores["fc"][2]

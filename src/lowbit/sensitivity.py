@@ -16,7 +16,8 @@ are computed once and cached:
   form ``|(x - x_hat)^T g(x_hat)| / n`` (``n`` the tensor's elements, per image for inputs) is
   in ``extra["taylor_per_element"]``: it compares units per stored element, and favours small
   layers when used to rank whole layers (a 40-weight classifier outranks a 576-weight conv
-  that costs ten times more KL; see tests/test_sensitivity.py). Each (layer, width) costs one
+  whose KL is 30 times larger: tests/test_sensitivity.py; on ResNet-20 its rank correlation
+  with the KL is 0.57-0.91, the total's 0.99-1.0). Each (layer, width) costs one
   forward and one backward pass that stops at the quantized tensor; the KL of that forward
   pass comes for free and is reported too.
 
