@@ -120,7 +120,7 @@ def test_size_budget_never_exceeded():
         full = sum(weight_cost(report, n, 8, True) for n in report.order)
         size_mb = full * (0.2 + 0.8 * rng.random()) / MB
         try:
-            got = lowbit.allocate_bits(report=report, avg_w_bits=None, size_mb=size_mb)
+            got = lowbit.allocate_bits(report=report, size_mb=size_mb)  # replaces the default avg_w_bits
         except lowbit.LowbitError as exc:
             assert "too small" in str(exc)
             continue
@@ -154,7 +154,7 @@ def test_zero_bits_excluded_at_layer_granularity():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(avg_w_bits=-1.0), "positive"),
-    (dict(avg_w_bits=3.0, size_mb=1.0), "exactly one"),
+    (dict(avg_w_bits=3.0, size_mb=1.0), "exactly one"),  # an explicit 3.0 is not the default
     (dict(avg_w_bits=None), "exactly one"),
     (dict(avg_w_bits=3.0, solver="ilp"), "solver"),
     (dict(avg_w_bits=3.0, candidates=(2, 17)), "0..16"),

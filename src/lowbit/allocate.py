@@ -35,6 +35,13 @@ from .options import check_value
 from .sensitivity import SensitivityReport, sensitivity
 
 SOLVERS = ("dp", "greedy")
+
+
+class _DefaultAverage(float):
+    """The default ``avg_w_bits`` (3.0), distinguishable from an explicit 3.0 so that ``size_mb=`` alone works."""
+
+
+DEFAULT_AVG_W_BITS = _DefaultAverage(3.0)
 DEFAULT_RESOLUTION = 50_000
 
 
@@ -175,7 +182,7 @@ def _allocate(report: SensitivityReport, widths: tuple[int, ...], budget: int,
     return {n: out[n] for n in report.order if n in out}
 
 
-def allocate_bits(model: nn.Module | None = None, calib: Tensor | Iterable | None = None, avg_w_bits: float | None = 3.0,
+def allocate_bits(model: nn.Module | None = None, calib: Tensor | Iterable | None = None, avg_w_bits: float | None = DEFAULT_AVG_W_BITS,
                   avg_a_bits: float | None = None, granularity: str = "layer",
                   candidates: Iterable[int] = (0, 1, 2, 3, 4, 8), metric: str = "kl", size_mb: float | None = None,
                   report: SensitivityReport | None = None, a_report: SensitivityReport | None = None,
@@ -195,8 +202,8 @@ def allocate_bits(model: nn.Module | None = None, calib: Tensor | Iterable | Non
         candidates: widths to choose from.
         metric: the sensitivity metric, "kl" or "taylor" (LBA's score).
         size_mb: budget in MB (2^20 bytes) of the quantizable layers' weights at their widths
-            plus one float32 scale per output channel, instead of ``avg_w_bits`` (pass
-            ``avg_w_bits=None``); biases and other float tensors are not counted.
+            plus one float32 scale per output channel, instead of ``avg_w_bits``; biases and
+            other float tensors are not counted.
         report: a weight ``SensitivityReport`` to allocate from (skips the measurement).
         a_report: an activation ``SensitivityReport`` for ``avg_a_bits``.
         first_last_bits: width of the first and last layer's weights (and the last layer's
@@ -223,8 +230,10 @@ def allocate_bits(model: nn.Module | None = None, calib: Tensor | Iterable | Non
     resolution = check_value(resolution, int, "resolution", "lowbit.allocate_bits")
     if resolution < 1:
         raise LowbitError(f"resolution must be >= 1, got {resolution}")
+    if size_mb is not None and type(avg_w_bits) is _DefaultAverage:
+        avg_w_bits = None  # size_mb= replaces the default average
     if (avg_w_bits is None) == (size_mb is None):
-        raise LowbitError("give exactly one weight budget: avg_w_bits=... or size_mb=... (with avg_w_bits=None)")
+        raise LowbitError("give exactly one weight budget: avg_w_bits=... or size_mb=...")
     for name, value in (("avg_w_bits", avg_w_bits), ("avg_a_bits", avg_a_bits), ("size_mb", size_mb)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not math.isfinite(value) or value <= 0):
