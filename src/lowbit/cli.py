@@ -678,6 +678,69 @@ def cmd_qat(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ sensitivity
+
+def _sensitivity_out(text: str) -> str:
+    """The output folder of ``lowbit sensitivity``: created, and writable (checked before any work)."""
+    try:
+        path = Path(text)
+        if path.exists() and not path.is_dir():
+            raise LowbitError(f"--out {text}: not a directory")
+        check_writable(path / "report.json", create_parent=True)
+    except LowbitError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    """Per-layer sensitivity report (report.md, report.json, heatmap.png) and optionally a bit map."""
+    import lowbit
+    from .data import sample_calibration
+    from .sensitivity import _check_widths
+
+    widths = _check_widths(args.bits)
+    if args.allocate is not None and args.target != "weights":
+        raise LowbitError("--allocate needs --target weights (the budget is the average weight bits)")
+    if args.allocate is not None and args.allocate < min(widths):
+        raise LowbitError(f"--allocate {args.allocate}: the budget is too small: below the narrowest width of "
+                          f"--bits ({min(widths)})")
+    kwargs: dict[str, Any] = dict(calib_size=args.calib_size, seed=args.seed, device=args.device,
+                                  fold_bn=not args.no_fold, batch_size=args.batch_size, w_range=args.w_range,
+                                  progress=_progress(args))
+    if args.granularity:
+        kwargs["granularity"] = args.granularity
+    from .config import build_config
+    build_config(max(widths), 8, {k: v for k, v in kwargs.items() if k not in ("w_range", "progress")})
+    _check_data(args, ("train",))
+    fp = _load_fp_model(args)
+    x_train, _ = _data(args, "train")
+    calib = sample_calibration(x_train, min(args.calib_size, len(x_train)), args.seed)
+    report = lowbit.sensitivity(fp, calib, bits=widths, target=args.target, metric=args.metric, **kwargs)
+    out = Path(args.out)
+    files = {"markdown": out / "report.md", "json": out / "report.json", "heatmap": out / "heatmap.png"}
+    report.to_markdown(files["markdown"])
+    report.to_json(files["json"])
+    report.save_png(files["heatmap"])
+    result: dict[str, Any] = {"seconds": report.seconds, "ranking": report.ranking(),
+                              "files": {k: str(v) for k, v in files.items()}}
+    lines = [report.to_markdown().rstrip(), "", f"wrote {', '.join(str(v) for v in files.values())}"]
+    if args.allocate is not None:
+        from .allocate import average_bits
+
+        start = time.perf_counter()
+        layer_bits = lowbit.allocate_bits(report=report, avg_w_bits=args.allocate, candidates=widths)
+        result["allocation_seconds"] = time.perf_counter() - start
+        files["layer_bits"] = out / "layer_bits.json"
+        files["layer_bits"].write_text(json.dumps(layer_bits, indent=2) + "\n")
+        result["layer_bits"] = layer_bits
+        result["avg_w_bits"] = average_bits(layer_bits, report.params)
+        result["files"]["layer_bits"] = str(files["layer_bits"])
+        lines.append(f"layer_bits (average {result['avg_w_bits']:.3f} weight bits, budget {args.allocate}): "
+                     f"{files['layer_bits']}")
+    _emit(args, result, lines)
+    return 0
+
+
 # ------------------------------------------------------------------ parser
 
 def _common(p: argparse.ArgumentParser, evaluation: bool = True) -> None:
@@ -809,6 +872,26 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p, required=False)
     _common(p)
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("sensitivity", help="per-layer sensitivity to quantization (report.md, report.json, "
+                                           "heatmap.png) and optionally a bit allocation")
+    _model_args(p)
+    p.add_argument("--bits", type=w_bits, nargs="+", default=[2, 3, 4, 8], help="widths to measure (1..16)")
+    p.add_argument("--target", choices=["weights", "activations", "both"], default="weights")
+    p.add_argument("--metric", choices=["kl", "taylor"], default="kl",
+                   help="kl: KL to the FP outputs; taylor: LBA's first-order score")
+    p.add_argument("--w-range", choices=["mse", "minmax"], default="mse", help="weight clipping range per layer")
+    p.add_argument("--granularity", choices=["tensor", "channel"], help="weight scales (default: channel)")
+    p.add_argument("--calib-size", type=positive_int, default=256)
+    p.add_argument("--calib-dir", type=existing_dir, help="calibrate on an image folder instead of Fashion-MNIST train")
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--no-fold", action="store_true", help="keep BatchNorm unfolded")
+    p.add_argument("--allocate", type=positive_float, metavar="AVG_BITS",
+                   help="also allocate widths from --bits at this average weight bits (first/last layer at 8): "
+                        "writes layer_bits.json")
+    p.add_argument("--out", type=_sensitivity_out, required=True, metavar="DIR", help="output folder")
+    _common(p, evaluation=False)
+    p.set_defaults(func=cmd_sensitivity)
     return parser
 
 
