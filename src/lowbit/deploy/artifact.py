@@ -13,6 +13,7 @@ import math
 import os
 import types
 import typing
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -779,8 +780,13 @@ def _rebuild(manifest: dict, tensors: dict[str, Tensor], model: nn.Module | None
             elif codes.numel() and codes.max() > wq.qrange[1]:  # e.g. 2^b - 1 offsets in a narrow signed range
                 raise LowbitError(f"layer {name!r}: weight codes above the {wq.bits}-bit range's top {wq.qrange[1]}")
             state[f"{name}.weight"] = wq.dequantize(codes.view_as(layer.weight).float())
-    _check_state(tensors, qmodel.state_dict())
+    target = qmodel.state_dict()
+    _check_state(tensors, target)
     state.update(tensors)
+    # the model's own per-module metadata (versions): some modules' _load_from_state_dict read it
+    # (torchvision's MNASNet refuses a state dict without it)
+    state = OrderedDict(state)
+    state._metadata = getattr(target, "_metadata", OrderedDict())  # type: ignore[attr-defined]
     missing, unexpected = qmodel.load_state_dict(state, strict=False)
     missing = [k for k in missing if not _disabled_quantizer_param(layers, k)]
     if missing or unexpected:
