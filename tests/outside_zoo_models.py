@@ -55,7 +55,7 @@ ARCHS: dict[str, Arch] = {
     "densenet40_k12_cifar": Arch("densenet_cifar", "densenet40_k12_cifar10"),
     "dla46xc": Arch("dla", "dla46xc"),
     "hrnet_w18_small_v1": Arch("hrnet", "hrnet_w18_small_v1"),
-    "dpn68": Arch("dpn", "dpn68", {"test_time_pool": False}),
+    "dpn68": Arch("dpn", "dpn68", {"for_training": True}),
     "vovnet27s": Arch("vovnet", "vovnet27s"),
     "peleenet": Arch("peleenet", "peleenet"),
     "condensenet74_c4_g4": Arch("condensenet", "condensenet74_c4_g4"),
@@ -77,6 +77,16 @@ def _global_final_pool(model: nn.Module) -> None:
         if isinstance(mod, nn.AvgPool2d) and name.rsplit(".", 1)[-1] == "final_pool":
             parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
             setattr(parent, "final_pool", nn.AdaptiveAvgPool2d(1))
+
+
+@torch.no_grad()
+def _spread_channel_indices(model: nn.Module, seed: int) -> None:
+    """CondenseNet selects input channels through ``index`` buffers that only pretrained weights fill
+    (all zeros otherwise: every output would read channel 0); give them distinct channels."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, buf in model.named_buffers():
+        if name.rsplit(".", 1)[-1] == "index" and buf.dtype == torch.long and not buf.any():
+            buf.copy_(torch.randperm(buf.numel(), generator=gen))
 
 
 @torch.no_grad()
@@ -110,6 +120,7 @@ def build(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = factory(pretrained=False, num_classes=NUM_CLASSES, **arch.kwargs)
     _global_final_pool(model)
+    _spread_channel_indices(model, seed)
     return set_bn_statistics(model, seed)
 
 

@@ -2,23 +2,37 @@
 
 Random weights with BN statistics measured on random images (tests/outside_zoo_models.py), 3x32x32
 inputs, 8 calibration and 4 evaluation images: each architecture is one test of a few seconds.
+
+ONNX Runtime parity is checked code by code, not only on the logits: ORT sums in another order
+than PyTorch, so a value within a float32 ulp or two of a rounding boundary can get the
+neighbouring code, and in deep random-weight networks one such flip grows layer after layer (a
+1-step flip in SqueezeNext's first stage becomes 8% of codes off by up to 93 steps in its last,
+logits cosine 0.37; the simulation alone moves as much when its input moves by 2e-7 relative).
+So: every layer up to the first one whose codes differ must match exactly, and at that layer the
+only differences allowed are single-step flips of values on a rounding boundary. A real export
+mismatch shows up there as many codes off, or codes off away from any boundary.
 """
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 pytest.importorskip("pytorchcv.models.resnet", reason="the outside-zoo sweep needs the pytorchcv package")
 
+import onnx  # noqa: E402
+
 import lowbit  # noqa: E402
-from tests.deploy.test_onnx import assert_matches_simulation  # noqa: E402
+from lowbit.deploy.onnx_qdq import onnx_session  # noqa: E402
+from lowbit.quant.layers import quant_layers  # noqa: E402
 from tests.outside_zoo_models import ARCHS, build, images  # noqa: E402
 
 CALIB, EVAL = images(8, seed=1), images(4, seed=2)
+BOUNDARY = 1e-3  # steps: a flipped code's value must be this close to k + 1/2 (float32 noise is ~1e-5)
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -31,11 +45,57 @@ def _quantize(fp: nn.Module, bits: int, method: str = "minmax") -> nn.Module:
         return lowbit.quantize(fp, CALIB, w_bits=bits, a_bits=bits, method=method)
 
 
+def _simulated_codes(q: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Logits and, per layer with quantized input, (codes, input / scale) at its first call."""
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = []
+    for name, layer in quant_layers(q):
+        if layer.input_quant.enabled:
+            def hook(aq: nn.Module, args: tuple, out: torch.Tensor, name: str = name) -> None:
+                if name not in seen:
+                    seen[name] = (aq.quantize(args[0]).int_value.long(), (args[0].double() / aq.scale.double()))
+            hooks.append(layer.input_quant.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            logits = q(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits, seen
+
+
+def assert_onnx_matches(q: nn.Module, path: Path, x: torch.Tensor = EVAL) -> None:
+    """ONNX Runtime computes the simulation's codes, up to single-step flips on rounding boundaries."""
+    logits, sim = _simulated_codes(q, x)
+    model = onnx.load(str(path))
+    codes_out = [f"{name}.input_q" for name in sim]
+    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in codes_out)
+    session = onnx_session(model.SerializeToString())
+    outs = session.run(["logits", *codes_out], {"input": x.numpy()})
+    ort = dict(zip(sim, outs[1:]))
+    for name in q.lowbit_info["layer_order"]:
+        if name not in sim:
+            continue
+        codes, ratio = sim[name]
+        diff = torch.from_numpy(ort[name].astype(np.int64)) - codes
+        flipped = diff != 0
+        if not flipped.any():
+            continue
+        frac = (ratio[flipped] - ratio[flipped].floor() - 0.5).abs()
+        assert diff.abs().max() == 1, f"{name}: ONNX Runtime codes off by {int(diff.abs().max())} steps"
+        assert frac.max() < BOUNDARY, f"{name}: codes flipped {frac.max():.3g} steps away from a rounding boundary"
+        assert flipped.float().mean() < 1e-3, f"{name}: {flipped.float().mean():.2%} of codes differ"
+        return  # later layers inherit the flip (amplified by depth); nothing more to compare
+    ort_logits = torch.from_numpy(outs[0])
+    assert torch.allclose(ort_logits, logits, rtol=0, atol=1e-5 * logits.abs().max().item()), \
+        "identical codes in every layer, yet different logits"
+
+
 def _onnx_parity(q: nn.Module, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript tracer notes on pytorchcv's Python control flow
         lowbit.export(q, path)
-    assert_matches_simulation(q, path, EVAL)
+    assert_onnx_matches(q, path)
 
 
 @pytest.mark.parametrize("name", sorted(ARCHS))
