@@ -29,16 +29,16 @@ class Arch:
 
 # name -> architecture; small variants (width multipliers) where pytorchcv has them
 ARCHS: dict[str, Arch] = {
-    "resnet10": Arch("resnet", "resnet10", {"width_scale": 0.25}),
+    "resnet10": Arch("resnet", "resnet10", {"width_scale": 0.25}, small=True),
     "preresnet10": Arch("preresnet", "preresnet10", {"width_scale": 0.25}),
-    "resnet20_cifar": Arch("resnet_cifar", "resnet20_cifar10", small=True),
+    "resnet20_cifar": Arch("resnet_cifar", "resnet20_cifar10"),
     "preresnet20_cifar": Arch("preresnet_cifar", "preresnet20_cifar10"),
     "seresnet10": Arch("seresnet", "seresnet10"),
     "sepreresnet10": Arch("sepreresnet", "sepreresnet10"),
     "resnext14_16x4d": Arch("resnext", "resnext14_16x4d"),
     "mobilenet_wd4": Arch("mobilenet", "mobilenet_wd4", small=True),
     "fdmobilenet_wd4": Arch("fdmobilenet", "fdmobilenet_wd4"),
-    "mobilenetv2_wd4": Arch("mobilenetv2", "mobilenetv2_wd4", small=True),
+    "mobilenetv2_wd4": Arch("mobilenetv2", "mobilenetv2_wd4"),
     "mobilenetv3_small_w7d20": Arch("mobilenetv3", "mobilenetv3_small_w7d20"),
     "shufflenet_g1_wd4": Arch("shufflenet", "shufflenet_g1_wd4", small=True),
     "shufflenetv2_wd2": Arch("shufflenetv2", "shufflenetv2_wd2"),
@@ -59,7 +59,7 @@ ARCHS: dict[str, Arch] = {
     "vovnet27s": Arch("vovnet", "vovnet27s"),
     "peleenet": Arch("peleenet", "peleenet"),
     "condensenet74_c4_g4": Arch("condensenet", "condensenet74_c4_g4"),
-    "squeezenet_v1_1": Arch("squeezenet", "squeezenet_v1_1", small=True),
+    "squeezenet_v1_1": Arch("squeezenet", "squeezenet_v1_1"),
     "sqnxt23_w1": Arch("squeezenext", "sqnxt23_w1"),
     "darknet_tiny": Arch("darknet", "darknet_tiny"),
     "hardnet39ds": Arch("hardnet", "hardnet39ds"),
