@@ -25,26 +25,27 @@ class Arch:
     factory: str
     kwargs: dict = field(default_factory=dict)
     small: bool = False  # cheap enough for Bit-Split in CI
+    onnx_w8: bool = False  # ONNX parity at W8A8 too in CI (W4A4 always): one trace costs 1-3 s
 
 
 # name -> architecture; small variants (width multipliers) where pytorchcv has them
 ARCHS: dict[str, Arch] = {
-    "resnet10": Arch("resnet", "resnet10", {"width_scale": 0.25}, small=True),
+    "resnet10": Arch("resnet", "resnet10", {"width_scale": 0.25}),
     "preresnet10": Arch("preresnet", "preresnet10", {"width_scale": 0.25}),
-    "resnet20_cifar": Arch("resnet_cifar", "resnet20_cifar10"),
+    "resnet20_cifar": Arch("resnet_cifar", "resnet20_cifar10", small=True, onnx_w8=True),
     "preresnet20_cifar": Arch("preresnet_cifar", "preresnet20_cifar10"),
     "seresnet10": Arch("seresnet", "seresnet10"),
     "sepreresnet10": Arch("sepreresnet", "sepreresnet10"),
-    "resnext14_16x4d": Arch("resnext", "resnext14_16x4d"),
+    "resnext14_16x4d": Arch("resnext", "resnext14_16x4d", onnx_w8=True),
     "mobilenet_wd4": Arch("mobilenet", "mobilenet_wd4", small=True),
     "fdmobilenet_wd4": Arch("fdmobilenet", "fdmobilenet_wd4"),
-    "mobilenetv2_wd4": Arch("mobilenetv2", "mobilenetv2_wd4"),
+    "mobilenetv2_wd4": Arch("mobilenetv2", "mobilenetv2_wd4", onnx_w8=True),
     "mobilenetv3_small_w7d20": Arch("mobilenetv3", "mobilenetv3_small_w7d20"),
     "shufflenet_g1_wd4": Arch("shufflenet", "shufflenet_g1_wd4", small=True),
-    "shufflenetv2_wd2": Arch("shufflenetv2", "shufflenetv2_wd2"),
+    "shufflenetv2_wd2": Arch("shufflenetv2", "shufflenetv2_wd2", onnx_w8=True),
     "menet108_8x1_g3": Arch("menet", "menet108_8x1_g3"),
     "igcv3_wd4": Arch("igcv3", "igcv3_wd4"),
-    "efficientnet_b0": Arch("efficientnet", "efficientnet_b0"),
+    "efficientnet_b0": Arch("efficientnet", "efficientnet_b0", onnx_w8=True),
     "mixnet_s": Arch("mixnet", "mixnet_s"),
     "ghostnet": Arch("ghostnet", "ghostnet"),
     "regnetx002": Arch("regnet", "regnetx002"),
@@ -52,7 +53,7 @@ ARCHS: dict[str, Arch] = {
     "proxylessnas_mobile": Arch("proxylessnas", "proxylessnas_mobile"),
     "fbnet_cb": Arch("fbnet", "fbnet_cb"),
     "spnasnet": Arch("spnasnet", "spnasnet"),
-    "densenet40_k12_cifar": Arch("densenet_cifar", "densenet40_k12_cifar10"),
+    "densenet40_k12_cifar": Arch("densenet_cifar", "densenet40_k12_cifar10", onnx_w8=True),
     "dla46xc": Arch("dla", "dla46xc"),
     "hrnet_w18_small_v1": Arch("hrnet", "hrnet_w18_small_v1"),
     "dpn68": Arch("dpn", "dpn68", {"for_training": True}),
@@ -60,7 +61,7 @@ ARCHS: dict[str, Arch] = {
     "peleenet": Arch("peleenet", "peleenet"),
     "condensenet74_c4_g4": Arch("condensenet", "condensenet74_c4_g4"),
     "squeezenet_v1_1": Arch("squeezenet", "squeezenet_v1_1"),
-    "sqnxt23_w1": Arch("squeezenext", "sqnxt23_w1"),
+    "sqnxt23_w1": Arch("squeezenext", "sqnxt23_w1", onnx_w8=True),
     "darknet_tiny": Arch("darknet", "darknet_tiny"),
     "hardnet39ds": Arch("hardnet", "hardnet39ds"),
 }

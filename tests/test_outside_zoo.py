@@ -2,6 +2,8 @@
 
 Random weights with BN statistics measured on random images (tests/outside_zoo_models.py), 3x32x32
 inputs, 8 calibration and 4 evaluation images: each architecture is one test of a few seconds.
+ONNX export traces the model (1-3 s each), so W8A8 export is checked on the architectures marked
+``onnx_w8`` and W4A4 export on all; benchmarks/outside_zoo.py runs every stage on every one.
 
 ONNX Runtime parity is checked code by code, not only on the logits: ORT sums in another order
 than PyTorch, so a value within a float32 ulp or two of a rounding boundary can get the
@@ -100,29 +102,31 @@ def _onnx_parity(q: nn.Module, path: Path) -> None:
 
 @pytest.mark.parametrize("name", sorted(ARCHS))
 def test_outside_zoo_architecture(name: str, tmp_path: Path) -> None:
+    """W8A8 and W4A4 quantize without touching the FP model; W4A4 reloads identically and runs in
+    ONNX Runtime (W8A8 too for the architectures marked ``onnx_w8``: each trace costs seconds)."""
     fp = build(name)
     before = _state(fp)
     with torch.no_grad():
         fp_out = fp(EVAL)
 
     q8 = _quantize(fp, 8)
+    q4 = _quantize(fp, 4)
     after = _state(fp)
     assert before.keys() == after.keys(), "quantize changed the FP model's state dict keys"
     assert all(torch.equal(before[k], after[k]) for k in before), "quantize changed the FP model's tensors"
     assert not fp.training
     with torch.no_grad():
         assert torch.equal(fp(EVAL), fp_out)
-        sim8 = q8(EVAL)
-    assert torch.isfinite(sim8).all()
+        assert torch.isfinite(q8(EVAL)).all()
+        sim4 = q4(EVAL)
 
-    lowbit.export(q8, tmp_path / "m.lowbit")
+    lowbit.export(q4, tmp_path / "m.lowbit")
     reloaded = lowbit.load(tmp_path / "m.lowbit", model=fp)
     with torch.no_grad():
-        assert torch.equal(reloaded(EVAL), sim8), "the reloaded artifact computes something else"
-    _onnx_parity(q8, tmp_path / "w8a8.onnx")
-
-    q4 = _quantize(fp, 4)
+        assert torch.equal(reloaded(EVAL), sim4), "the reloaded artifact computes something else"
     _onnx_parity(q4, tmp_path / "w4a4.onnx")
+    if ARCHS[name].onnx_w8:
+        _onnx_parity(q8, tmp_path / "w8a8.onnx")
 
 
 @pytest.mark.parametrize("name", sorted(n for n, a in ARCHS.items() if a.small))
