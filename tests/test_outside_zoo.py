@@ -137,3 +137,18 @@ def test_outside_zoo_bitsplit(name: str, tmp_path: Path) -> None:
     with torch.no_grad():
         assert torch.equal(lowbit.load(tmp_path / "m.lowbit", model=fp)(EVAL), q(EVAL))
     _onnx_parity(q, tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("factor", [1.01, 0.5])
+def test_parity_check_catches_a_wrong_scale(factor: float, tmp_path: Path) -> None:
+    """The code-by-code check fails on a real mismatch: one layer's input scale off by ``factor``."""
+    q = _quantize(build("mobilenet_wd4"), 4)
+    path = tmp_path / "m.onnx"
+    _onnx_parity(q, path)
+    model = onnx.load(str(path))
+    target = f"{q.lowbit_info['layer_order'][3]}.input_scale"
+    init = next(t for t in model.graph.initializer if t.name == target)
+    init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init) * np.float32(factor), target))
+    onnx.save(model, str(path))
+    with pytest.raises(AssertionError):
+        assert_onnx_matches(q, path)
