@@ -44,3 +44,12 @@ def test_fixed_pool_computes_what_pytorch_does(pool: nn.Module, size: tuple[int,
     expected = model(x)
     fix_adaptive_pools(model, x)
     assert torch.allclose(model(x), expected, rtol=0, atol=1e-6)
+
+
+def test_pool_called_at_two_sizes_is_left_alone() -> None:
+    pool = nn.AdaptiveAvgPool2d(3)
+    model = nn.Sequential(pool, nn.Upsample(size=(10, 10)), pool)  # 7x7 -> 3x3 -> 10x10 -> 3x3
+    x = torch.randn(1, 2, 7, 7)
+    expected = model(x)
+    assert fix_adaptive_pools(model, x) == 0
+    assert torch.equal(model(x), expected)

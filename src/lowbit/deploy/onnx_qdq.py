@@ -361,16 +361,16 @@ def _pair(size: Any, default: tuple[int, int]) -> tuple[int, int]:
 
 def fix_adaptive_pools(model: nn.Module, example: Tensor) -> int:
     """Replace (in place) 2-D adaptive pools whose output size does not divide their input size at
-    ``example`` by ``_FixedAdaptivePool2d``; returns how many were replaced.
+    ``example`` (or is given as None) by ``_FixedAdaptivePool2d``; returns how many were replaced.
 
     Only module pools are found (a functional ``F.adaptive_avg_pool2d`` call is left to the exporter).
     """
     kinds = {nn.AdaptiveAvgPool2d: "mean", nn.AdaptiveMaxPool2d: "max"}
-    shapes: dict[str, tuple[int, int]] = {}
+    shapes: dict[str, set[tuple[int, int]]] = {}
 
     def record(name: str) -> Any:
         def hook(module: nn.Module, args: tuple) -> None:
-            shapes.setdefault(name, tuple(args[0].shape[-2:]))
+            shapes.setdefault(name, set()).add(tuple(args[0].shape[-2:]))
         return hook
 
     hooks = [m.register_forward_pre_hook(record(name)) for name, m in model.named_modules()
@@ -384,8 +384,10 @@ def fix_adaptive_pools(model: nn.Module, example: Tensor) -> int:
         for hook in hooks:
             hook.remove()
     replaced = 0
-    for name, in_hw in shapes.items():
-        pool = model.get_submodule(name)
+    for name, seen in shapes.items():
+        if len(seen) != 1:
+            continue  # one module pooling inputs of several sizes: no single fixed form
+        in_hw, pool = next(iter(seen)), model.get_submodule(name)
         out_hw = _pair(pool.output_size, in_hw)
         sizes = (pool.output_size,) * 2 if isinstance(pool.output_size, int) else tuple(pool.output_size)
         if None not in sizes and all(i % o == 0 for i, o in zip(in_hw, out_hw)):
