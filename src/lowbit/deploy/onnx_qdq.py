@@ -405,10 +405,10 @@ def trace_to_onnx(model: nn.Module, example: Tensor, opset: int) -> onnx.ModelPr
     ``model`` (a copy made for export) has its adaptive pools fixed to ``example``'s size first
     (``fix_adaptive_pools``), which is what the graph is traced at anyway.
     """
-    if example.dim() == 4:
-        fix_adaptive_pools(model, example)
     buffer = io.BytesIO()
     try:
+        if example.dim() == 4:  # inside the try: a wrong example shape fails here first
+            fix_adaptive_pools(model, example)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")  # recorded: the legacy exporter's deprecation notices are noise
             torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=opset,
