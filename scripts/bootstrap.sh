@@ -17,6 +17,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "lowbit setup: installing torch==2.13.0 and lowbit (first run takes a minute)" >&2
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check torch==2.13.0
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+  # outside-zoo test material (see pyproject.toml): --no-deps keeps its torchvision (and a CUDA torch) out
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps pytorchcv==0.0.74
   touch "$stamp"
 fi
 if [ -z "${LOWBIT_FASHION_MNIST:-}" ] && [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then

@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -807,8 +808,13 @@ def _rebuild(manifest: dict, tensors: dict[str, Tensor], model: nn.Module | None
             if wq.binary:
                 codes = 2 * (codes + 1) - 1
             state[f"{name}.weight"] = wq.dequantize(codes.view_as(layer.weight).float())
-    _check_state(tensors, qmodel.state_dict())
+    target = qmodel.state_dict()
+    _check_state(tensors, target)
     state.update(tensors)
+    # the model's own per-module metadata (versions): some modules' _load_from_state_dict read it
+    # (torchvision's MNASNet refuses a state dict without it)
+    state = OrderedDict(state)
+    state._metadata = getattr(target, "_metadata", OrderedDict())  # type: ignore[attr-defined]
     missing, unexpected = qmodel.load_state_dict(state, strict=False)
     missing = [k for k in missing if not _disabled_quantizer_param(layers, k)]
     if missing or unexpected:

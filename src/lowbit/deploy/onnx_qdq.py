@@ -329,10 +329,86 @@ def _per_channel(values: np.ndarray, ndim: int, axis: int = 0) -> np.ndarray:
     return values.reshape(tuple(-1 if d == axis else 1 for d in range(ndim)))
 
 
+class _FixedAdaptivePool2d(nn.Module):
+    """Adaptive average or max pooling for one input size, as the slices PyTorch pools over.
+
+    torch's ONNX exporter handles adaptive pooling only when the output size divides the input
+    size; for any other size known at export the regions are fixed, so each output cell becomes a
+    Slice and a ReduceMean/ReduceMax (summing the same elements as PyTorch's kernel does).
+    """
+
+    def __init__(self, in_hw: tuple[int, int], out_hw: tuple[int, int], reduce: str) -> None:
+        super().__init__()
+        def bounds(n: int, m: int) -> list[tuple[int, int]]:  # PyTorch's start/end index rule
+            return [((i * n) // m, -((-(i + 1) * n) // m)) for i in range(m)]
+        self.rows, self.cols = bounds(in_hw[0], out_hw[0]), bounds(in_hw[1], out_hw[1])
+        self.reduce = reduce
+
+    def forward(self, x: Tensor) -> Tensor:
+        cells = []
+        for r0, r1 in self.rows:
+            for c0, c1 in self.cols:
+                region = x[..., r0:r1, c0:c1]
+                cells.append(region.mean((-2, -1)) if self.reduce == "mean" else region.amax((-2, -1)))
+        return torch.stack(cells, -1).unflatten(-1, (len(self.rows), len(self.cols)))
+
+
+def _pair(size: Any, default: tuple[int, int]) -> tuple[int, int]:
+    """``output_size`` of an adaptive pool as two ints (None keeps that input dimension)."""
+    size = (size, size) if size is None or isinstance(size, int) else tuple(size)
+    return tuple(default[i] if s is None else int(s) for i, s in enumerate(size))
+
+
+def fix_adaptive_pools(model: nn.Module, example: Tensor) -> int:
+    """Replace (in place) 2-D adaptive pools whose output size does not divide their input size at
+    ``example`` (or is given as None) by ``_FixedAdaptivePool2d``; returns how many were replaced.
+
+    Only module pools are found (a functional ``F.adaptive_avg_pool2d`` call is left to the exporter).
+    """
+    kinds = {nn.AdaptiveAvgPool2d: "mean", nn.AdaptiveMaxPool2d: "max"}
+    shapes: dict[str, set[tuple[int, int]]] = {}
+
+    def record(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple) -> None:
+            shapes.setdefault(name, set()).add(tuple(args[0].shape[-2:]))
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(name)) for name, m in model.named_modules()
+             if type(m) in kinds and not getattr(m, "return_indices", False)]
+    if not hooks:
+        return 0
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    replaced = 0
+    for name, seen in shapes.items():
+        if len(seen) != 1:
+            continue  # one module pooling inputs of several sizes: no single fixed form
+        in_hw, pool = next(iter(seen)), model.get_submodule(name)
+        out_hw = _pair(pool.output_size, in_hw)
+        sizes = (pool.output_size,) * 2 if isinstance(pool.output_size, int) else tuple(pool.output_size)
+        if None not in sizes and all(i % o == 0 for i, o in zip(in_hw, out_hw)):
+            continue  # torch exports these itself (as a plain AveragePool/MaxPool)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr,
+                _FixedAdaptivePool2d(in_hw, out_hw, kinds[type(pool)]))
+        replaced += 1
+    return replaced
+
+
 def trace_to_onnx(model: nn.Module, example: Tensor, opset: int) -> onnx.ModelProto:
-    """``torch.onnx.export`` (TorchScript exporter) to an in-memory ModelProto at ``opset``."""
+    """``torch.onnx.export`` (TorchScript exporter) to an in-memory ModelProto at ``opset``.
+
+    ``model`` (a copy made for export) has its adaptive pools fixed to ``example``'s size first
+    (``fix_adaptive_pools``), which is what the graph is traced at anyway.
+    """
     buffer = io.BytesIO()
     try:
+        if example.dim() == 4:  # inside the try: a wrong example shape fails here first
+            fix_adaptive_pools(model, example)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")  # recorded: the legacy exporter's deprecation notices are noise
             torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=opset,
