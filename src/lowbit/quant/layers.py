@@ -58,29 +58,11 @@ def _take_params(q: nn.Module, layer: nn.Module) -> nn.Module:
     return q
 
 
-class QuantConv1d(_Quantized, nn.Conv1d):
-    """``nn.Conv1d`` whose input and weight pass through quantizers (names and params unchanged)."""
-
-    kind = "conv1d"
+class _QuantConvNd(_Quantized):
+    """Construction and forward shared by the direct convolutions (Conv1d, Conv2d)."""
 
     @classmethod
-    def from_float(cls, conv: nn.Conv1d, weight_quant: WeightQuantizer, input_quant: ActQuantizer) -> "QuantConv1d":
-        return _take_params(cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                                conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-                                weight_quant=weight_quant, input_quant=input_quant,
-                                device="meta", dtype=conv.weight.dtype), conv)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.input_quant(x), self.weight_quant(self.weight), self.bias)
-
-
-class QuantConv2d(_Quantized, nn.Conv2d):
-    """``nn.Conv2d`` whose input and weight pass through quantizers (names and params unchanged)."""
-
-    kind = "conv2d"
-
-    @classmethod
-    def from_float(cls, conv: nn.Conv2d, weight_quant: WeightQuantizer, input_quant: ActQuantizer) -> "QuantConv2d":
+    def from_float(cls, conv: nn.Module, weight_quant: WeightQuantizer, input_quant: ActQuantizer) -> nn.Module:
         return _take_params(cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                                 conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
                                 weight_quant=weight_quant, input_quant=input_quant,
@@ -88,6 +70,18 @@ class QuantConv2d(_Quantized, nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(self.input_quant(x), self.weight_quant(self.weight), self.bias)
+
+
+class QuantConv1d(_QuantConvNd, nn.Conv1d):
+    """``nn.Conv1d`` whose input and weight pass through quantizers (names and params unchanged)."""
+
+    kind = "conv1d"
+
+
+class QuantConv2d(_QuantConvNd, nn.Conv2d):
+    """``nn.Conv2d`` whose input and weight pass through quantizers (names and params unchanged)."""
+
+    kind = "conv2d"
 
 
 class QuantConvTranspose2d(_Quantized, nn.ConvTranspose2d):
