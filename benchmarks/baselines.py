@@ -16,7 +16,7 @@ import torch
 import lowbit
 from lowbit.evaluate import accuracy
 
-from common import add_data_args, load_data, table, write_section
+from common import add_data_args, load_data, table, write_section, parse_args
 
 METHODS = ["minmax", "mse", "aciq"]
 GRANULARITY = {"tensor": "per-layer", "channel": "per-channel"}
@@ -26,7 +26,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_data_args(ap)
     ap.add_argument("--bits", nargs="+", type=int, default=[8, 6, 4, 3])
-    args = ap.parse_args()
+    args = parse_args(ap)
     calib, x_test, y_test = load_data(args)
     for name in args.models:
         fp = lowbit.load_pretrained(name)

@@ -21,7 +21,7 @@ import torch
 import lowbit
 from lowbit.evaluate import accuracy
 
-from common import add_data_args, load_data, table, write_section
+from common import add_data_args, load_data, table, write_section, parse_args
 
 DEFAULT_CONFIGS = ["W8", "W4", "W3", "W2", "W8A8", "W4A4", "W3A3", "W2A8"]
 ABLATION = [("default: EC, bias correction, MSE act. fit", {}),
@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
     ap.add_argument("--ablation-configs", nargs="+", default=["W4A4", "W3A3", "W2A8"])
     ap.add_argument("--granularities", nargs="+", default=["tensor", "channel"], choices=["tensor", "channel"])
-    args = ap.parse_args()
+    args = parse_args(ap)
     calib, x_test, y_test = load_data(args)
     configs = [(c, *parse_config(c)) for c in args.configs]
     for name in args.models:

@@ -1,6 +1,7 @@
 """Shared benchmark plumbing: machine description, timing, and section-wise RESULTS.md writing."""
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import platform
@@ -13,7 +14,13 @@ from typing import Iterable
 
 import torch
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
+# reproduce.py points LOWBIT_RESULTS at a scratch file, then files the sections it collects under their
+# seed table; a script run by hand writes straight into benchmarks/RESULTS.md.
+RESULTS = Path(os.environ.get("LOWBIT_RESULTS") or Path(__file__).with_name("RESULTS.md"))
+# Sampled when the script starts, before it loads the machine itself: a 1-minute load average near 0
+# means no other work was running, so its timings are quiet-machine timings.
+LOAD_AT_START = os.getloadavg()[0]
+SETTINGS: dict[str, object] = {}
 HEADER = ("# lowbit benchmark results\n\nEvery section below is written by the command it names "
           "(never by hand); rerun that command to refresh it.\n")
 
@@ -53,6 +60,30 @@ def load_data(args):
     return sample_calibration(x_train, args.calib_size, seed=0), x_test, y_test
 
 
+def parse_args(ap) -> argparse.Namespace:
+    """``ap.parse_args()``, remembered so that every section states all settings, defaults included."""
+    args = ap.parse_args()
+    SETTINGS.clear()
+    SETTINGS.update({k: v for k, v in vars(args).items() if k not in ("no_write", "out")})
+    return args
+
+
+def settings() -> str:
+    """``name=value`` for every argument of the script (empty when it did not use ``parse_args``)."""
+    def show(v) -> str:
+        if isinstance(v, (list, tuple)):
+            return " ".join(map(str, v)) if v else "(none)"
+        return str(v)
+    return ", ".join(f"{k}={show(v)}" for k, v in SETTINGS.items())
+
+
+def idle() -> str:
+    """Whether the machine was otherwise idle: the load average when the script started, with the verdict."""
+    busy = LOAD_AT_START >= 0.5
+    return (f"1-min load average {LOAD_AT_START:.1f} at start "
+            f"({'shared with other work: timings are not quiet-machine timings' if busy else 'otherwise idle'})")
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -70,7 +101,7 @@ def machine() -> str:
 def command() -> str:
     script = Path(sys.argv[0]).resolve()
     try:
-        script = script.relative_to(RESULTS.parent.parent)
+        script = script.relative_to(Path(__file__).resolve().parent.parent)
     except ValueError:
         pass
     return "python " + " ".join(shlex.quote(a) for a in [str(script), *sys.argv[1:]])
@@ -95,8 +126,10 @@ def write_section(name: str, body: str, models: Iterable[str] = ()) -> None:
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     weights = checkpoints(models)
     weights = f"; checkpoints: {weights}" if weights else ""
+    given = settings()
+    given = f"; settings: {given}" if given else ""
     block = (f"<!-- section:{name} -->\n{body.rstrip()}\n\n"
-             f"_Command: `{command()}`; machine: {machine()}{weights}; written {stamp}._\n"
+             f"_Command: `{command()}`{given}; machine: {machine()}, {idle()}{weights}; written {stamp}._\n"
              f"<!-- /section:{name} -->")
     pattern = re.compile(rf"<!-- section:{re.escape(name)} -->.*?<!-- /section:{re.escape(name)} -->", re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"

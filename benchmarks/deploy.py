@@ -27,7 +27,7 @@ from lowbit.deploy.onnx_qdq import export_float_onnx, export_onnx, onnx_predict,
 from lowbit.deploy.size import MB, quantized_bytes
 from lowbit.evaluate import predict
 
-from common import add_data_args, load_data, table, write_section
+from common import add_data_args, load_data, table, write_section, parse_args
 
 CONFIGS = {"W8A8": (8, 8), "W4A4": (4, 4), "W2A4": (2, 4), "W4A8": (4, 8), "W3A3": (3, 3)}
 
@@ -133,7 +133,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=50, help="batch-1 runs per timing round")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median reported)")
     ap.add_argument("--random", action="store_true", help="random-weight models (development only; never written)")
-    args = ap.parse_args()
+    args = parse_args(ap)
     torch.set_num_threads(args.threads)
     calib, x_test, y_test = load_data(args)
     heads, sizes, accs, speeds = [], [], [], []

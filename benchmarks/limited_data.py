@@ -24,7 +24,7 @@ import time
 import lowbit
 from lowbit.evaluate import accuracy
 
-from common import add_data_args, add_method_option_arg, load_data, method_options, table, write_section
+from common import add_data_args, add_method_option_arg, load_data, method_options, table, write_section, parse_args
 
 TABLES = ("granularity", "ablation", "methods", "curve")
 GRANULARITIES = [("per-channel", {"granularity": "channel"}), ("per-layer", {"granularity": "tensor"}),
@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--curve-sizes", nargs="*", type=int, default=[256, 64], help="image counts (none: skip)")
     ap.add_argument("--tag", default="", help="suffix of the RESULTS.md section names (keeps other runs)")
     add_method_option_arg(ap)
-    args = ap.parse_args()
+    args = parse_args(ap)
     opts = method_options(args.option)
     calib, x, y = load_data(args)
     for name in args.models:

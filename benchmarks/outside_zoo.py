@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.outside
 import lowbit  # noqa: E402
 from lowbit.deploy.onnx_qdq import onnx_predict, onnx_session  # noqa: E402
 
-from common import table, write_section  # noqa: E402
+from common import parse_args, table, write_section  # noqa: E402
 from tests.outside_zoo_models import ARCHS, build, images  # noqa: E402
 
 STAGES = ["quantize", "untouched", "reload", "onnx"]
@@ -131,7 +131,7 @@ def main() -> None:
     ap.add_argument("--eval-size", type=int, default=32)
     ap.add_argument("--out", type=Path, help="also write the markdown table to this file")
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
-    args = ap.parse_args()
+    args = parse_args(ap)
     torch.set_num_threads(1)
     calib, x = images(args.calib_size, seed=1), images(args.eval_size, seed=2)
     rows = []

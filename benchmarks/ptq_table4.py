@@ -19,7 +19,7 @@ import torch
 import lowbit
 from lowbit.evaluate import accuracy
 
-from common import add_data_args, add_method_option_arg, load_data, method_options, table, write_section
+from common import add_data_args, add_method_option_arg, load_data, method_options, table, write_section, parse_args
 
 METHODS = ["minmax", "kl", "lapq", "aciq", "mse", "bitsplit"]
 LABELS = {"minmax": "TF-Lite min/max", "kl": "TensorRT (KL)", "lapq": "LAPQ", "aciq": "ACIQ",
@@ -38,7 +38,7 @@ def main() -> None:
     ap.set_defaults(models=["resnet20"])
     ap.add_argument("--configs", nargs="+", default=["W4A8", "W4A4"])
     ap.add_argument("--methods", nargs="+", default=METHODS)
-    args = ap.parse_args()
+    args = parse_args(ap)
     opts = method_options(args.option)
     calib, x_test, y_test = load_data(args)
     for name in args.models:

@@ -18,7 +18,7 @@ import lowbit
 from lowbit.evaluate import accuracy
 from lowbit.train import TrainConfig, train_model
 
-from common import add_data_args, add_method_option_arg, method_options, table, write_section
+from common import add_data_args, add_method_option_arg, method_options, table, write_section, parse_args
 
 RUNS = [("lsq", {}), ("gdrq", {"granularity": "tensor"}), ("gdrq", {"granularity": "group", "groups": 4}),
         ("gdrq", {"granularity": "group", "groups": 8})]
@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--kd", type=float, default=0.0, help="distillation weight from the FP model (QatConfig.kd_weight)")
     add_method_option_arg(ap)
     ap.add_argument("--tag", default="", help="suffix of the RESULTS.md section name (keeps other runs)")
-    args = ap.parse_args()
+    args = parse_args(ap)
     extra = method_options(args.option)
     from lowbit.data import load_fashion_mnist
 

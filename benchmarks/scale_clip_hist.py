@@ -16,7 +16,7 @@ import torch
 import lowbit
 from lowbit.qat.gdrq import scale_clip_threshold
 
-from common import table, write_section
+from common import table, write_section, parse_args
 
 FIGURES = Path(__file__).with_name("figures")
 
@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--layer", default="layers.1.1.conv1")
     ap.add_argument("--k", type=float, default=2.5)
     ap.add_argument("--no-write", action="store_true")
-    args = ap.parse_args()
+    args = parse_args(ap)
     import matplotlib
 
     matplotlib.use("Agg")
