@@ -136,6 +136,14 @@ def write_section(name: str, body: str, models: Iterable[str] = ()) -> None:
     RESULTS.write_text(text)
 
 
+def mean_spread(values: list[float]):
+    """One value as itself; several as ``"mean +- std"`` (sample standard deviation), two decimals."""
+    if len(values) == 1:
+        return values[0]
+    t = torch.tensor(values, dtype=torch.float64)
+    return f"{t.mean().item():.2f} +- {t.std().item():.2f}"
+
+
 def table(header: list[str], rows: list[list]) -> str:
     fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]

@@ -24,7 +24,7 @@ import time
 import lowbit
 from lowbit.evaluate import accuracy
 
-from common import add_data_args, add_method_option_arg, load_data, method_options, table, write_section, parse_args
+from common import add_data_args, mean_spread, add_method_option_arg, load_data, method_options, table, write_section, parse_args
 
 TABLES = ("granularity", "ablation", "methods", "curve")
 GRANULARITIES = [("per-channel", {"granularity": "channel"}), ("per-layer", {"granularity": "tensor"}),
@@ -75,18 +75,30 @@ def ablation_table(name, fp, fp_acc, calib, x, y, config, opts) -> str:
     return head + table(["supervision", "per-channel", "s", "8 groups", "s"], rows)
 
 
-def methods_table(name, fp, fp_acc, calib, x, y, configs, methods, opts) -> str:
+def methods_table(name, fp, fp_acc, calib, x, y, configs, methods, opts, seeds=(0,)) -> str:
+    """Top-1, drop and seconds per method and config; with several ``seeds`` (calibration sample and
+    method seed both), each cell is mean +- sample standard deviation over them."""
+    from lowbit.data import load_fashion_mnist, sample_calibration
+
+    calibs = {0: calib} if list(seeds) == [0] else {
+        s: sample_calibration(load_fashion_mnist("train")[0], len(calib), seed=s) for s in seeds}
     rows = []
     for method in methods:
         row = [method]
         for config in configs:
             w, a = parse_config(config)
-            acc, secs = run(fp, calib, x, y, w, a, method, **opts.get(method, {}))
-            row += [acc, fp_acc - acc, f"{secs:.0f}"]
+            accs, times = [], []
+            for s in seeds:
+                extra = {"seed": s} if len(seeds) > 1 else {}
+                acc, secs = run(fp, calibs[s], x, y, w, a, method, **{**opts.get(method, {}), **extra})
+                accs.append(acc)
+                times.append(secs)
+            row += [mean_spread(accs), mean_spread([fp_acc - v for v in accs]), f"{sum(times) / len(times):.0f}"]
         rows.append(row)
         print(rows[-1], flush=True)
+    over = f"; mean +- std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else ""
     head = (f"### {name}: methods (FP {fp_acc:.2f} on {len(x)} test images; {len(calib)} calibration images; "
-            f"scales per channel unless the options set a granularity; options {opts or 'default'})\n\n")
+            f"scales per channel unless the options set a granularity; options {opts or 'default'}{over})\n\n")
     cols = ["method"] + [c for config in configs for c in (config, "drop", "s")]
     return head + table(cols, rows)
 
@@ -119,6 +131,8 @@ def main() -> None:
     ap.add_argument("--curve-config", default="W2A4")
     ap.add_argument("--curve-iters", nargs="+", type=int, default=[100, 250, 500, 1000])
     ap.add_argument("--curve-sizes", nargs="*", type=int, default=[256, 64], help="image counts (none: skip)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0],
+                    help="methods table: calibration-sample and method seeds; cells become mean +- std")
     ap.add_argument("--tag", default="", help="suffix of the RESULTS.md section names (keeps other runs)")
     add_method_option_arg(ap)
     args = parse_args(ap)
@@ -132,7 +146,8 @@ def main() -> None:
             "granularity": lambda: granularity_table(name, fp, fp_acc, calib, x, y),
             "ablation": lambda: ablation_table(name, fp, fp_acc, calib, x, y, args.ablation_config,
                                                opts.get("distill", {})),
-            "methods": lambda: methods_table(name, fp, fp_acc, calib, x, y, args.configs, args.methods, opts),
+            "methods": lambda: methods_table(name, fp, fp_acc, calib, x, y, args.configs, args.methods, opts,
+                                             args.seeds),
             "curve": lambda: curve_table(name, fp, fp_acc, calib, x, y, args.curve_config, args.curve_method,
                                          args.curve_iters, args.curve_sizes, opts.get(args.curve_method, {})),
         }
