@@ -21,12 +21,14 @@ from lowbit.train import TrainConfig, train_model
 from common import add_data_args, add_method_option_arg, method_options, table, write_section, parse_args
 
 RUNS = [("lsq", {}), ("gdrq", {"granularity": "tensor"}), ("gdrq", {"granularity": "group", "groups": 4}),
-        ("gdrq", {"granularity": "group", "groups": 8})]
+        ("gdrq", {"granularity": "group", "groups": 8}),
+        # the seed's ablation: groups without Scale-Clip (plain max thresholds)
+        ("gdrq", {"granularity": "group", "groups": 4, "scale_clip": False})]
 
 
 def label(method: str, opts: dict) -> str:
     if method == "gdrq":
-        return f"gdrq G={opts.get('groups', 1)}"
+        return f"gdrq G={opts.get('groups', 1)}" + (" no Scale-Clip" if opts.get("scale_clip") is False else "")
     return method
 
 

@@ -47,20 +47,26 @@ class GdrqOptions:
             point's MSE clipping threshold over mean |x| (post-ReLU inputs are sparse, so this is
             6 to 12 rather than the 2 to 3 that suits bell-shaped data).
         momentum: moving-average momentum of the activation threshold.
+        scale_clip: False turns Scale-Clip off for the seed's ablation: thresholds become the plain
+            max |w| per group and a moving average of the batch max |x| (min/max ranges), with
+            the same group quantization and BN folding.
     """
 
     k_weight: Annotated[float, Range(gt=0)] | None = None
     k_act: Annotated[float, Range(gt=0)] | None = None
     momentum: Annotated[float, Range(ge=0, lt=1)] = 0.99
+    scale_clip: bool = True
 
     def __post_init__(self) -> None:
         if any(k is not None and k <= 0 for k in (self.k_weight, self.k_act)) or not 0 <= self.momentum < 1:
             raise LowbitError("gdrq: k_weight, k_act > 0 (or None: per layer) and 0 <= momentum < 1")
 
 
-def scale_clip_threshold(x: Tensor, k: float, dims: int = 1) -> Tensor:
-    """``k * mean|x|`` over all but the first ``dims`` dimensions (per group for weights)."""
-    return k * x.detach().abs().reshape(*x.shape[:dims], -1).mean(-1)
+def scale_clip_threshold(x: Tensor, k: float | None, dims: int = 1) -> Tensor:
+    """``k * mean|x|`` over all but the first ``dims`` dimensions (per group for weights); ``k=None``:
+    ``max|x|`` there instead (Scale-Clip off)."""
+    flat = x.detach().abs().reshape(*x.shape[:dims], -1)
+    return flat.amax(-1) if k is None else k * flat.mean(-1)
 
 
 def clip_ste(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
@@ -77,7 +83,7 @@ def clip_ste(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
 class ScaleClipWeight(nn.Module):
     """Per-group Scale-Clip weight quantizer: threshold recomputed from the weights at every call."""
 
-    def __init__(self, quant: WeightQuantizer, k: float) -> None:
+    def __init__(self, quant: WeightQuantizer, k: float | None) -> None:
         super().__init__()
         if not quant.symmetric:
             raise LowbitError("gdrq quantizes weights symmetrically (w_symmetric=True)")
@@ -113,7 +119,7 @@ class ScaleClipAct(nn.Module):
     Straight-through gradient inside that range only (``clip_ste``).
     """
 
-    def __init__(self, quant: ActQuantizer, k: float, momentum: float, two_sided: bool) -> None:
+    def __init__(self, quant: ActQuantizer, k: float | None, momentum: float, two_sided: bool) -> None:
         super().__init__()
         self.quant = quant
         self.k = k
@@ -190,17 +196,21 @@ def gdrq_setup(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: GdrqOpt
     chosen = {}
     for name, layer in quant_layers(qmodel):
         if layer.weight_quant.enabled:
-            k = opts.k_weight or least_error_k(layer.weight_quant, layer.weight)
+            k = (opts.k_weight or least_error_k(layer.weight_quant, layer.weight)) if opts.scale_clip else None
             layer.weight_quant = ScaleClipWeight(layer.weight_quant, k)
-            chosen[f"{name}.weight"] = round(k, 2)
+            chosen[f"{name}.weight"] = round(k, 2) if k is not None else "max"
         aq = layer.input_quant
         if aq.enabled:
             two_sided = bool(aq.zero_point.item() > 0 or aq.signed)
-            mean_abs = observers[name].values().abs().mean().item()
-            k = opts.k_act or _act_k(aq, mean_abs)
+            values = observers[name].values().abs()
+            if opts.scale_clip:
+                k = opts.k_act or _act_k(aq, values.mean().item())
+                start = k * values.mean().item()
+            else:
+                k, start = None, values.max().item()
             layer.input_quant = ScaleClipAct(aq, k, opts.momentum, two_sided)
-            layer.input_quant.start(k * mean_abs)  # the calibration images' threshold, not one batch's
-            chosen[f"{name}.input"] = round(k, 2)
+            layer.input_quant.start(start)  # the calibration images' threshold, not one batch's
+            chosen[f"{name}.input"] = round(k, 2) if k is not None else "max"
     qmodel.lowbit_gdrq_k = chosen
 
 
