@@ -8,7 +8,8 @@ existed stay at the end under a "not yet regenerated" heading until their table 
 ``--quick`` runs a small version of every table (minutes, not hours) into RESULTS-quick.md, for
 checking that the commands work; its numbers are not results.
 
-    python benchmarks/reproduce.py [--quick] [--only TABLE ...] [--list] [--dry-run] [--results PATH]
+    python benchmarks/reproduce.py [--quick] [--only TABLE ...] [--list] [--dry-run] [--reassemble]
+        [--results PATH]
 """
 from __future__ import annotations
 
@@ -115,6 +116,12 @@ TABLES: tuple[Table, ...] = (
              "--train-size", "256", "--kd", "1", "--eval-size", "500")),
         Run("scale_clip_hist.py", (), ()),
     ), ("qat-", "scale-clip-"), ("resnet20",)),
+    Table("mixed", "-", "Mixed precision: accuracy against weight size, uniform vs allocated maps (issue #15)", (
+        Run("mixed_precision.py", ("--models", "resnet20"),
+            ("--models", "resnet20", "--quantizers", "mse", "--a-bits", "8", "--uniform", "3",
+             "--averages", "3.0", "--metrics", "taylor", "--sensitivity-images", "32", *QUICK_DATA)),
+        Run("mixed_precision.py", ("--models", "mobilenetv2", "--eval-size", "2000"), None),
+    ), ("mixed-",)),
     Table("outside-zoo", "-", "Outside model zoo (pytorchcv): every stage per architecture", (
         Run("outside_zoo.py", (), ("--archs", "resnet10", "mobilenetv2_wd4")),
     ), ("outside_zoo",), ()),
@@ -204,6 +211,8 @@ def main() -> None:
     ap.add_argument("--results", type=Path, help="file to write (default RESULTS.md, or RESULTS-quick.md)")
     ap.add_argument("--list", action="store_true", help="list the tables and their commands, run nothing")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    ap.add_argument("--reassemble", action="store_true",
+                    help="run nothing: put the file's table blocks in seed order and loose sections last")
     args = ap.parse_args()
     if args.list:
         for t in TABLES:
@@ -215,18 +224,25 @@ def main() -> None:
         return
     target = args.results or (QUICK_RESULTS if args.quick else RESULTS)
     chosen = [table_by_key()[k] for k in args.only] if args.only else list(TABLES)
-    old = target.read_text() if target.exists() else ""
-    # A full run replaces the file wholesale; --only keeps the other tables' blocks and legacy sections.
-    blocks = {} if not args.only else table_blocks(old)
-    legacy = {} if not args.only else legacy_sections(old)
+    if args.reassemble:
+        text = target.read_text()
+        target.write_text(assemble(table_blocks(text), legacy_sections(text), args.quick))
+        print(f"reproduce: reassembled {target} (nothing run)")
+        return
+    fresh = not args.only  # a full run replaces the file wholesale
+    done: dict[str, str] = {}
     start = time.perf_counter()
     for table in chosen:
         block = run_table(table, args.quick, args.dry_run)
         if block is None:
             continue
-        blocks[table.key] = block
-        legacy = {n: b for n, b in legacy.items() if not n.startswith(table.owns)}
-        # Write after every table so an interrupted run keeps what it finished.
+        done[table.key] = block
+        # Read the file again now (tables take hours; it may have changed meanwhile) and write after
+        # every table, so an interrupted run keeps what it finished.
+        old = "" if fresh or not target.exists() else target.read_text()
+        blocks = {**table_blocks(old), **done}
+        legacy = {n: b for n, b in legacy_sections(old).items()
+                  if not any(n.startswith(table_by_key()[k].owns) for k in done)}
         target.write_text(assemble(blocks, legacy, args.quick))
     print(f"reproduce: {len(chosen)} table(s) in {time.perf_counter() - start:.0f} s -> {target}", flush=True)
 

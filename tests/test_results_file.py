@@ -134,3 +134,16 @@ def test_a_table_that_writes_nothing_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["reproduce.py", "--results", str(tmp_path / "R.md")])
     with pytest.raises(SystemExit, match="wrote no section"):
         reproduce.main()
+
+
+def test_reassemble_orders_blocks_by_seed_and_puts_loose_sections_last(tmp_path, monkeypatch):
+    text = ("# x\n\n<!-- section:loose -->\nloose one\n<!-- /section:loose -->\n\n"
+            "<!-- table:outside-zoo -->\nzoo block\n<!-- /table:outside-zoo -->\n\n"
+            "<!-- table:004-table4 -->\ntable four\n<!-- /table:004-table4 -->\n")
+    path = tmp_path / "R.md"
+    path.write_text(text)
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--reassemble", "--results", str(path)])
+    reproduce.main()
+    out = path.read_text()
+    assert out.index("table four") < out.index("zoo block") < out.index(reproduce.LEGACY_HEADING) < out.index("loose one")
+    assert reproduce.table_blocks(out) == reproduce.table_blocks(text), "blocks are moved, never changed"
