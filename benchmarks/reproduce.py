@@ -116,12 +116,15 @@ TABLES: tuple[Table, ...] = (
              "--train-size", "256", "--kd", "1", "--eval-size", "500")),
         Run("scale_clip_hist.py", (), ()),
     ), ("qat-", "scale-clip-"), ("resnet20",)),
-    Table("mixed", "-", "Mixed precision: accuracy against weight size, uniform vs allocated maps (issue #15)", (
+    Table("mixed-resnet20", "-", "Mixed precision on ResNet-20: accuracy against weight size (issue #15)", (
         Run("mixed_precision.py", ("--models", "resnet20"),
             ("--models", "resnet20", "--quantizers", "mse", "--a-bits", "8", "--uniform", "3",
              "--averages", "3.0", "--metrics", "taylor", "--sensitivity-images", "32", *QUICK_DATA)),
-        Run("mixed_precision.py", ("--models", "mobilenetv2", "--eval-size", "2000"), None),
-    ), ("mixed-",)),
+    ), ("mixed-resnet20",), ("resnet20",)),
+    Table("mixed-mobilenetv2", "-", "Mixed precision on MobileNetV2: accuracy against weight size (issue #15)", (
+        Run("mixed_precision.py", ("--models", "mobilenetv2", "--a-bits", "8", "--averages", "2.5", "3.0",
+                                   "--metrics", "taylor", "--eval-size", "2000"), None),
+    ), ("mixed-mobilenetv2",), ("mobilenetv2",)),
     Table("outside-zoo", "-", "Outside model zoo (pytorchcv): every stage per architecture", (
         Run("outside_zoo.py", (), ("--archs", "resnet10", "mobilenetv2_wd4")),
     ), ("outside_zoo",), ()),
