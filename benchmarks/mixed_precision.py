@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import lowbit
+from lowbit import LowbitError
 from lowbit.data import load_fashion_mnist, sample_calibration
 from lowbit.evaluate import accuracy
 
@@ -79,7 +80,12 @@ def main() -> None:
             timing.append(f"sensitivity `{metric}` {report.seconds:.0f} s")
             for avg in args.averages:
                 t = time.perf_counter()
-                maps[(metric, avg)] = lowbit.allocate_bits(report=report, avg_w_bits=avg, candidates=(2, 3, 4, 8))
+                try:
+                    maps[(metric, avg)] = lowbit.allocate_bits(report=report, avg_w_bits=avg,
+                                                               candidates=(2, 3, 4, 8))
+                except LowbitError as e:  # e.g. the 8-bit first and last layers alone exceed the budget
+                    timing.append(f"average {avg} not reachable ({e})")
+                    continue
                 timing.append(f"allocation `{metric}` {avg} {time.perf_counter() - t:.2f} s")
             print(f"{name}: {timing}", flush=True)
         rows, curves = [], {}
