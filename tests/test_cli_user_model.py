@@ -383,3 +383,32 @@ def test_cli_defaults_method_and_progress(monkeypatch, capsys) -> None:
     # image flags without an image folder would be ignored: refused
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
     assert "apply to image folders" in _error(capsys, ["quantize", "--model", "resnet20", "--image-size", "32"])
+
+
+def test_torch_save_state_dict_keeps_module_versions(tmp_path) -> None:
+    """Modules whose loader reads its version from the state dict's metadata (torchvision's MNASNet) load."""
+    (tmp_path / "versioned.py").write_text(textwrap.dedent('''
+        from torch import nn
+
+        class Versioned(nn.Module):
+            _version = 2
+
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(3, 4, 3)
+
+            def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+                if local_metadata.get("version") is None:
+                    raise ValueError("version should be set to 1 or 2 instead of None")
+                super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+        def build():
+            return nn.Sequential(Versioned())
+    '''))
+    source = f"{tmp_path / 'versioned.py'}:build"
+    model = build_user_model(source)
+    torch.save(model.state_dict(), tmp_path / "v.pt")
+    torch.save({"model": model.state_dict(), "epoch": 1}, tmp_path / "v_ckpt.pt")
+    for name in ("v.pt", "v_ckpt.pt"):
+        loaded = load_model(source, weights=tmp_path / name)
+        assert torch.equal(loaded[0].conv.weight, model[0].conv.weight)
