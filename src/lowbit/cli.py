@@ -722,8 +722,8 @@ def _export_artifact(args: argparse.Namespace, out: str) -> int:
     given = [f"--{name.replace('_', '-')}" for name in _CONVERT_IGNORES
              if getattr(args, name) != args.parser.get_default(name)]
     if given:
-        raise LowbitError(f"{', '.join(given)} do not apply when exporting an artifact ({args.artifact}): it is "
-                          f"already quantized")
+        raise LowbitError(f"{', '.join(given)}: for quantizing a model, not for exporting an artifact "
+                          f"({args.artifact} is already quantized)")
     if args.artifact.lower().endswith(".onnx"):
         raise LowbitError(f"{args.artifact} is an ONNX file: export reads a .lowbit artifact")
     qmodel = _load_artifact(args, args.artifact)
