@@ -221,6 +221,13 @@ def test_package_module_factory_and_model_kwargs(user, tmp_path, capsys, monkeyp
     assert _json(capsys, ["inspect", str(out), "--model", "lowbit_test_pkg_a.nets:Net",
                           "--model-kwargs", '{"width": 4}'])["layers"].__len__() == 4
     assert "pass the model it was made from" in _error(capsys, ["eval", str(out), "--eval-dir", str(user["images"])])
+    conv = ["export", str(out), "--model", "lowbit_test_pkg_a.nets:build", "--model-kwargs", '{"width": 4}']
+    assert "--w-bits: for quantizing a model, not for exporting an artifact" in _error(
+        capsys, [*conv, "--onnx", str(tmp_path / "k.onnx"), "--w-bits", "2"])
+    assert "--out and --onnx both given" in _error(capsys, [*conv, "--onnx", str(tmp_path / "k.onnx"),
+                                                            "--out", str(tmp_path / "k2.onnx")])
+    res = _json(capsys, [*conv, "--out", str(tmp_path / "k.onnx"), "--eval", "--eval-dir", str(user["images"])])
+    assert res["eval_images"] == 20 and (tmp_path / "k.onnx").is_file()
     msg = _error(capsys, ["quantize", "--model", "lowbit_test_pkg_a.nets:build", "--model-kwargs", '{"depth": 2}',
                           "--calib-dir", str(user["images"]), "--no-eval"])
     assert "cannot call lowbit_test_pkg_a.nets:build with arguments {'depth': 2}" in msg

@@ -317,7 +317,7 @@ class _Input:
         self.zoo, self.channels, self.size, self.what = zoo, channels, size, what
 
     @classmethod
-    def of_model(cls, model, zoo: bool, what: str = "the model") -> "_Input":
+    def of_model(cls, model: Any, zoo: bool, what: str = "the model") -> "_Input":
         """From an FP model (first conv's input channels) or a quantized one (its calibration input shape)."""
         info = getattr(model, "lowbit_info", None) or {}
         shape = info.get("input_shape")
@@ -326,7 +326,7 @@ class _Input:
         return cls(zoo, _first_layer_channels(model), (28, 28) if zoo else None, what)
 
 
-def _first_layer_channels(model) -> int | None:
+def _first_layer_channels(model: Any) -> int | None:
     """Input channels of the model's first conv (in module order), or None when it has none."""
     from torch import nn
 
@@ -720,7 +720,7 @@ def _export_artifact(args: argparse.Namespace, out: str) -> int:
     from .evaluate import timed_accuracy
 
     given = [f"--{name.replace('_', '-')}" for name in _CONVERT_IGNORES
-             if getattr(args, name) != args.parser.get_default(name)]
+             if getattr(args, name) != args.parser.get_default(name) and not (name == "data" and args.eval)]
     if given:
         raise LowbitError(f"{', '.join(given)}: for quantizing a model, not for exporting an artifact "
                           f"({args.artifact} is already quantized)")
@@ -1003,7 +1003,8 @@ def _image_args(p: argparse.ArgumentParser) -> None:
                         "which must match the model's first layer (nothing is converted silently)")
     p.add_argument("--mean", type=float_list, metavar="M[,M,...]",
                    help="per-channel mean to subtract from [0, 1] pixels, e.g. 0.485,0.456,0.406 (default: the "
-                        "Fashion-MNIST statistics for zoo models' gray images, else no normalization)")
+                        "Fashion-MNIST statistics for gray images fed to zoo models or their artifacts, and to ONNX "
+                        "files, which do not say what they were made from; else no normalization)")
     p.add_argument("--std", type=float_list, metavar="S[,S,...]", help="per-channel std to divide by (with --mean)")
     p.add_argument("--resize", choices=["stretch", "crop"],
                    help="stretch: resize to exactly --image-size (default); crop: scale to cover it, cut the centre")
