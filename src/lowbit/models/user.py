@@ -90,8 +90,8 @@ def _parse(text: str) -> tuple[str, str, str]:
                           f"--weights")
     if lower.endswith(_PICKLE_SUFFIXES):
         raise LowbitError(f"{text}: lowbit does not load pickled whole models (torch.load of a module runs "
-                          f"arbitrary code); pass the model's code as file.py:factory and its state dict with "
-                          f"--weights {text}")
+                          f"arbitrary code); pass the model's code as file.py:factory and its weights with --weights "
+                          f"(a file of torch.save(model.state_dict()), or safetensors)")
     if lower.endswith(".py"):
         raise LowbitError(f"{text}: name the factory that builds the model, e.g. --model {text}:build")
     if text in list_models():
