@@ -188,7 +188,7 @@ CASES = [
     ("eval-missing-artifact", lambda f: ["eval", "/nonexistent.lowbit"], "no artifact", False),
     ("eval-bad-artifact", lambda f: ["eval", f["bad_artifact"], "--data", f["data"]], "not a lowbit artifact", False),
     ("eval-two-models", lambda f: ["eval", f["bad_artifact"], "--onnx", f["bad_onnx"]], "one model", False),
-    ("eval-artifact-and-model", lambda f: ["eval", f["bad_artifact"], "--model", "resnet20"], "one model", False),
+    ("eval-onnx-and-model", lambda f: ["eval", f["bad_onnx"], "--model", "resnet20"], "one model", False),
     ("eval-missing-onnx", lambda f: ["eval", "--onnx", "/nonexistent.onnx"], "no ONNX file", False),
     ("eval-bad-onnx", lambda f: ["eval", "--onnx", f["bad_onnx"], "--data", f["data"]], "ONNX Runtime cannot load", False),
     ("eval-onnx-on-cuda", lambda f: ["eval", f["bad_onnx"], "--device", "cuda:99"], "cuda:99", False),

@@ -164,8 +164,8 @@ def test_image_folder_flat_rgb_and_limit(tmp_path):
     assert torch.allclose(x[0, :, 0, 0], torch.tensor([1.0, 0.0, 0.2]), atol=1e-5)
     x2, _, _ = load_image_folder(tmp_path, size=(5, 5), channels=3, mean=(0, 0, 0), std=(1, 1, 1), limit=2)
     assert len(x2) == 2 and torch.equal(x2, x[:2])
-    # an RGB image read as grayscale becomes one channel
-    xg, _, _ = load_image_folder(tmp_path, size=(5, 5))
+    # an RGB image read as grayscale becomes one channel (asked for: never silently)
+    xg, _, _ = load_image_folder(tmp_path, size=(5, 5), channels=1)
     assert xg.shape == (3, 1, 5, 5)
 
 
@@ -176,8 +176,8 @@ def test_image_folder_errors(tmp_path):
     with pytest.raises(LowbitError, match="no images"):
         load_image_folder(tmp_path / "empty")
     _png(tmp_path / "one" / "a.png", 3)
-    with pytest.raises(LowbitError, match="channels must be 1 or 3"):
-        load_image_folder(tmp_path / "one", channels=2, mean=(0, 0), std=(1, 1))
+    with pytest.raises(LowbitError, match="channels must be 1, 2, 3 or 4"):
+        load_image_folder(tmp_path / "one", channels=5, mean=(0, 0), std=(1, 1))
     with pytest.raises(LowbitError, match="one value per channel"):
         load_image_folder(tmp_path / "one", channels=3)
 

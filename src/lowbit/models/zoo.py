@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,11 @@ def load_state(model: nn.Module, state: dict[str, Tensor], source: str) -> nn.Mo
                                      ("shape file vs model", shapes)) if items]
         raise LowbitError(f"{source} does not fit {arch['name']} with arguments {json.dumps(arch['kwargs'])}: "
                           f"{'; '.join(parts)} (other --model-kwargs?)")
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    tensors = OrderedDict((k, v.float() if v.is_floating_point() else v) for k, v in state.items())
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:  # torch.save state dicts carry per-module versions some modules' loaders read
+        tensors._metadata = metadata  # type: ignore[attr-defined]
+    model.load_state_dict(tensors)
     return model
 
 
