@@ -161,8 +161,11 @@ def _z_step(y: Tensor, v: Tensor, levels: Levels | None, lam: float) -> tuple[Te
         lo, hi = levels.lo[k].item(), levels.hi[k].item()
         if lo > hi:
             continue
-        # the interval is (lo, hi]: its point nearest to v (lo itself stands for "just above lo")
-        zc = v.clamp(min=lo, max=hi) if math.isfinite(lo) or math.isfinite(hi) else v
+        # the interval is (lo, hi]: its point nearest to v, a hair above an open lower end, so that
+        # Q(z) is this level (the cost is then within ~1e-9 of the infimum)
+        if math.isfinite(lo):
+            lo = lo + 1e-9 * max(1.0, abs(lo))
+        zc = v.clamp(min=lo if math.isfinite(lo) else None, max=hi if math.isfinite(hi) else None)
         q = levels.value[k].item()
         cost = (y - q) ** 2 + lam * (zc - v) ** 2
         if best_cost is None:
