@@ -58,8 +58,10 @@ def test_z_step_is_the_exact_minimiser() -> None:
     assert (cost <= brute.min(1).values + 1e-8).all()
 
 
-@pytest.mark.parametrize("bits,nonlinear", [(2, True), (2, False), (3, True), (4, True), (1, True)])
-def test_solver_never_increases_its_objective(bits: int, nonlinear: bool) -> None:
+@pytest.mark.parametrize("bits,nonlinear,narrow", [(2, True, True), (2, False, True), (3, True, True),
+                                                   (4, True, True), (1, True, True), (2, True, False),
+                                                   (3, False, False)])
+def test_solver_never_increases_its_objective(bits: int, nonlinear: bool, narrow: bool) -> None:
     gen = torch.Generator().manual_seed(bits)
     K, R, C, D = 1, 400, 6, 12
     X = torch.relu(torch.randn(K, R, D, generator=gen, dtype=torch.float64))
@@ -70,17 +72,19 @@ def test_solver_never_increases_its_objective(bits: int, nonlinear: bool) -> Non
     y = levels(lin) if nonlinear else lin
     history: list[float] = []
     w0 = w_true + 0.3 * torch.randn(K, C, D, generator=gen, dtype=torch.float64)
-    q, alpha = tsq_fit(X, y, bias, w0, bits, levels, lam=1.0, iters=6, binary=bits == 1, history=history)
+    q, alpha = tsq_fit(X, y, bias, w0, bits, levels, lam=1.0, iters=6, binary=bits == 1, history=history,
+                       narrow=narrow)
     assert len(history) == 4 * 6
     for a, b in zip(history, history[1:]):
         assert b <= a * (1 + 1e-9) + 1e-9
     qmax = 1 if bits == 1 else 2 ** (bits - 1) - 1
-    assert q.abs().max() <= qmax and torch.equal(q, q.round()) and (alpha > 0).all()
+    qmin = -qmax if narrow or bits == 1 else -qmax - 1
+    assert q.min() >= qmin and q.max() <= qmax and torch.equal(q, q.round()) and (alpha > 0).all()
     if bits == 1:
         assert set(q.unique().tolist()) == {-1.0, 1.0}
     # the fit beats the initialisation on the true objective too
     from lowbit.qat.tsq import init_codes
-    q0, a0 = init_codes(w0, bits, bits == 1)
+    q0, a0 = init_codes(w0, bits, bits == 1, narrow)
     assert true_objective(X, y, bias, q, alpha, levels).sum() < true_objective(X, y, bias, q0, a0, levels).sum()
 
 
@@ -157,11 +161,11 @@ def test_tsq_resume_gives_the_same_weights(tmp_path) -> None:
 def test_tsq_finetune_and_options() -> None:
     fp, x, y = _data(32)
     q = lowbit.qat(fp, (x, y), method="tsq", finetune_epochs=1, error_compensation=False, track_threshold=False,
-                   **TINY)
+                   w_narrow=False, **TINY)  # full 2-bit range {-2, -1, 0, 1}
     assert len(q.lowbit_tsq["finetune"]) == 1
     for name, layer in quant_layers(q):
         if layer.role == "body":
-            assert set(layer.weight_quant.quantize(layer.weight).int_value.unique().tolist()) <= {-1, 0, 1}
+            assert set(layer.weight_quant.quantize(layer.weight).int_value.unique().tolist()) <= {-2, -1, 0, 1}
     for bad in ({"sparsity": 1.5}, {"sparsity": "half"}, {"iters": 0}, {"lam": 0.0}, {"finetune_epochs": -1}):
         with pytest.raises(LowbitError):
             lowbit.qat(fp, (x, y), method="tsq", **{**TINY, **bad})

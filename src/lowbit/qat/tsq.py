@@ -192,7 +192,8 @@ def true_objective(X: Tensor, y: Tensor, bias: Tensor, q: Tensor, alpha: Tensor,
     return ((y - out) ** 2).sum(1)
 
 
-def _sweep(q: Tensor, A: Tensor, diag: Tensor, Aq: Tensor, t_scaled: Tensor, qmax: int, binary: bool) -> None:
+def _sweep(q: Tensor, A: Tensor, diag: Tensor, Aq: Tensor, t_scaled: Tensor, qmin: int, qmax: int,
+           binary: bool) -> None:
     """One Gauss-Seidel sweep of exact integer coordinate updates of ``q`` (``K x C x D``), in place.
 
     With alpha fixed the objective in coordinate n is ``A_nn q_n^2 - 2 q_n (t_n / alpha - u_n)``
@@ -206,28 +207,34 @@ def _sweep(q: Tensor, A: Tensor, diag: Tensor, Aq: Tensor, t_scaled: Tensor, qma
         if binary:
             new = torch.where(target >= 0, 1.0, -1.0).to(q.dtype)
         else:
-            new = target.clamp(-qmax, qmax).round()
+            new = target.clamp(qmin, qmax).round()
         new = torch.where(diag[:, n].unsqueeze(-1) > 0, new, old)  # a dead input keeps its code
         Aq.addcmul_((new - old).unsqueeze(-1), A[:, n, :].unsqueeze(1))
         q[:, :, n] = new
 
 
-def _alpha_step(q: Tensor, t: Tensor, Aq: Tensor) -> Tensor:
-    """Closed-form positive alpha per channel; a channel whose best alpha is negative flips its codes."""
+def _alpha_step(q: Tensor, t: Tensor, Aq: Tensor, symmetric: bool = True) -> Tensor:
+    """Closed-form positive alpha per channel.
+
+    A channel whose best alpha is negative flips its codes when the code set is symmetric (the
+    same objective with a positive alpha); in a full range (``-2^(b-1)`` has no mirror) it takes the
+    infimum over alpha > 0 instead, a tiny alpha, and the next coordinate sweep moves its codes.
+    """
     num, den = (q * t).sum(-1), (q * Aq).sum(-1)
     flip = num < 0
-    if flip.any():
+    if symmetric and flip.any():
         q.mul_(torch.where(flip, -1.0, 1.0).to(q.dtype).unsqueeze(-1))
         Aq.mul_(torch.where(flip, -1.0, 1.0).to(Aq.dtype).unsqueeze(-1))
         num = num.abs()
     return torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num)).clamp_min(1e-12)
 
 
-def init_codes(w: Tensor, bits: int, binary: bool) -> tuple[Tensor, Tensor]:
+def init_codes(w: Tensor, bits: int, binary: bool, narrow: bool = True) -> tuple[Tensor, Tensor]:
     """Initial integer codes and per-row scale of FP rows ``w`` (``K x C x D``).
 
     Ternary (2-bit narrow): the optimal ternary approximation; binary: signs and mean |w|; wider:
-    Bit-Split's alternating fit ``q = clip(round(w / a))``, ``a = <w, q> / <q, q>``.
+    Bit-Split's alternating fit ``q = clip(round(w / a))``, ``a = <w, q> / <q, q>`` on the symmetric
+    part of the range (a full range's extra negative code is left to the coordinate updates).
     """
     if binary:
         return torch.where(w >= 0, 1.0, -1.0).to(w.dtype), w.abs().mean(-1).clamp_min(1e-12)
@@ -242,7 +249,8 @@ def init_codes(w: Tensor, bits: int, binary: bool) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def tsq_fit(X: Tensor, y: Tensor, bias: Tensor, w: Tensor, bits: int, levels: Levels | None, lam: float = 1.0,
-            iters: int = 8, binary: bool = False, history: list | None = None) -> tuple[Tensor, Tensor]:
+            iters: int = 8, binary: bool = False, history: list | None = None,
+            narrow: bool = True) -> tuple[Tensor, Tensor]:
     """TSQ's transformation learning for every output channel of one layer at once.
 
     Args:
@@ -250,18 +258,20 @@ def tsq_fit(X: Tensor, y: Tensor, bias: Tensor, w: Tensor, bits: int, levels: Le
         y: ``K x R x C`` targets of the C output channels of each group.
         bias: ``K x C`` (fixed) bias of the layer's output.
         w: ``K x C x D`` FP weights (initialisation).
-        bits: weight bits (narrow signed range; 2 = ternary).
+        bits: weight bits (2 with ``narrow`` = ternary).
         levels: Q (``Levels``), or None for the identity.
         lam: weight of the coupling term.
         iters: rounds of (z, alpha, coordinate sweep).
         binary: 1-bit codes in {-1, +1}.
         history: if given, the relaxed objective g (summed over channels) is appended after every update.
+        narrow: codes in ``[-(2^(b-1) - 1), 2^(b-1) - 1]``; False: the full range from ``-2^(b-1)``.
 
     Returns:
         ``(q, alpha)``: integer codes ``K x C x D`` and per-channel scales ``K x C``.
     """
     qmax = 1 if binary else 2 ** (bits - 1) - 1
-    q, alpha = init_codes(w, bits, binary)
+    qmin = -qmax if binary or narrow else -qmax - 1
+    q, alpha = init_codes(w, bits, binary, narrow)
     A = torch.bmm(X.transpose(1, 2), X)  # K x D x D
     diag = torch.diagonal(A, dim1=1, dim2=2)
     Xt = X.transpose(1, 2)
@@ -276,11 +286,11 @@ def tsq_fit(X: Tensor, y: Tensor, bias: Tensor, w: Tensor, bits: int, levels: Le
         record(z, qz)
         t = torch.bmm(Xt, z - bias.unsqueeze(1)).transpose(1, 2)  # K x C x D: X^T (z - b) per channel
         Aq = torch.bmm(q, A)
-        alpha = _alpha_step(q, t, Aq)
+        alpha = _alpha_step(q, t, Aq, qmin == -qmax)
         record(z, qz)
-        _sweep(q, A, diag, Aq, t / alpha.unsqueeze(-1), qmax, binary)
+        _sweep(q, A, diag, Aq, t / alpha.unsqueeze(-1), qmin, qmax, binary)
         record(z, qz)
-        alpha = _alpha_step(q, t, Aq)
+        alpha = _alpha_step(q, t, Aq, qmin == -qmax)
         record(z, qz)
     return q, alpha
 
@@ -456,10 +466,10 @@ def transformation_learning(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, 
         X, Y = X.to(device=device, dtype=dtype), Y.to(device=device, dtype=dtype)
         if levels is not None:
             levels = Levels(levels.lo.to(device), levels.hi.to(device), levels.value.to(device))
-        q0, a0 = init_codes(W, wq.bits, wq.binary)
+        q0, a0 = init_codes(W, wq.bits, wq.binary, wq.narrow)
         before = true_objective(X, Y, bias, q0, a0, levels).sum().item()
         solve_start = time.perf_counter()
-        q, alpha = tsq_fit(X, Y, bias, W, wq.bits, levels, opts.lam, opts.iters, wq.binary)
+        q, alpha = tsq_fit(X, Y, bias, W, wq.bits, levels, opts.lam, opts.iters, wq.binary, narrow=wq.narrow)
         solve = time.perf_counter() - solve_start
         after = true_objective(X, Y, bias, q, alpha, levels).sum().item()
         norm = max(Y.pow(2).sum().item(), 1e-30)
