@@ -26,6 +26,7 @@ from ..graph.surgery import count_float_layers, execution_order, wrap_layers
 from ..layer_bits import LayerBits, default_bits, from_record
 from ..layer_bits import record as layer_bits_record
 from ..quant.layers import LAYER_KINDS, out_channels, quant_layers
+from ..quant.sparse import SparseActQuantizer
 from ..quant.uniform import int_range
 from .packing import pack_codes, packed_nbytes, unpack_codes
 
@@ -43,6 +44,9 @@ PARAMS_LAYOUT = ("float32, layers in order: weight scale[groups] if w, weight ze
                  "bias[out] if bias, input scale and zero point if a")
 PARAMS_KEY = "params"
 RUNTIME_CONFIG = ("device", "progress")  # settings of the run, not of the model: not stored
+# Optional manifest key: layers whose input quantizer has sparse codes (``quant.sparse``: 0 up to a
+# threshold, uniform levels above); the threshold is the float32 tensor ``<layer>.input_quant.threshold``.
+SPARSE_KEY = "sparse_inputs"
 
 
 def codes_key(bits: int) -> str:
@@ -136,6 +140,9 @@ def save_artifact(qmodel: nn.Module, path: str | os.PathLike) -> Path:
                 "params": PARAMS_LAYOUT, "fields": list(FIELDS), "layers": rows}
     if other_pairs:
         manifest["fold_pairs"] = other_pairs
+    sparse = [r[0] for r in rows if isinstance(layers[r[0]].input_quant, SparseActQuantizer) and layers[r[0]].input_quant.enabled]
+    if sparse:  # TSQ's sparse input codes: each threshold is stored as <layer>.input_quant.threshold
+        manifest[SPARSE_KEY] = sparse
     if info.get("layer_bits"):  # the resolved per-layer widths, one [w, a] (null: float) per row: checked at load
         resolved = from_record(info["layer_bits"], "lowbit_info layer_bits")
         manifest["layer_bits"] = [_compact(resolved.get(r[0])) for r in rows]
@@ -597,12 +604,38 @@ def _expand(stored: dict, tensors: dict[str, Tensor]) -> tuple[dict, dict[str, T
     if claimed:
         raise LowbitError(f"tensor {claimed[0]!r} stands beside the layer rows that hold its layer's values")
     _check_tensors(rows, out, cfg)
+    sparse = _check_sparse(stored.get(SPARSE_KEY), rows, tensors)
     out.update(tensors)
     manifest = {**header, "fold_pairs": pairs, "layer_order": [r["name"] for r in rows if r["role"] != "unused"],
                 "layers": {r["name"]: _spec(r, cfg) for r in rows}}
     if layer_bits is not None:
         manifest["layer_bits"] = layer_bits_record({r["name"]: b for r, b in zip(rows, layer_bits)})
+    if sparse:
+        manifest[SPARSE_KEY] = sparse
     return manifest, out
+
+
+def _check_sparse(value: Any, rows: list[dict], tensors: dict[str, Tensor]) -> list[str]:
+    """The manifest's sparse-input layers, each a quantized unsigned input with a valid threshold tensor."""
+    if value is None:
+        value = []
+    if not isinstance(value, list) or not all(isinstance(n, str) for n in value) or len(set(value)) != len(value):
+        raise _bad(SPARSE_KEY, "a list of distinct layer names", value)
+    by_name = {r["name"]: r for r in rows}
+    for name in value:
+        row = by_name.get(name)
+        if row is None or not row["a"] or row["a_signed"]:
+            raise LowbitError(f"{SPARSE_KEY}: {name!r} must name a layer with a quantized unsigned input")
+        try:
+            t = _tensor(tensors, f"{name}.input_quant.threshold", torch.float32, [1])
+            _refuse_values(t, ~(torch.isfinite(t) & (t >= 0)), "input_quant.threshold", "finite and >= 0")
+        except LowbitError as exc:
+            raise LowbitError(f"layer {name!r}: {exc}") from None
+    stray = sorted(k for k in tensors if k.endswith(".input_quant.threshold") and k[:-len(".input_quant.threshold")]
+                   not in value)
+    if stray:
+        raise LowbitError(f"tensor {stray[0]!r} is a sparse-input threshold of a layer that {SPARSE_KEY} does not list")
+    return value
 
 
 def _v1_flag(value: Any, field: str) -> int:
@@ -797,6 +830,8 @@ def _rebuild(manifest: dict, tensors: dict[str, Tensor], model: nn.Module | None
             layer.bias = nn.Parameter(torch.zeros(out_channels(layer), device=layer.weight.device))
         wq.bits, wq.enabled = spec["w_bits"], spec["w_enabled"]
         aq.bits, aq.enabled, aq.signed = spec["a_bits"], spec["a_enabled"], spec["a_signed"]
+        if name in manifest.get(SPARSE_KEY, ()):  # the threshold comes with the state below
+            layer.input_quant = aq = SparseActQuantizer.from_quantizer(aq, 0.0)
         if wq.enabled:
             wq.scale.copy_(tensors[f"{name}.weight_quant.scale"])
             wq.zero_point.copy_(tensors[f"{name}.weight_quant.zero_point"])

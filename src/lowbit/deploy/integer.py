@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from ..errors import LowbitError
 from ..graph.modules import set_submodule
 from ..quant.layers import QUANT_LAYERS, QuantLayer, out_channels, output_channel_scale, quant_layers
+from ..quant.sparse import SparseActQuantizer, sparse_gate
 from .artifact import require_quantized
 from .onnx_qdq import collect_specs, input_spec, weight_spec
 
@@ -98,6 +99,7 @@ class OutputCodes:
     zero_point: int
     qmin: int
     qmax: int
+    threshold: float | None = None  # sparse codes (quant.sparse): the zero code up to this real value
 
 
 class _IntegerLayer(nn.Module):
@@ -127,6 +129,7 @@ class _IntegerLayer(nn.Module):
         if self.int_input:
             self.s_x, self.z_x = specs_in.scale, specs_in.zero_point
             self.qmin_x, self.qmax_x = specs_in.qmin, specs_in.qmax
+            self.threshold_x = specs_in.threshold  # sparse codes (TSQ): zero up to it, see quant.sparse
         self.out: OutputCodes | None = None
         self.max_abs_acc = 0
         self.last_input_codes: Tensor | None = None
@@ -150,7 +153,10 @@ class _IntegerLayer(nn.Module):
     def quantize_input(self, x: Tensor) -> Tensor:
         """Codes of a float input exactly as the simulation computes them (float32 division, half-even)."""
         s = torch.tensor(self.s_x, dtype=torch.float32)
-        return torch.clamp(torch.round(x.float() / s) + self.z_x, self.qmin_x, self.qmax_x).to(torch.int64)
+        x = x.float()
+        if self.threshold_x is not None:  # the same float gate as the simulation and the ONNX graph
+            x = sparse_gate(x, torch.tensor(self.threshold_x, dtype=torch.float32, device=x.device), s.to(x.device))
+        return torch.clamp(torch.round(x / s) + self.z_x, self.qmin_x, self.qmax_x).to(torch.int64)
 
     def linear_op(self, x: Tensor, w: Tensor, *args: Any) -> Tensor:
         raise NotImplementedError
@@ -160,6 +166,10 @@ class _IntegerLayer(nn.Module):
         m0, shift = quantize_multiplier(self.acc_scale() / out.scale)
         self.register_buffer("m0", m0)
         self.register_buffer("shift", shift)
+        if out.threshold is not None:
+            # sparse codes in integers: real output > threshold <=> accumulator > floor(threshold / unit),
+            # one integer per output channel, compared before requantization
+            self.register_buffer("acc_threshold", torch.floor(out.threshold / self.acc_scale()).to(torch.int64))
 
     def forward(self, x: Tensor, *args: Any) -> Tensor:
         if not self.integer:
@@ -178,7 +188,11 @@ class _IntegerLayer(nn.Module):
         if self.out is not None:
             out = self.out
             codes = fixed_point_rescale(acc, self.m0.view(shape), self.shift.view(shape)) + out.zero_point
-            return torch.clamp(codes, out.qmin, out.qmax)
+            codes = torch.clamp(codes, out.qmin, out.qmax)
+            if out.threshold is not None:  # zero up to the threshold, at least the first level above it
+                above = acc > self.acc_threshold.view(shape)
+                codes = torch.where(above, codes.clamp_min(out.zero_point + 1), torch.full_like(codes, out.zero_point))
+            return codes
         return (acc.double() * self.acc_scale().view(shape)).float()
 
     def _float_forward(self, x: Tensor, *args: Any) -> Tensor:
@@ -331,7 +345,7 @@ class _LeafTracer(torch.fx.Tracer):
 
 
 def _same_quantizer(a: _IntegerLayer, b: _IntegerLayer) -> bool:
-    return (a.s_x, a.z_x, a.qmin_x, a.qmax_x) == (b.s_x, b.z_x, b.qmin_x, b.qmax_x)
+    return (a.s_x, a.z_x, a.qmin_x, a.qmax_x, a.threshold_x) == (b.s_x, b.z_x, b.qmin_x, b.qmax_x, b.threshold_x)
 
 
 def _fuse_requantization(gm: torch.fx.GraphModule, layers: dict[str, _IntegerLayer]) -> list[str]:
@@ -365,7 +379,10 @@ def _fuse_requantization(gm: torch.fx.GraphModule, layers: dict[str, _IntegerLay
         if not ok or not all(_same_quantizer(layers[consumers[0].target], layers[u.target]) for u in consumers):
             continue
         target = layers[consumers[0].target]
-        out = OutputCodes(target.s_x, target.z_x, target.qmin_x, target.qmax_x)
+        if target.threshold_x is not None and (target.z_x != 0 or any(
+                kind == "relu6" and target.threshold_x >= 6 for _, kind in chain)):
+            continue  # the accumulator comparison needs zero-based codes and a threshold below the cap
+        out = OutputCodes(target.s_x, target.z_x, target.qmin_x, target.qmax_x, target.threshold_x)
         producer.set_output_codes(out)
         for act, kind in chain:
             if kind == "pass":
@@ -453,7 +470,8 @@ def integer_agreement(qmodel: nn.Module, images: Tensor, imodel: IntegerModel | 
 
     def hook(name: str) -> Callable[..., None]:
         def fn(aq: nn.Module, inputs: tuple, output: Tensor) -> None:
-            q = torch.clamp(torch.round(inputs[0].float() / aq.scale) + aq.zero_point, *aq.qrange)
+            x = aq.gate(inputs[0].float()) if isinstance(aq, SparseActQuantizer) else inputs[0].float()
+            q = torch.clamp(torch.round(x / aq.scale) + aq.zero_point, *aq.qrange)
             captured[name].append(q.to(torch.int64).cpu())
         return fn
 

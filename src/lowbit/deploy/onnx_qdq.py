@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from ..errors import LowbitError
 from ..quant.layers import QUANT_LAYERS, layer_kind, output_channel_scale, quant_layers
 from ..quant.quantizer import ActQuantizer, WeightQuantizer
+from ..quant.sparse import SparseActQuantizer, sparse_gate
 from ..quant.uniform import fake_quantize
 from ..files import atomic_write
 from .artifact import require_quantized
@@ -183,6 +184,7 @@ class InputSpec:
     qmax: int
     bits: int
     signed: bool
+    threshold: float | None = None  # sparse codes (quant.sparse): 0 up to it, exported as a gate before Q
 
 
 @torch.no_grad()
@@ -234,7 +236,11 @@ def input_spec(name: str, layer: nn.Module) -> InputSpec:
     qmin, qmax = aq.qrange
     # a quantizer subclass (e.g. with a learned range) must still be the plain uniform function
     probe = torch.linspace((qmin - zero.item() - 3) * scale.item(), (qmax - zero.item() + 3) * scale.item(), 1001)
-    expected = fake_quantize(probe, scale, zero, qmin, qmax)
+    sparse = isinstance(aq, SparseActQuantizer)
+    if sparse:  # the threshold region must be probed finely: the gate is part of what is checked
+        t = aq.threshold.detach().float().cpu()
+        probe = torch.cat([probe, torch.linspace(t.item() - scale.item(), t.item() + scale.item(), 201), t])
+    expected = fake_quantize(sparse_gate(probe, t, scale) if sparse else probe, scale, zero, qmin, qmax)
     try:
         got = aq(probe.to(aq.scale.device)).cpu()
     except Exception as exc:  # any failure here means "not exportable"
@@ -242,7 +248,8 @@ def input_spec(name: str, layer: nn.Module) -> InputSpec:
     if not torch.allclose(got.float(), expected, atol=1e-5 * scale.item(), rtol=0):
         raise LowbitError(f"layer {name}: input quantizer {type(aq).__name__} is not uniform affine "
                           f"quantization; it has no ONNX QuantizeLinear equivalent")
-    return InputSpec(scale.item(), int(round(zero.item())), qmin, qmax, aq.bits, aq.signed)
+    return InputSpec(scale.item(), int(round(zero.item())), qmin, qmax, aq.bits, aq.signed,
+                     aq.threshold.item() if sparse else None)
 
 
 def collect_specs(qmodel: nn.Module) -> tuple[dict[str, WeightSpec], dict[str, InputSpec]]:
@@ -321,7 +328,12 @@ def _marked_copy(qmodel: nn.Module, weights: dict[str, WeightSpec], inputs: dict
             with torch.no_grad():
                 layer.weight.copy_(torch.from_numpy(value).float())
         layer.weight_quant = _Marker(f"w:{name}") if name in weights else nn.Identity()
+        aq = layer.input_quant
         layer.input_quant = _Marker(f"in:{name}") if name in inputs else nn.Identity()
+        if name in inputs and isinstance(aq, SparseActQuantizer):
+            # sparse codes: the gate where(x > t, max(x, step), 0) is traced as ordinary float ops
+            # (Greater, Max, Where) in front of the Q/DQ pair, which then yields the sparse codes exactly
+            layer.input_quant = nn.Sequential(aq.export_gate(), layer.input_quant)
     return marked
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from torch import Tensor, nn
 
 from ..config import QuantConfig
@@ -12,9 +13,38 @@ from ..options import option_types
 from ..ptq.registry import Method
 
 # setup(qmodel, calib, cfg, opts): trainable quantizers in place; finalize(qmodel, cfg, opts): plain
-# quantizers back (exportable), returning the config that describes the final model (or None)
+# quantizers back (exportable), returning the config that describes the final model (or None).
+# A method registered with wants_context=True gets a FinalizeContext as a fourth argument.
 Setup = Callable[[nn.Module, Tensor, QuantConfig, Any], None]
-Finalize = Callable[[nn.Module, QuantConfig, Any], "QuantConfig | None"]
+Finalize = Callable[..., "QuantConfig | None"]
+
+
+@dataclass(frozen=True)
+class FinalizeContext:
+    """What a method that keeps working after training (TSQ's layer-wise step, a fine-tune) needs.
+
+    Attributes:
+        calib: the calibration images setup saw.
+        x_train, y_train: the training data.
+        val: validation ``(images, labels)`` or None.
+        train_config: the run's ``QatConfig``.
+        seed: the run's seed.
+        device: where the model trained.
+        progress: whether progress bars are shown.
+        log: where log lines go.
+        teacher: the FP model in eval mode when the run distils (``kd_weight`` > 0), else None.
+    """
+
+    calib: Tensor
+    x_train: Tensor
+    y_train: Tensor
+    val: tuple[Tensor, Tensor] | None
+    train_config: Any
+    seed: int
+    device: torch.device
+    progress: bool
+    log: Callable[[str], Any]
+    teacher: nn.Module | None = None
 
 
 @dataclass(frozen=True)
@@ -25,6 +55,7 @@ class QatMethod:
     options: type | None
     description: str
     fold_bn: bool = True  # False: BN stays during training (and is folded by finalize)
+    wants_context: bool = False  # finalize(qmodel, cfg, opts, FinalizeContext)
 
     @property
     def option_names(self) -> frozenset[str]:
@@ -40,11 +71,11 @@ _QAT: dict[str, QatMethod] = {}
 
 
 def register_qat_method(name: str, setup: Setup, finalize: Finalize, options: type | None = None,
-                        description: str = "", fold_bn: bool = True) -> None:
+                        description: str = "", fold_bn: bool = True, wants_context: bool = False) -> None:
     """Register a QAT method; ``options`` annotations are resolved now (TypeError if lowbit cannot check them)."""
     if options is not None:
         option_types(options)
-    _QAT[name] = QatMethod(name, setup, finalize, options, description, fold_bn)
+    _QAT[name] = QatMethod(name, setup, finalize, options, description, fold_bn, wants_context)
 
 
 def qat_methods() -> list[str]:
@@ -60,4 +91,4 @@ def get_qat_method(name: str) -> QatMethod:
 
 
 def _load_builtin() -> None:
-    from . import gdrq, lsq  # noqa: F401  (registers built-in QAT methods)
+    from . import gdrq, lsq, tsq  # noqa: F401  (registers built-in QAT methods)

@@ -20,7 +20,7 @@ from ..layer_bits import check_layer_bits
 from ..options import check_value
 from ..train import private_global_rng
 from .engine import CONFIG_RESUMABLE, QAT_FIELDS, QatConfig, check_checkpoint_target, fit
-from .registry import get_qat_method
+from .registry import FinalizeContext, get_qat_method
 
 
 def _as_labelled(data: Any, what: str, input_key: str | None = None, target_key: str | None = None,
@@ -77,7 +77,7 @@ def qat(model: nn.Module, train_data: Tensor | Iterable, val_data: Any = None, m
         train_data: ``(images, labels)`` tensors, a map-style Dataset of ``(image, label)`` items,
             or an iterable of ``(x, y)`` batches (or of dicts: pass ``input_key`` and ``target_key``).
         val_data: same form, evaluated after every epoch (optional).
-        method: a name from ``lowbit.qat_methods()`` ("lsq", "gdrq").
+        method: a name from ``lowbit.qat_methods()`` ("lsq", "gdrq", "tsq").
         w_bits: weight bits of body layers.
         a_bits: activation bits of body-layer inputs (None: weights only).
         epochs: training epochs (``QatConfig.epochs`` by default).
@@ -139,7 +139,11 @@ def qat(model: nn.Module, train_data: Tensor | Iterable, val_data: Any = None, m
     if not summary["finished"]:
         qmodel.lowbit_qat = summary
         return qmodel  # stopped by max_steps: still training-time quantizers, resume to finish
-    final_cfg = spec.finalize(qmodel, cfg, opts) or cfg
+    extra = ()
+    if spec.wants_context:  # methods that keep working after training (TSQ's layer-wise step)
+        extra = (FinalizeContext(calib, x_train, y_train, val, tcfg, cfg.seed, torch.device(cfg.device),
+                                 cfg.progress, log, teacher),)
+    final_cfg = spec.finalize(qmodel, cfg, opts, *extra) or cfg
     if not spec.fold_bn:
         record["fold_pairs"] = [list(p) for p in getattr(qmodel, "lowbit_bn_pairs", [])]
     qmodel.lowbit_info = {

@@ -1,0 +1,590 @@
+"""TSQ: Two-Step Quantization (Wang et al., CVPR 2018), sparse activation codes then low-bit weights.
+
+Step 1, code learning (the QAT engine's training): full-precision weights, *sparse* quantized
+activations on the body layers' non-negative inputs (``quant.sparse``): 0 up to a threshold
+``eps``, uniform levels ``delta, 2 delta, ...`` above it. ``eps`` is the ``sparsity`` quantile of
+the positive inputs, fitted on the calibration images and tracked as a moving average over the
+training batches (``track_threshold``); the step is learned (LSQ gradient); straight-through
+gradient inside the active range ``(eps, qmax * delta]`` only. Inputs that can be negative and
+the 8-bit protocol layers keep LSQ quantizers.
+
+Step 2, transformation learning (``finalize``), layer by layer on the step-1 network's codes: with
+X the layer's quantized input patches and y the target of each output channel, solve
+
+    min_{alpha > 0, w in the b-bit integer set} ||y - Q(alpha X w + b)||^2
+
+where Q is what turns the layer's output into the next codes: ``quant_next(act(.))`` when the
+output reaches a quantized layer through ReLU / ReLU6 alone (detected on the data), else the
+identity (residual sums, the classifier), with y then the step-1 layer output. As in the paper
+the problem is relaxed with an auxiliary z::
+
+    g(alpha, w, z) = ||y - Q(z)||^2 + lam ||z - (alpha X w + b)||^2
+
+and each round minimises g exactly in z (closed form per element: the best level and the nearest
+point of its interval), in alpha (``alpha = t^T w / (w^T A w)``, ``A = X^T X``, ``t = X^T (z - b)``)
+and in each coordinate of w (the exact integer minimiser, Gauss-Seidel, all output channels at
+once), so g never increases. Ternary weights start from the optimal ternary approximation of the
+FP weights (``optimal_ternary``), wider ones from Bit-Split's alternating fit.
+
+Optional step 3 (``finetune_epochs``): a short LSQ fine-tune of the quantized network.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Annotated, Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import QuantConfig
+from ..errors import LowbitError
+from ..options import Range
+from ..progress import progress_bar
+from ..ptq.baselines import MseOptions, mse
+from ..ptq.bitsplit import lloyd_weight_scale
+from ..ptq.layerwise import output_positions, patch_rows, rows_to_weight, scale_group_of_rows, weight_rows
+from ..quant.layers import layer_kind, quant_layers
+from ..quant.learnable import LearnedStepAct, LearnedStepWeight, commit_stand_ins
+from ..quant.quantizer import ActQuantizer
+from ..quant.ranges import lp_search_range
+from ..quant.sparse import SparseActQuantizer, SparseStepAct, fit_sparse_step, positive_quantile
+from .registry import FinalizeContext, register_qat_method
+
+
+@dataclass(frozen=True)
+class TsqOptions:
+    """Options of ``method="tsq"``.
+
+    Attributes:
+        sparsity: share of the positive body-layer inputs set to 0 (the threshold ``eps`` is
+            their quantile); 0: threshold 0 (every positive value gets a non-zero code).
+        track_threshold: keep the threshold at that quantile of the training batches (moving
+            average) during step 1; False: fixed at the calibration images' value.
+        threshold_momentum: moving-average momentum of the tracked threshold.
+        iters: step-2 rounds (z, alpha, one sweep over the weight coordinates) per layer.
+        samples: patch rows per layer in step 2 (drawn from the calibration images).
+        lam: weight of the coupling term ``||z - (alpha X w + b)||^2`` in step 2.
+        error_compensation: step 2 takes each layer's input X from the network whose earlier
+            layers are already quantized (targets stay the step-1 network's); False: X from the
+            step-1 network, as in the paper (every layer fitted independently).
+        finetune_epochs: epochs of LSQ fine-tuning after step 2 (0: none).
+        finetune_lr: learning rate of that fine-tune.
+    """
+
+    sparsity: Annotated[float, Range(ge=0, lt=1)] = 0.5
+    track_threshold: bool = True
+    threshold_momentum: Annotated[float, Range(ge=0, lt=1)] = 0.99
+    iters: Annotated[int, Range(ge=1)] = 8
+    samples: Annotated[int, Range(ge=1)] = 8192
+    lam: Annotated[float, Range(gt=0)] = 1.0
+    error_compensation: bool = True
+    finetune_epochs: Annotated[int, Range(ge=0)] = 0
+    finetune_lr: Annotated[float, Range(gt=0)] = 0.005
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.sparsity < 1 or not 0 <= self.threshold_momentum < 1:
+            raise LowbitError("tsq: 0 <= sparsity < 1 and 0 <= threshold_momentum < 1")
+        if self.iters < 1 or self.samples < 1 or self.lam <= 0 or self.finetune_epochs < 0 or self.finetune_lr <= 0:
+            raise LowbitError("tsq: iters >= 1, samples >= 1, lam > 0, finetune_epochs >= 0 and finetune_lr > 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 2: the per-channel solver (pure functions on tensors)
+# ---------------------------------------------------------------------------------------------
+
+def optimal_ternary(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Best ``alpha * t`` with ``t`` in {-1, 0, 1}^D for each row of ``w`` (``... x D``).
+
+    For a support of size k the best t is the sign of the k largest |w| and alpha their mean, with
+    error ``||w||^2 - (sum of the top k |w|)^2 / k``; the best k maximises the last term.
+    Returns ``(t, alpha)`` (alpha 0 for an all-zero row).
+    """
+    a = w.abs()
+    s, order = a.sort(-1, descending=True)
+    cs = s.cumsum(-1)
+    k = torch.arange(1, w.shape[-1] + 1, device=w.device, dtype=w.dtype)
+    best = (cs * cs / k).argmax(-1, keepdim=True)  # k - 1 of the best support
+    alpha = cs.gather(-1, best).squeeze(-1) / (best.squeeze(-1) + 1).to(w.dtype)
+    keep_sorted = (torch.arange(w.shape[-1], device=w.device) <= best).to(w.dtype)
+    keep = torch.zeros_like(w).scatter_(-1, order, keep_sorted)
+    return torch.sign(w) * keep, alpha
+
+
+@dataclass(frozen=True)
+class Levels:
+    """The piecewise-constant map Q from a layer's output z to the next layer's quantized input.
+
+    Code k covers ``lo[k] < z <= hi[k]`` and has the value ``value[k]``; an empty code has
+    ``lo > hi`` (never chosen). ``None`` in place of a Levels object means Q is the identity.
+    """
+
+    lo: Tensor
+    hi: Tensor
+    value: Tensor
+
+    def __call__(self, z: Tensor) -> Tensor:
+        code = torch.zeros_like(z, dtype=torch.long)
+        for k in range(1, len(self.value)):
+            code = torch.where(z > self.lo[k], torch.full_like(code, k), code)
+        return self.value.to(z.dtype)[code]
+
+
+def sparse_levels(threshold: float, step: float, qmax: int, cap: float | None, dtype: torch.dtype,
+                  device: torch.device) -> Levels:
+    """Q(z) = sparse quantization of ``act(z)``, act = ReLU (``cap`` None) or ReLU6-like ``min(relu, cap)``."""
+    inf = float("inf")
+    lo, hi, value = [-inf], [threshold], [0.0]
+    for k in range(1, qmax + 1):
+        a = max(threshold, (k - 0.5) * step)
+        b = (k + 0.5) * step if k < qmax else inf
+        if cap is not None:  # the activation never exceeds cap: the code holding cap reaches to +inf
+            if a >= cap:
+                a, b = inf, -inf  # unreachable
+            elif b >= cap:
+                b = inf
+        lo.append(a)
+        hi.append(b)
+        value.append(k * step)
+    t = lambda v: torch.tensor(v, dtype=dtype, device=device)  # noqa: E731
+    return Levels(t(lo), t(hi), t(value))
+
+
+def _z_step(y: Tensor, v: Tensor, levels: Levels | None, lam: float) -> tuple[Tensor, Tensor]:
+    """Exact minimiser over z of ``(y - Q(z))^2 + lam (z - v)^2``, elementwise; returns (z, Q(z))."""
+    if levels is None:
+        z = (y + lam * v) / (1 + lam)
+        return z, z
+    best_cost = best_z = best_q = None
+    for k in range(len(levels.value)):
+        lo, hi = levels.lo[k].item(), levels.hi[k].item()
+        if lo > hi:
+            continue
+        # the interval is (lo, hi]: its point nearest to v, a hair above an open lower end, so that
+        # Q(z) is this level (the cost is then within ~1e-9 of the infimum)
+        if math.isfinite(lo):
+            lo = lo + 1e-9 * max(1.0, abs(lo))
+        zc = v.clamp(min=lo if math.isfinite(lo) else None, max=hi if math.isfinite(hi) else None)
+        q = levels.value[k].item()
+        cost = (y - q) ** 2 + lam * (zc - v) ** 2
+        if best_cost is None:
+            best_cost, best_z, best_q = cost, zc, torch.full_like(v, q)
+        else:
+            better = cost < best_cost
+            best_cost = torch.where(better, cost, best_cost)
+            best_z = torch.where(better, zc, best_z)
+            best_q = torch.where(better, torch.full_like(v, q), best_q)
+    return best_z, best_q
+
+
+def relaxed_objective(X: Tensor, y: Tensor, bias: Tensor, q: Tensor, alpha: Tensor, z: Tensor, qz: Tensor,
+                      lam: float) -> Tensor:
+    """``||y - Q(z)||^2 + lam ||z - (alpha X w + b)||^2`` per channel (``K x C``); ``qz`` = Q(z)."""
+    v = torch.bmm(X, (q * alpha.unsqueeze(-1)).transpose(1, 2)) + bias.unsqueeze(1)
+    return ((y - qz) ** 2).sum(1) + lam * ((z - v) ** 2).sum(1)
+
+
+def true_objective(X: Tensor, y: Tensor, bias: Tensor, q: Tensor, alpha: Tensor, levels: Levels | None) -> Tensor:
+    """``||y - Q(alpha X w + b)||^2`` per channel (``K x C``)."""
+    v = torch.bmm(X, (q * alpha.unsqueeze(-1)).transpose(1, 2)) + bias.unsqueeze(1)
+    out = v if levels is None else levels(v)
+    return ((y - out) ** 2).sum(1)
+
+
+def _sweep(q: Tensor, A: Tensor, diag: Tensor, Aq: Tensor, t_scaled: Tensor, qmin: int, qmax: int,
+           binary: bool) -> None:
+    """One Gauss-Seidel sweep of exact integer coordinate updates of ``q`` (``K x C x D``), in place.
+
+    With alpha fixed the objective in coordinate n is ``A_nn q_n^2 - 2 q_n (t_n / alpha - u_n)``
+    (u = A q without coordinate n): its integer minimiser is the clamped rounding of the
+    continuous one (the sign for binary codes). ``Aq`` (= q A) is kept up to date.
+    """
+    inv = torch.where(diag > 0, 1.0 / diag.clamp_min(1e-300), torch.zeros_like(diag))  # K x D
+    for n in range(q.shape[-1]):
+        old = q[:, :, n]
+        target = (t_scaled[:, :, n] - Aq[:, :, n]) * inv[:, n].unsqueeze(-1) + old
+        if binary:
+            new = torch.where(target >= 0, 1.0, -1.0).to(q.dtype)
+        else:
+            new = target.clamp(qmin, qmax).round()
+        new = torch.where(diag[:, n].unsqueeze(-1) > 0, new, old)  # a dead input keeps its code
+        Aq.addcmul_((new - old).unsqueeze(-1), A[:, n, :].unsqueeze(1))
+        q[:, :, n] = new
+
+
+def _alpha_step(q: Tensor, t: Tensor, Aq: Tensor, symmetric: bool = True) -> Tensor:
+    """Closed-form positive alpha per channel.
+
+    A channel whose best alpha is negative flips its codes when the code set is symmetric (the
+    same objective with a positive alpha); in a full range (``-2^(b-1)`` has no mirror) it takes the
+    infimum over alpha > 0 instead, a tiny alpha, and the next coordinate sweep moves its codes.
+    """
+    num, den = (q * t).sum(-1), (q * Aq).sum(-1)
+    flip = num < 0
+    if symmetric and flip.any():
+        q.mul_(torch.where(flip, -1.0, 1.0).to(q.dtype).unsqueeze(-1))
+        Aq.mul_(torch.where(flip, -1.0, 1.0).to(Aq.dtype).unsqueeze(-1))
+        num = num.abs()
+    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num)).clamp_min(1e-12)
+
+
+def init_codes(w: Tensor, bits: int, binary: bool, narrow: bool = True) -> tuple[Tensor, Tensor]:
+    """Initial integer codes and per-row scale of FP rows ``w`` (``K x C x D``).
+
+    Ternary (2-bit narrow): the optimal ternary approximation; binary: signs and mean |w|; wider:
+    Bit-Split's alternating fit ``q = clip(round(w / a))``, ``a = <w, q> / <q, q>`` on the symmetric
+    part of the range (a full range's extra negative code is left to the coordinate updates).
+    """
+    if binary:
+        return torch.where(w >= 0, 1.0, -1.0).to(w.dtype), w.abs().mean(-1).clamp_min(1e-12)
+    qmax = 2 ** (bits - 1) - 1
+    if qmax == 1:
+        t, alpha = optimal_ternary(w)
+        return t, alpha.clamp_min(1e-12)
+    rows = w.reshape(-1, w.shape[-1])
+    alpha = lloyd_weight_scale(rows, qmax).reshape(w.shape[:-1])
+    return torch.clamp(torch.round(w / alpha.unsqueeze(-1)), -qmax, qmax), alpha
+
+
+@torch.no_grad()
+def tsq_fit(X: Tensor, y: Tensor, bias: Tensor, w: Tensor, bits: int, levels: Levels | None, lam: float = 1.0,
+            iters: int = 8, binary: bool = False, history: list | None = None,
+            narrow: bool = True) -> tuple[Tensor, Tensor]:
+    """TSQ's transformation learning for every output channel of one layer at once.
+
+    Args:
+        X: ``K x R x D`` input rows (K conv groups, R sampled positions).
+        y: ``K x R x C`` targets of the C output channels of each group.
+        bias: ``K x C`` (fixed) bias of the layer's output.
+        w: ``K x C x D`` FP weights (initialisation).
+        bits: weight bits (2 with ``narrow`` = ternary).
+        levels: Q (``Levels``), or None for the identity.
+        lam: weight of the coupling term.
+        iters: rounds of (z, alpha, coordinate sweep).
+        binary: 1-bit codes in {-1, +1}.
+        history: if given, the relaxed objective g (summed over channels) is appended after every update.
+        narrow: codes in ``[-(2^(b-1) - 1), 2^(b-1) - 1]``; False: the full range from ``-2^(b-1)``.
+
+    Returns:
+        ``(q, alpha)``: integer codes ``K x C x D`` and per-channel scales ``K x C``.
+    """
+    qmax = 1 if binary else 2 ** (bits - 1) - 1
+    qmin = -qmax if binary or narrow else -qmax - 1
+    q, alpha = init_codes(w, bits, binary, narrow)
+    A = torch.bmm(X.transpose(1, 2), X)  # K x D x D
+    diag = torch.diagonal(A, dim1=1, dim2=2)
+    Xt = X.transpose(1, 2)
+
+    def record(z: Tensor, qz: Tensor) -> None:
+        if history is not None:
+            history.append(relaxed_objective(X, y, bias, q, alpha, z, qz, lam).sum().item())
+
+    for _ in range(iters):
+        v = torch.bmm(X, (q * alpha.unsqueeze(-1)).transpose(1, 2)) + bias.unsqueeze(1)
+        z, qz = _z_step(y, v, levels, lam)
+        record(z, qz)
+        t = torch.bmm(Xt, z - bias.unsqueeze(1)).transpose(1, 2)  # K x C x D: X^T (z - b) per channel
+        Aq = torch.bmm(q, A)
+        alpha = _alpha_step(q, t, Aq, qmin == -qmax)
+        record(z, qz)
+        _sweep(q, A, diag, Aq, t / alpha.unsqueeze(-1), qmin, qmax, binary)
+        record(z, qz)
+        alpha = _alpha_step(q, t, Aq, qmin == -qmax)
+        record(z, qz)
+    return q, alpha
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 2 on a model: collecting X and y, installing the codes
+# ---------------------------------------------------------------------------------------------
+
+class _Stop(Exception):
+    """Ends a capture pass once the layers it watches have run."""
+
+
+_ACTS = {"relu": (lambda t: torch.relu(t), None), "relu6": (lambda t: torch.clamp(t, 0, 6), 6.0)}
+
+
+def _consumer_levels(consumer: nn.Module, act: str, dtype: torch.dtype, device: torch.device) -> Levels | None:
+    """Q of a producer whose output reaches ``consumer``'s quantizer through ``act`` (None: not expressible)."""
+    aq = consumer.input_quant
+    if not isinstance(aq, ActQuantizer) or not aq.enabled or aq.signed or bool(aq.zero_point.ne(0).any()):
+        return None
+    _, qmax = aq.qrange
+    step = aq.scale.item()
+    # a plain unsigned quantizer is the sparse one whose threshold is half a step (ties aside)
+    eps = aq.threshold.item() if isinstance(aq, SparseActQuantizer) else 0.5 * step
+    return sparse_levels(eps, step, qmax, _ACTS[act][1], dtype, device)
+
+
+@dataclass
+class _LayerData:
+    """What step 2 needs of one layer: sampled positions per chunk, X rows, targets y and Q."""
+
+    positions: list[Tensor | None]
+    xs: list[Tensor]
+    ys: list[Tensor]
+    consumer: tuple[str, str] | None = None  # (consumer layer, activation) when Q is not the identity
+
+    def Y(self, groups: int) -> Tensor:
+        y = torch.cat(self.ys, 0)
+        return y.reshape(y.shape[0], groups, -1).permute(1, 0, 2)  # K x R x C
+
+    def mode(self) -> str:
+        return "linear" if self.consumer is None else f"{self.consumer[1]} -> {self.consumer[0]}"
+
+
+def _gather_rows(t: Tensor, pos: Tensor | None) -> Tensor:
+    """``(N * P) x C`` values of an ``N x C x ...`` output at flat positions ``pos`` (N x P; None: all)."""
+    flat = t.reshape(t.shape[0], t.shape[1], -1)
+    if pos is None:
+        return flat.transpose(1, 2).reshape(-1, flat.shape[1])
+    return flat.gather(2, pos.unsqueeze(1).expand(-1, flat.shape[1], -1)).transpose(1, 2).reshape(-1, flat.shape[1])
+
+
+@torch.no_grad()
+def _step1_targets(ref: nn.Module, names: list[str], calib: Tensor, samples: int, seed: int, device: torch.device,
+                   keep_x: bool, chunk: int = 256) -> dict[str, _LayerData]:
+    """One pass of the step-1 network over ``calib``: positions, targets (and X rows if ``keep_x``) of every layer.
+
+    Q of a layer: the quantized input of the layer that its output reaches through ReLU / ReLU6
+    alone (found on the first chunk: that layer's input equals act(output) exactly), else identity.
+    """
+    n = len(calib)
+    layers = dict(quant_layers(ref))
+    data = {name: _LayerData([], [], []) for name in names}
+    gens = {name: torch.Generator().manual_seed(seed + i) for i, name in enumerate(names)}
+    outs: dict[str, Tensor] = {}
+    first = [True]
+
+    def on_layer(name: str) -> Any:
+        def hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
+            d = data[name]
+            x = mod.input_quant(args[0])
+            pos = None
+            if layer_kind(mod).spatial > 0:
+                total = output_positions(mod, x[:1])
+                per_image = max(1, min(total, -(-samples // n)))
+                if per_image < total:
+                    pos = torch.rand(len(x), total, generator=gens[name]).argsort(1)[:, :per_image].to(x.device)
+            d.positions.append(pos)
+            if keep_x:
+                d.xs.append(patch_rows(mod, x, pos).float().cpu())
+            outs[name] = out.clone()  # an in-place activation (ReLU(inplace=True)) rewrites it next
+        return hook
+
+    def on_input(cname: str) -> Any:
+        def hook(mod: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if not isinstance(x, Tensor):
+                return
+            for pname, out in list(outs.items()):
+                d = data[pname]
+                if first[0] and d.consumer is None and pname != cname and out.shape == x.shape:
+                    for act, (fn, _) in _ACTS.items():
+                        if torch.equal(fn(out), x) and _consumer_levels(mod, act, torch.float64, x.device):
+                            d.consumer = (cname, act)
+                            break
+                if d.consumer is not None and d.consumer[0] == cname and len(d.ys) < len(d.positions):
+                    d.ys.append(_gather_rows(mod.input_quant(x), d.positions[-1]).float().cpu())
+        return hook
+
+    handles = [layers[nm].register_forward_hook(on_layer(nm)) for nm in names]
+    handles += [m.register_forward_pre_hook(on_input(c)) for c, m in layers.items()]
+    try:
+        for i in range(0, n, chunk):
+            outs.clear()
+            ref(calib[i:i + chunk].to(device))
+            for name, d in data.items():  # identity Q: the layer's own output
+                if len(d.ys) < len(d.positions):
+                    if d.consumer is not None:
+                        raise LowbitError(f"tsq: the consumer of layer {name} did not run on every batch")
+                    d.ys.append(_gather_rows(outs[name], d.positions[-1]).float().cpu())
+            first[0] = False
+    finally:
+        for h in handles:
+            h.remove()
+    return data
+
+
+@torch.no_grad()
+def _compensated_rows(model: nn.Module, name: str, calib: Tensor, positions: list[Tensor | None],
+                      device: torch.device, chunk: int = 256) -> list[Tensor]:
+    """X rows of layer ``name`` in ``model`` (its earlier layers quantized) at the step-1 positions."""
+    layer = dict(quant_layers(model))[name]
+    rows: list[Tensor] = []
+
+    def pre(mod: nn.Module, args: tuple) -> None:
+        rows.append(patch_rows(mod, mod.input_quant(args[0]), positions[len(rows)]).float().cpu())
+        raise _Stop  # nothing after this layer's input is needed
+
+    handle = layer.register_forward_pre_hook(pre)
+    try:
+        for i in range(0, len(calib), chunk):
+            try:
+                model(calib[i:i + chunk].to(device))
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return rows
+
+
+@torch.no_grad()
+def transformation_learning(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: TsqOptions,
+                            names: list[str], log=print, progress: bool = True) -> list[dict]:
+    """Step 2 on every layer in ``names`` (weights off, inputs as trained); installs the integer weights.
+
+    Returns one record per layer: objective before/after (relative to ||y||^2), solve seconds, Q.
+    """
+    device = torch.device(cfg.device)
+    qmodel.eval().to(device)
+    layers = dict(quant_layers(qmodel))
+    # the step-1 network (FP weights, learned codes) gives the targets; with error compensation the
+    # inputs X come from qmodel, whose earlier layers are quantized by then
+    targets = _step1_targets(qmodel, [n for n in names if not layers[n].custom_forward], calib, opts.samples,
+                             cfg.seed, device, keep_x=not opts.error_compensation)
+    records = []
+    dtype = torch.float64
+    for i, name in enumerate(progress_bar(names, desc="tsq step 2", enable=progress)):
+        layer = layers[name]
+        wq = layer.weight_quant
+        if layer.custom_forward:  # not known to compute conv(x, W): no least-squares fit on patches
+            wq.calibrate(layer.weight, lp_search_range)
+            continue
+        start = time.perf_counter()
+        d = targets.pop(name)
+        xs = _compensated_rows(qmodel, name, calib, d.positions, device) if opts.error_compensation else d.xs
+        captured = time.perf_counter() - start
+        W = weight_rows(layer, layer.weight.detach().to(device=device, dtype=dtype))
+        K, C, _ = W.shape
+        X, Y, mode = torch.cat(xs, 1), d.Y(K), d.mode()
+        levels = None if d.consumer is None else _consumer_levels(layers[d.consumer[0]], d.consumer[1], dtype, device)
+        bias = (layer.bias.detach().to(device=device, dtype=dtype) if layer.bias is not None
+                else torch.zeros(K * C, dtype=dtype, device=device)).reshape(K, C)
+        X, Y = X.to(device=device, dtype=dtype), Y.to(device=device, dtype=dtype)
+        if levels is not None:
+            levels = Levels(levels.lo.to(device), levels.hi.to(device), levels.value.to(device))
+        q0, a0 = init_codes(W, wq.bits, wq.binary, wq.narrow)
+        before = true_objective(X, Y, bias, q0, a0, levels).sum().item()
+        solve_start = time.perf_counter()
+        q, alpha = tsq_fit(X, Y, bias, W, wq.bits, levels, opts.lam, opts.iters, wq.binary, narrow=wq.narrow)
+        solve = time.perf_counter() - solve_start
+        after = true_objective(X, Y, bias, q, alpha, levels).sum().item()
+        norm = max(Y.pow(2).sum().item(), 1e-30)
+        new_w = rows_to_weight(layer, q * alpha.unsqueeze(-1))
+        group_of = scale_group_of_rows(layer)
+        wq.scale.copy_(torch.zeros(wq.num_groups, dtype=dtype, device=device)
+                       .index_copy_(0, group_of, alpha.reshape(-1)).to(wq.scale.dtype))
+        wq.zero_point.zero_()
+        layer.weight.copy_(new_w.to(layer.weight.dtype))
+        wq.enabled = True
+        rec = {"layer": name, "target": mode, "rows": X.shape[1], "inputs": X.shape[2], "channels": K * C,
+               "rel_error_init": before / norm, "rel_error": after / norm, "capture_s": captured, "solve_s": solve}
+        records.append(rec)
+        log(f"tsq step 2 {name}: {mode}, rel. error {rec['rel_error_init']:.4f} -> {rec['rel_error']:.4f} "
+            f"({X.shape[1]} rows x {X.shape[2]} inputs x {K * C} channels, {solve:.2f} s)")
+    # every remaining weight quantizer meant to be on (names) is on now
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# The QAT method
+# ---------------------------------------------------------------------------------------------
+
+def tsq_setup(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: TsqOptions) -> None:
+    if cfg.granularity != "channel":
+        raise LowbitError("tsq fits one weight scale per output channel: use granularity='channel'")
+    if not cfg.w_symmetric:
+        raise LowbitError("tsq produces symmetric (zero-point free) weights: use w_symmetric=True")
+    observers = mse(qmodel, calib, cfg, MseOptions())
+    weights = []
+    for name, layer in quant_layers(qmodel):
+        if layer.weight_quant.enabled:
+            if layer_kind(layer).transposed and layer.groups > 1:
+                raise LowbitError(f"tsq: layer {name}: a grouped ConvTranspose2d shares each weight scale "
+                                  "between conv groups, which TSQ's per-channel fit does not model")
+            weights.append(name)
+            layer.weight_quant.enabled = False  # step 1 trains full-precision weights
+        aq = layer.input_quant
+        if not aq.enabled:
+            continue
+        values = observers[name].values()
+        if layer.role == "body" and not aq.signed and not bool(aq.zero_point.ne(0).any()) and aq.bits > 1:
+            _, qmax = aq.qrange
+            eps = positive_quantile(values, opts.sparsity)
+            sparse = SparseActQuantizer.from_quantizer(aq, eps)
+            sparse.scale.fill_(fit_sparse_step(values, eps, qmax))
+            layer.input_quant = SparseStepAct(sparse, opts.sparsity, opts.threshold_momentum, opts.track_threshold)
+        else:
+            layer.input_quant = LearnedStepAct(aq, lsq_grad_scale=True)
+    qmodel.lowbit_tsq_weights = weights
+
+
+def zero_share(qmodel: nn.Module, images: Tensor, batch_size: int = 256) -> dict[str, float]:
+    """Share (%) of zero codes of every quantized input on ``images`` (TSQ's sparsity)."""
+    zeros: dict[str, list[int]] = {}
+    device = next(qmodel.parameters()).device
+
+    def hook(name: str) -> Any:
+        def fn(mod: nn.Module, args: tuple, out: Tensor) -> None:
+            z = zeros.setdefault(name, [0, 0])
+            z[0] += int((out == 0).sum())
+            z[1] += out.numel()
+        return fn
+
+    handles = [l.input_quant.register_forward_hook(hook(n)) for n, l in quant_layers(qmodel) if l.input_quant.enabled]
+    was = qmodel.training
+    qmodel.eval()
+    try:
+        with torch.no_grad():
+            for i in range(0, len(images), batch_size):
+                qmodel(images[i:i + batch_size].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        qmodel.train(was)
+    return {n: 100.0 * z / max(t, 1) for n, (z, t) in zeros.items()}
+
+
+def _finetune(qmodel: nn.Module, ctx: FinalizeContext, opts: TsqOptions) -> dict:
+    """Step 3: a short LSQ fine-tune of the quantized network (thresholds fixed)."""
+    from .engine import fit
+
+    for _, layer in quant_layers(qmodel):
+        if layer.weight_quant.enabled:
+            layer.weight_quant = LearnedStepWeight(layer.weight_quant, layer.weight)
+        aq = layer.input_quant
+        if aq.enabled:
+            layer.input_quant = (SparseStepAct(aq, opts.sparsity, track=False) if isinstance(aq, SparseActQuantizer)
+                                 else LearnedStepAct(aq, lsq_grad_scale=True))
+    tcfg = replace(ctx.train_config, epochs=opts.finetune_epochs, lr=opts.finetune_lr, scale_lr=None, checkpoint=None,
+                   resume=False, overwrite=False, log_dir=None, max_steps=None, warmup_steps=0)
+    summary = fit(qmodel, ctx.x_train, ctx.y_train, ctx.val, tcfg, {"method": "tsq-finetune"}, ctx.seed + 1,
+                  ctx.device, progress=ctx.progress, log=ctx.log, teacher=ctx.teacher)
+    commit_stand_ins(layer for _, layer in quant_layers(qmodel))
+    return summary
+
+
+def tsq_finalize(qmodel: nn.Module, cfg: QuantConfig, opts: TsqOptions, ctx: FinalizeContext) -> QuantConfig:
+    commit_stand_ins(layer for _, layer in quant_layers(qmodel))
+    names = getattr(qmodel, "lowbit_tsq_weights", [])
+    zeros_step1 = zero_share(qmodel, ctx.calib)
+    records = transformation_learning(qmodel, ctx.calib, cfg, opts, names, ctx.log, ctx.progress)
+    report: dict[str, Any] = {"step2": records, "zero_share_step1": zeros_step1}
+    if ctx.val is not None:  # the network after step 2 alone, before any fine-tune
+        from ..evaluate import accuracy
+
+        report["step2_val_acc"] = accuracy(qmodel, ctx.val[0], ctx.val[1], device=ctx.device)
+    if opts.finetune_epochs:
+        report["finetune"] = _finetune(qmodel, ctx, opts)["history"]
+    report["zero_share"] = zero_share(qmodel, ctx.calib)
+    qmodel.lowbit_tsq = report
+    del qmodel.lowbit_tsq_weights
+    return cfg
+
+
+register_qat_method("tsq", tsq_setup, tsq_finalize, TsqOptions,
+                    "Two-Step Quantization: sparse activation codes, then per-layer low-bit weight fitting (TSQ)",
+                    wants_context=True)
