@@ -25,6 +25,7 @@ class QatMethod:
     options: type | None
     description: str
     fold_bn: bool = True  # False: BN stays during training (and is folded by finalize)
+    fractional_bits: bool = False  # True: a fractional w_bits is a budget, passed as option w_budget
 
     @property
     def option_names(self) -> frozenset[str]:
@@ -40,11 +41,11 @@ _QAT: dict[str, QatMethod] = {}
 
 
 def register_qat_method(name: str, setup: Setup, finalize: Finalize, options: type | None = None,
-                        description: str = "", fold_bn: bool = True) -> None:
+                        description: str = "", fold_bn: bool = True, fractional_bits: bool = False) -> None:
     """Register a QAT method; ``options`` annotations are resolved now (TypeError if lowbit cannot check them)."""
     if options is not None:
         option_types(options)
-    _QAT[name] = QatMethod(name, setup, finalize, options, description, fold_bn)
+    _QAT[name] = QatMethod(name, setup, finalize, options, description, fold_bn, fractional_bits)
 
 
 def qat_methods() -> list[str]:
@@ -60,4 +61,4 @@ def get_qat_method(name: str) -> QatMethod:
 
 
 def _load_builtin() -> None:
-    from . import gdrq, lsq  # noqa: F401  (registers built-in QAT methods)
+    from . import dmbq, gdrq, lsq  # noqa: F401  (registers built-in QAT methods)
