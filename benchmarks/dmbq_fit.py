@@ -1,7 +1,7 @@
 """DMBQ alphas on real tensors: table lookup vs per-tensor solve vs LQ-Net-style alternating fit.
 
 Zoo ResNet-20 (Fashion-MNIST): every body conv's weights per output channel (sign bases) and its
-input per tensor (256 training images; {0,1} bases after ReLU), at 1 to 4 bases. For each
+input per tensor (64 training images; {0,1} bases after ReLU), at 1 to 4 bases. For each
 method: the MSE relative to the table's and the time to compute the alphas.
 
 * table: ``dmbq_table`` lookup from the tensor's (E|x|/rms, max|x|/rms), scaled by its RMS;
@@ -58,7 +58,7 @@ def lqnet(x: torch.Tensor, m: int, signed: bool, steps: int) -> torch.Tensor:
 
 METHODS = {
     "table": lambda x, m, s: table_alphas(x, m, s),
-    "solve": lambda x, m, s: dmbq.fit_alphas(x, m, s, init=table_alphas(x, m, s), max_iters=200, tol=1e-6),
+    "solve": lambda x, m, s: dmbq.fit_alphas(x, m, s, init=table_alphas(x, m, s), max_iters=100, tol=1e-6),
     "lqnet-1": lambda x, m, s: lqnet(x, m, s, 1),
     "lqnet-10": lambda x, m, s: lqnet(x, m, s, 10),
 }
@@ -66,7 +66,7 @@ METHODS = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)

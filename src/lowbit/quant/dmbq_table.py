@@ -41,7 +41,7 @@ FORMAT = "lowbit-dmbq-table-1"
 
 
 def build_table(betas: tuple[float, ...] = BETAS, clips: tuple[float, ...] = CLIPS, n: int = QUADRATURE,
-                log=print) -> dict:
+                log=print, bases: tuple[int, ...] = tuple(range(1, dmbq.MAX_BASES + 1))) -> dict:
     """Solve every node (see the module docstring); returns the JSON-ready table."""
     xs, ws, r, c_meas = [], [], [], []
     for beta in betas:
@@ -59,7 +59,7 @@ def build_table(betas: tuple[float, ...] = BETAS, clips: tuple[float, ...] = CLI
                    "c": [[round(v, 5) for v in c_meas[i * len(clips):(i + 1) * len(clips)]] for i in range(len(betas))],
                    "alpha": {}, "mse": {}}
     for kind, signed in (("signed", True), ("unsigned", False)):
-        for m in range(1, dmbq.MAX_BASES + 1):
+        for m in bases:
             start = time.perf_counter()
             gen = torch.Generator().manual_seed(m)
             inits = [dmbq.uniform_alphas(torch.minimum(x.amax(1), torch.full_like(x[:, 0], t)), m, signed)
