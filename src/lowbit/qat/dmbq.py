@@ -15,7 +15,6 @@ Zhao, Yue, Hu, "Distribution-aware Adaptive Multi-bit Quantization" (CVPR 2021, 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -111,11 +110,6 @@ def dmbq_finalize(qmodel: nn.Module, cfg: QuantConfig, opts: DmbqOptions) -> Qua
     commit_stand_ins(layer for _, layer in quant_layers(qmodel))
     fold_steps_into_bn(qmodel, getattr(qmodel, "lowbit_bn_pairs", []), cfg)
     return cfg.with_(fold_bn=True, granularity="channel", groups=None)
-
-
-def split_budget(w_bits: float) -> tuple[int, float]:
-    """``(layer width, budget)`` of a possibly fractional ``w_bits``: the width is its ceiling."""
-    return max(1, math.ceil(w_bits)), float(w_bits)
 
 
 register_qat_method("dmbq", dmbq_setup, dmbq_finalize, DmbqOptions,
