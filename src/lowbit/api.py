@@ -144,6 +144,10 @@ def integer_model(qmodel: nn.Module, bias_frac_bits: int = 0) -> nn.Module:
     """The integer-only reference of a quantized model (integer weights, codes and accumulation)."""
     from .deploy.integer import integer_model as build
 
+    if is_multibit_model(qmodel):
+        raise LowbitError("multi-bit (DMBQ) layers are not on an integer grid: there is no integer-only reference "
+                          "for them (an integer device runs one binary accumulation per plane, see "
+                          "lowbit.deploy.multibit); evaluate the model in PyTorch or export it to ONNX")
     return build(qmodel, bias_frac_bits)
 
 

@@ -92,3 +92,9 @@ def test_a_damaged_multibit_artifact_is_refused(trained, tmp_path):
     save_file(tensors, str(bad), metadata=meta)
     with pytest.raises(LowbitError, match="planes"):
         lowbit.load(bad, model=fp)
+
+
+def test_integer_reference_is_refused_with_a_reason(trained):
+    _, q, _ = trained
+    with pytest.raises(LowbitError, match="integer grid"):
+        lowbit.integer_model(q)
