@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .config import DEFAULT_BITS, build_config  # noqa: F401  (re-exported: lowbit.api.build_config)
 from .config import check_device as _check_device
 from .data.calib import read_calibration
+from .deploy.multibit import is_multibit_model
 from .errors import LowbitError
 from .graph.surgery import input_ranks, prepare
 from .layer_bits import check_layer_bits
@@ -109,6 +110,8 @@ def export(qmodel: nn.Module, path: str | os.PathLike, **onnx_options: Any) -> P
 
     kind = export_format(path)
     path = Path(path)
+    if is_multibit_model(qmodel):  # DMBQ: sign planes + alphas (deploy.multibit), not an integer grid
+        return _export_multibit(qmodel, path, kind, onnx_options)
     if kind == "onnx":
         from .deploy.onnx_qdq import export_onnx
 
@@ -122,10 +125,29 @@ def export(qmodel: nn.Module, path: str | os.PathLike, **onnx_options: Any) -> P
     return save_artifact(qmodel, path)
 
 
+def _export_multibit(qmodel: nn.Module, path: Path, kind: str, onnx_options: dict[str, Any]) -> Path:
+    from .deploy.multibit import export_multibit_onnx, save_multibit
+
+    if kind == "onnx":
+        unknown = sorted(set(onnx_options) - {"opset", "input_shape"})
+        if unknown:
+            raise LowbitError(f"option(s) {unknown} do not apply to the ONNX export of a multi-bit (DMBQ) model; "
+                              f"known: opset, input_shape")
+        checked = {k: check_value(v, ONNX_OPTIONS[k], k, "lowbit.export") for k, v in onnx_options.items()}
+        return export_multibit_onnx(qmodel, path, **checked)
+    if onnx_options:
+        raise LowbitError(f"options {sorted(onnx_options)} apply to .onnx exports only")
+    return save_multibit(qmodel, path)
+
+
 def integer_model(qmodel: nn.Module, bias_frac_bits: int = 0) -> nn.Module:
     """The integer-only reference of a quantized model (integer weights, codes and accumulation)."""
     from .deploy.integer import integer_model as build
 
+    if is_multibit_model(qmodel):
+        raise LowbitError("multi-bit (DMBQ) layers are not on an integer grid: there is no integer-only reference "
+                          "for them (an integer device runs one binary accumulation per plane, see "
+                          "lowbit.deploy.multibit); evaluate the model in PyTorch or export it to ONNX")
     return build(qmodel, bias_frac_bits)
 
 
@@ -141,6 +163,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, device: str = 
         raise LowbitError(f"{os.fspath(path)} is an ONNX file: run it with ONNX Runtime (lowbit.deploy.onnx_session, "
                           "or `lowbit eval --onnx FILE`); lowbit.load reads the packed .lowbit artifact")
     _check_device(device)
+    from .deploy.multibit import is_multibit_file, load_multibit
+
+    if isinstance(path, (str, os.PathLike)) and Path(path).is_file() and is_multibit_file(path):
+        return load_multibit(path, model, device)
     return load_artifact(path, model, device)
 
 

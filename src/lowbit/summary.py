@@ -25,7 +25,7 @@ class LayerSummary:
     name: str
     kind: str
     role: str
-    w_bits: int | None
+    w_bits: int | float | None  # float: the mean over channels of mixed widths (DMBQ + LBA)
     a_bits: int | None
     params: int  # weight elements
     weight_bytes: int  # at their width plus scales (float32 when w_bits is None)
@@ -39,7 +39,7 @@ class Summary:
     ``avg_w_bits_quantized`` (over quantized layers only), ``avg_a_bits`` (mean over the layers
     whose input is quantized, None when none is), ``weight_bytes`` (sum of the layers'),
     ``model_bytes`` (all stored tensor data, as ``deploy.size.quantized_bytes``), ``params``,
-    ``fp_layers`` (weight layers left in float), ``pruned_channels`` (0: no channel is pruned yet).
+    ``fp_layers`` (weight layers left in float), ``pruned_channels`` (output channels at 0 bits).
     """
 
     layers: list[LayerSummary]
@@ -53,8 +53,8 @@ class Summary:
 
     def to_markdown(self) -> str:
         """The table and the totals as GitHub markdown."""
-        def bits(b: int | None) -> str:
-            return "fp" if b is None else str(b)
+        def bits(b: int | float | None) -> str:
+            return "fp" if b is None else f"{b:.3f}" if isinstance(b, float) else str(b)
 
         lines = ["| layer | kind | role | W bits | A bits | params | weight bytes |",
                  "|---|---|---|---:|---:|---:|---:|"]
@@ -77,17 +77,27 @@ def summary(qmodel: nn.Module) -> Summary:
     """Per-layer widths, parameters and bytes of a model from ``lowbit.quantize`` / ``qat`` / ``load``."""
     require_quantized(qmodel)
     rows: list[LayerSummary] = []
+    pruned = 0
     for name, layer in quant_layers(qmodel):
         wq, aq = layer.weight_quant, layer.input_quant
-        rows.append(LayerSummary(name, layer.kind, layer.role, wq.bits if wq.enabled else None,
+        rows.append(LayerSummary(name, layer.kind, layer.role, _w_bits(wq) if wq.enabled else None,
                                  aq.bits if aq.enabled else None, layer.weight.numel(), layer_weight_bytes(layer)))
+        pruned += getattr(wq, "pruned_channels", 0) if wq.enabled else 0
     for name, module in float_weight_layers(qmodel):  # kinds lowbit does not quantize: float32
         params = own_weight_elements(module)
         rows.append(LayerSummary(name, type(module).__name__, "float", None, None, params, params * 4))
-    return Summary(rows, _totals(rows, quantized_bytes(qmodel)))
+    return Summary(rows, _totals(rows, quantized_bytes(qmodel), pruned))
 
 
-def _totals(rows: list[LayerSummary], model_bytes: int) -> dict[str, Any]:
+def _w_bits(wq: nn.Module) -> int | float:
+    """A layer's weight bits: its width, or the mean of its channels' widths when they differ."""
+    channel_bits = getattr(wq, "channel_bits", None)
+    if channel_bits is None or bool((channel_bits == channel_bits[0]).all()):
+        return int(wq.bits) if channel_bits is None else int(channel_bits[0])
+    return float(channel_bits.double().mean())
+
+
+def _totals(rows: list[LayerSummary], model_bytes: int, pruned: int = 0) -> dict[str, Any]:
     params = sum(r.params for r in rows)
     quantized = [r for r in rows if r.w_bits is not None]
     q_params = sum(r.params for r in quantized)
@@ -100,5 +110,5 @@ def _totals(rows: list[LayerSummary], model_bytes: int) -> dict[str, Any]:
         "model_bytes": model_bytes,
         "params": params,
         "fp_layers": sum(r.w_bits is None for r in rows),
-        "pruned_channels": 0,
+        "pruned_channels": pruned,
     }

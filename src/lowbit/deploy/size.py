@@ -21,7 +21,18 @@ def layer_weight_bytes(layer: nn.Module) -> int:
     wq = layer.weight_quant
     if not wq.enabled:
         return layer.weight.numel() * 4
+    channel_bits = getattr(wq, "channel_bits", None)
+    if channel_bits is not None:  # multi-bit (DMBQ): bits_c sign planes per channel plus bits_c float32 alphas;
+        per_channel = layer.weight.numel() // wq.channels  # a pruned channel (0 bits) costs nothing
+        total = int(channel_bits.sum())
+        return (per_channel * total + 7) // 8 + 4 * total
     return (layer.weight.numel() * wq.bits + 7) // 8 + wq.num_groups * 4 * (1 if wq.symmetric else 2)
+
+
+def input_quant_bytes(aq: nn.Module) -> int:
+    """Stored parameters of an enabled input quantizer: scale and zero point, or its alphas (DMBQ)."""
+    alpha = getattr(aq, "alpha", None)
+    return 4 * alpha.numel() if alpha is not None else 8
 
 
 def quantized_bytes(qmodel: nn.Module) -> int:
@@ -40,12 +51,12 @@ def quantized_bytes(qmodel: nn.Module) -> int:
         wq = layer.weight_quant
         if wq.enabled:
             total += layer_weight_bytes(layer)
-            counted.update({f"{name}.weight", f"{name}.weight_quant.scale", f"{name}.weight_quant.zero_point"})
+            counted.add(f"{name}.weight")
         if layer.input_quant.enabled:
-            total += 8
-        counted.update({f"{name}.input_quant.scale", f"{name}.input_quant.zero_point"})
-        if not wq.enabled:
-            counted.update({f"{name}.weight_quant.scale", f"{name}.weight_quant.zero_point"})
+            total += input_quant_bytes(layer.input_quant)
+        # the quantizers' own tensors (scales, zero points; DMBQ alphas and per-channel bits) are
+        # what the lines above count, or nothing when the quantizer is off
+        counted.update(k for k in state if k.startswith((f"{name}.weight_quant.", f"{name}.input_quant.")))
     for key, value in state.items():
         if key not in counted:
             total += value.numel() * (4 if value.is_floating_point() else value.element_size())

@@ -57,10 +57,7 @@ def fold_steps_into_bn(qmodel: nn.Module, pairs: list[tuple[str, str]], cfg: Qua
         wq = layer.weight_quant
         if not wq.enabled:
             continue
-        codes = wq.quantize(layer.weight).int_value.to(layer.weight.dtype)
-        s, z = wq.channel_params(layer.weight.dim())
-        scale = s.reshape(-1).clone()
-        mult = torch.ones_like(scale)
+        mult = None
         bn_name = next((b for c, b in pairs if c == name), None)
         if bn_name is not None:
             bn = get_submodule(qmodel, bn_name)
@@ -74,6 +71,15 @@ def fold_steps_into_bn(qmodel: nn.Module, pairs: list[tuple[str, str]], cfg: Qua
                 layer.bias = nn.Parameter(new_bias)
             else:
                 layer.bias.copy_(new_bias)
+        if hasattr(wq, "fold_multiplier"):  # non-uniform levels (DMBQ) scale themselves, codes unchanged
+            if mult is not None:
+                wq.fold_multiplier(layer, mult)
+            continue
+        codes = wq.quantize(layer.weight).int_value.to(layer.weight.dtype)
+        s, z = wq.channel_params(layer.weight.dim())
+        scale = s.reshape(-1).clone()
+        if mult is None:
+            mult = torch.ones_like(scale)
         channel = WeightQuantizer(wq.bits, wq.channels, "channel", None, wq.symmetric, wq.narrow,
                                   axis=wq.axis).to(scale.device)
         view = wq.channel_shape(codes.dim())

@@ -56,6 +56,7 @@ class QatMethod:
     description: str
     fold_bn: bool = True  # False: BN stays during training (and is folded by finalize)
     wants_context: bool = False  # finalize(qmodel, cfg, opts, FinalizeContext)
+    fractional_bits: bool = False  # True: a fractional w_bits is a budget, passed as option w_budget
 
     @property
     def option_names(self) -> frozenset[str]:
@@ -71,11 +72,12 @@ _QAT: dict[str, QatMethod] = {}
 
 
 def register_qat_method(name: str, setup: Setup, finalize: Finalize, options: type | None = None,
-                        description: str = "", fold_bn: bool = True, wants_context: bool = False) -> None:
+                        description: str = "", fold_bn: bool = True, wants_context: bool = False,
+                        fractional_bits: bool = False) -> None:
     """Register a QAT method; ``options`` annotations are resolved now (TypeError if lowbit cannot check them)."""
     if options is not None:
         option_types(options)
-    _QAT[name] = QatMethod(name, setup, finalize, options, description, fold_bn, wants_context)
+    _QAT[name] = QatMethod(name, setup, finalize, options, description, fold_bn, wants_context, fractional_bits)
 
 
 def qat_methods() -> list[str]:
@@ -91,4 +93,4 @@ def get_qat_method(name: str) -> QatMethod:
 
 
 def _load_builtin() -> None:
-    from . import gdrq, lsq, tsq  # noqa: F401  (registers built-in QAT methods)
+    from . import dmbq, gdrq, lsq, tsq  # noqa: F401  (registers built-in QAT methods)

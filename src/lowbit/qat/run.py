@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, is_dataclass
@@ -77,8 +78,9 @@ def qat(model: nn.Module, train_data: Tensor | Iterable, val_data: Any = None, m
         train_data: ``(images, labels)`` tensors, a map-style Dataset of ``(image, label)`` items,
             or an iterable of ``(x, y)`` batches (or of dicts: pass ``input_key`` and ``target_key``).
         val_data: same form, evaluated after every epoch (optional).
-        method: a name from ``lowbit.qat_methods()`` ("lsq", "gdrq", "tsq").
-        w_bits: weight bits of body layers.
+        method: a name from ``lowbit.qat_methods()`` ("lsq", "gdrq", "tsq", "dmbq").
+        w_bits: weight bits of body layers (methods that allocate bits, ``dmbq`` with ``lba``,
+            take a fractional average budget such as 1.5).
         a_bits: activation bits of body-layer inputs (None: weights only).
         epochs: training epochs (``QatConfig.epochs`` by default).
         log: where per-epoch lines go.
@@ -108,6 +110,10 @@ def qat(model: nn.Module, train_data: Tensor | Iterable, val_data: Any = None, m
         train_opts["epochs"] = epochs
     tcfg = QatConfig(**train_opts)
     check_checkpoint_target(tcfg)  # before the (possibly long) setup
+    if spec.fractional_bits and isinstance(w_bits, float) and not isinstance(w_bits, bool) and math.isfinite(w_bits):
+        # a bit budget (DMBQ + LBA): the layers start at its ceiling, the method holds the average
+        options.setdefault("w_budget", w_bits)
+        w_bits = max(1, math.ceil(w_bits))
     layer_bits = check_layer_bits(options.pop("layer_bits", None))
     cfg, method_options = build_config(w_bits, a_bits, options, spec.option_names)
     opts = spec.make_options(method_options)

@@ -1,0 +1,292 @@
+"""DMBQ quantizer modules: per-output-channel weights (any mix of 0..4 bases) and per-tensor inputs.
+
+Forward pass: the alphas come from the shipped table (``solver="table"``, DMBQ's way), from an
+alternating fit to convergence on the tensor itself (``"solve"``), or from one alternating step
+from the previous alphas (``"lqnet"``, LQ-Net's per-iteration update); then every element takes
+its nearest level. Gradient (straight-through): identity for elements between the lowest and
+the highest level, zero beyond them (an element already clipped gains nothing from moving
+further out). A channel with 0 bases is pruned: its weights quantize to 0 and cost nothing.
+
+After training, ``commit`` freezes the alphas (``frozen``): the quantizer then maps any tensor to
+the nearest of its stored levels, and the baked weights reproduce themselves exactly.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import LowbitError
+from . import dmbq
+from .dmbq_table import table_alphas
+from .quantizer import ActQuantizer, WeightQuantizer
+
+SOLVERS = ("table", "solve", "lqnet")
+SOLVE_SAMPLES = 1 << 16  # "solve" on activations fits on at most this many (evenly strided) elements
+
+
+def solve_alphas(x: Tensor, m: int, signed: bool, solver: str, previous: Tensor | None = None) -> Tensor:
+    """``(R, m)`` alphas for the rows of ``x`` by ``solver`` (see the module docstring), detached.
+
+    ``previous`` (``(R, m)``, canonical) is the start point of "lqnet"; rows whose previous alphas
+    are all zero (never set) start from the table.
+    """
+    with torch.no_grad():
+        x = x.detach()
+        if solver == "table":
+            return table_alphas(x, m, signed)
+        if x.shape[1] > SOLVE_SAMPLES:  # an activation tensor: fit on a strided subsample
+            x = x[:, :: -(-x.shape[1] // SOLVE_SAMPLES)]
+        start = table_alphas(x, m, signed)
+        if solver == "solve":
+            return dmbq.fit_alphas(x.double(), m, signed, init=start.double(), max_iters=100, tol=1e-6).to(x.dtype)
+        if solver == "lqnet":
+            if previous is not None:
+                start = torch.where((previous != 0).any(1, keepdim=True), previous.to(x.dtype), start)
+            return dmbq.canonical(dmbq.alternate_step(x, None, start, signed), signed)
+        raise LowbitError(f"DMBQ solver must be one of {SOLVERS}, got {solver!r}")
+
+
+def quantize_rows(rows: Tensor, alpha: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+    """Nearest-level values of ``rows`` and the straight-through mask (between the extreme levels)."""
+    q, _ = dmbq.assign(rows, alpha.to(rows.dtype), signed)
+    lv = dmbq.levels(alpha.to(rows.dtype), signed)
+    inside = (rows >= lv.amin(1, keepdim=True)) & (rows <= lv.amax(1, keepdim=True))
+    return q, inside
+
+
+def ste(rows: Tensor, q: Tensor, inside: Tensor) -> Tensor:
+    """``q`` in the forward pass; gradient to ``rows`` where ``inside``, none elsewhere."""
+    return torch.where(inside, rows + (q - rows).detach(), q.detach())
+
+
+class DmbqWeight(nn.Module):
+    """Per-output-channel DMBQ weight quantizer with its own number of bases per channel.
+
+    Wraps the layer's ``WeightQuantizer`` (``quant``: channel axis and count, ``enabled``).
+    Buffers: ``channel_bits`` (bases per channel, 0 = pruned), ``alpha`` (the channel's alphas,
+    canonical, zero-padded to ``MAX_BASES``), ``score`` / ``layer_score`` (LBA sensitivities
+    accumulated since the last reallocation).
+    """
+
+    def __init__(self, quant: WeightQuantizer, bits: int, solver: str = "table") -> None:
+        super().__init__()
+        if solver not in SOLVERS:
+            raise LowbitError(f"DMBQ solver must be one of {SOLVERS}, got {solver!r}")
+        if not 0 <= bits <= dmbq.MAX_BASES:
+            raise LowbitError(f"DMBQ weights take 0 to {dmbq.MAX_BASES} bits, got {bits}")
+        self.quant = quant
+        self.solver = solver
+        device = quant.scale.device
+        self.register_buffer("channel_bits", torch.full((quant.channels,), bits, dtype=torch.int64, device=device))
+        self.register_buffer("alpha", torch.zeros(quant.channels, dmbq.MAX_BASES, device=device))
+        self.register_buffer("score", torch.zeros(quant.channels, dtype=torch.float64, device=device))
+        self.register_buffer("layer_score", torch.zeros((), dtype=torch.float64, device=device))
+        self.track = False  # accumulate LBA sensitivities in the backward pass
+        self.frozen = False  # use the stored alphas (after commit)
+
+    # --- what the rest of lowbit reads from a weight quantizer ---------------------------------
+    @property
+    def enabled(self) -> bool:
+        return self.quant.enabled
+
+    @property
+    def channels(self) -> int:
+        return self.quant.channels
+
+    @property
+    def axis(self) -> int:
+        return self.quant.axis
+
+    @property
+    def bits(self) -> int:
+        """The largest number of bases of any channel (the layer's storage width per plane count)."""
+        return int(self.channel_bits.max())
+
+    @property
+    def mean_bits(self) -> float:
+        return float(self.channel_bits.double().mean())
+
+    @property
+    def pruned_channels(self) -> int:
+        return int((self.channel_bits == 0).sum())
+
+    def rows(self, w: Tensor) -> Tensor:
+        """``w`` as ``channels x n`` rows."""
+        return (w.movedim(self.axis, 0) if self.axis else w).reshape(self.channels, -1)
+
+    def unrows(self, rows: Tensor, like: Tensor) -> Tensor:
+        moved = like.movedim(self.axis, 0) if self.axis else like
+        out = rows.reshape(moved.shape)
+        return out.movedim(0, self.axis) if self.axis else out
+
+    @torch.no_grad()
+    def update_alphas(self, rows: Tensor) -> None:
+        """Recompute every channel's alphas from the current weights (not when frozen)."""
+        for b in self.channel_bits.unique().tolist():
+            if b == 0:
+                continue
+            sel = self.channel_bits == b
+            prev = self.alpha[sel, :b]
+            a = solve_alphas(rows[sel], b, True, self.solver, prev)
+            new = torch.zeros(int(sel.sum()), dmbq.MAX_BASES, device=rows.device, dtype=self.alpha.dtype)
+            new[:, :b] = a
+            self.alpha[sel] = new
+
+    def quantized_rows(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Nearest-level values and straight-through mask of every channel (pruned: 0, mask all)."""
+        q = torch.zeros_like(rows)
+        inside = torch.ones_like(rows, dtype=torch.bool)
+        for b in self.channel_bits.unique().tolist():
+            if b == 0:
+                continue
+            sel = (self.channel_bits == b).nonzero().squeeze(1)
+            qb, ib = quantize_rows(rows[sel], self.alpha[sel, :b], True)
+            q[sel] = qb.to(q.dtype)
+            inside[sel] = ib
+        return q, inside
+
+    def forward(self, w: Tensor) -> Tensor:
+        if not self.enabled:
+            return w
+        rows = self.rows(w)
+        if not self.frozen:
+            self.update_alphas(rows)
+        q, inside = self.quantized_rows(rows.detach())
+        out = ste(rows, q, inside)
+        if self.track and self.training and out.requires_grad:
+            err = (rows - q).detach()
+            out.register_hook(lambda g, err=err: self._accumulate(err, g))
+        return self.unrows(out, w)
+
+    @torch.no_grad()
+    def _accumulate(self, err: Tensor, grad: Tensor) -> None:
+        """LBA: add ``|(x - x_hat)^T g(x_hat)| / n`` per channel and for the whole layer."""
+        dot = (err.double() * grad.double()).sum(1)
+        self.score += dot.abs() / err.shape[1]
+        self.layer_score += dot.sum().abs() / err.numel()
+
+    @torch.no_grad()
+    def levels_and_planes(self, w: Tensor) -> tuple[list[Tensor], Tensor]:
+        """The ``+-1`` planes of every channel and its alphas, from the (baked) weight ``w``.
+
+        Returns ``planes`` (one ``(bits_c, n)`` int8 tensor per channel, pruned channels empty)
+        and the ``(channels, MAX_BASES)`` alphas.
+        """
+        rows = self.rows(w)
+        planes = []
+        for c in range(self.channels):
+            b = int(self.channel_bits[c])
+            if b == 0:
+                planes.append(torch.zeros(0, rows.shape[1], dtype=torch.int8, device=w.device))
+                continue
+            _, idx = dmbq.assign(rows[c:c + 1], self.alpha[c:c + 1, :b].to(rows.dtype), True)
+            planes.append(dmbq.planes_of(idx[0], b, True).to(torch.int8))
+        return planes, self.alpha.clone()
+
+    @torch.no_grad()
+    def commit(self, layer: nn.Module) -> "DmbqWeight":
+        """Freeze the alphas and write the quantized weights into ``layer.weight`` (exact levels)."""
+        self.track = False
+        rows = self.rows(layer.weight)
+        if not self.frozen:
+            self.update_alphas(rows)
+        q, _ = self.quantized_rows(rows)
+        layer.weight.copy_(self.unrows(q, layer.weight))
+        self.frozen = True
+        self.score.zero_()
+        self.layer_score.zero_()
+        return self
+
+    @torch.no_grad()
+    def fold_multiplier(self, layer: nn.Module, mult: Tensor) -> None:
+        """Fold a per-output-channel BN multiplier: ``|mult|`` into the alphas, its sign into the planes.
+
+        Exact: ``mult * sum_i alpha_i b_i = sum_i (|mult| alpha_i) (sign(mult) b_i)``. Called by
+        ``qat.bn.fold_steps_into_bn`` on committed quantizers.
+        """
+        from .layers import per_output_channel
+
+        if not self.frozen:
+            raise LowbitError("DMBQ: commit the quantizer before folding BN into it")
+        mult = mult.to(self.alpha.dtype)
+        layer.weight.mul_(per_output_channel(layer, mult.to(layer.weight.dtype)))
+        per_axis = mult.view(-1, self.channels)  # ConvTranspose groups: one axis channel, several outputs
+        if per_axis.shape[0] != 1 and not torch.equal(per_axis.abs(), per_axis[:1].abs().expand_as(per_axis)):
+            raise LowbitError("DMBQ: a BN multiplier must be shared by the conv groups of a ConvTranspose layer")
+        self.alpha.mul_(per_axis[0].abs().unsqueeze(1))
+        # the weights become the scaled levels exactly as this quantizer computes them (not
+        # ``w * mult``, which may differ in the last bit), so they still reproduce themselves
+        q, _ = self.quantized_rows(self.rows(layer.weight))
+        layer.weight.copy_(self.unrows(q, layer.weight))
+
+    def extra_repr(self) -> str:
+        return (f"channels={self.channels}, mean_bits={self.mean_bits:.3f}, pruned={self.pruned_channels}, "
+                f"solver={self.solver}, frozen={self.frozen}")
+
+
+class DmbqAct(nn.Module):
+    """Per-tensor DMBQ input quantizer: ``b in {0, 1}`` after ReLU (``signed=False``), ``{-1, 1}`` otherwise.
+
+    Training updates a moving average of the alphas (``momentum``) from every batch and quantizes
+    with the average, as evaluation does; ``start`` sets it from calibration data first.
+    """
+
+    def __init__(self, quant: ActQuantizer, bits: int, signed: bool, solver: str = "table",
+                 momentum: float = 0.9) -> None:
+        super().__init__()
+        if solver not in SOLVERS:
+            raise LowbitError(f"DMBQ solver must be one of {SOLVERS}, got {solver!r}")
+        if not 1 <= bits <= dmbq.MAX_BASES:
+            raise LowbitError(f"DMBQ activations take 1 to {dmbq.MAX_BASES} bits, got {bits}")
+        self.quant = quant
+        self.num_bases = bits
+        self.signed = signed
+        self.solver = solver
+        self.momentum = momentum
+        self.frozen = False
+        device = quant.scale.device
+        self.register_buffer("alpha", torch.zeros(1, bits, device=device))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=device))
+
+    @property
+    def enabled(self) -> bool:
+        return self.quant.enabled
+
+    @property
+    def bits(self) -> int:
+        return self.num_bases
+
+    @torch.no_grad()
+    def start(self, values: Tensor) -> None:
+        """Alphas from sampled calibration ``values``."""
+        self.alpha.copy_(solve_alphas(values.reshape(1, -1).float().to(self.alpha.device), self.num_bases,
+                                      self.signed, self.solver))
+        self.initialized.fill_(True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        rows = x.reshape(1, -1)
+        if self.training and not self.frozen:
+            with torch.no_grad():
+                a = solve_alphas(rows, self.num_bases, self.signed, self.solver, self.alpha)
+                if not bool(self.initialized):
+                    self.alpha.copy_(a)
+                    self.initialized.fill_(True)
+                else:
+                    self.alpha.mul_(self.momentum).add_((1 - self.momentum) * a.to(self.alpha.dtype))
+        q, inside = quantize_rows(rows.detach(), self.alpha, self.signed)
+        return ste(rows, q, inside).view_as(x)
+
+    @torch.no_grad()
+    def commit(self) -> "DmbqAct":
+        self.frozen = True
+        return self
+
+    def extra_repr(self) -> str:
+        return f"bits={self.num_bases}, signed={self.signed}, solver={self.solver}, frozen={self.frozen}"
+
+
+def is_dmbq(module: nn.Module) -> bool:
+    return isinstance(module, (DmbqWeight, DmbqAct))
+
