@@ -73,7 +73,8 @@ def dq_codes(model: onnx.ModelProto) -> dict[str, tuple[int, np.ndarray]]:
     return out
 
 
-@pytest.mark.parametrize("config", sorted(CONFIGS))
+@pytest.mark.parametrize("config", [pytest.param(c, marks=pytest.mark.torch_export) if c == "W4A4" else c
+                                    for c in sorted(CONFIGS)])  # W4A4 on lowbit's default exporter (conftest)
 @pytest.mark.parametrize("name", sorted(ZOO_SPECS))
 def test_zoo_round_trip_through_onnx_runtime(name, config, tmp_path) -> None:
     w_bits, a_bits = CONFIGS[config]

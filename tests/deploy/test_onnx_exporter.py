@@ -19,6 +19,7 @@ from lowbit.deploy.onnx_qdq import MARK_DOMAIN, build_onnx, onnx_session
 from tests.conftest import IMAGE_SIZE, calib_tensor, make_model
 
 SHAPE = (1, IMAGE_SIZE, IMAGE_SIZE)
+pytestmark = pytest.mark.torch_export  # lowbit's default exporter, whatever the suite's default (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -46,23 +47,32 @@ def _producer(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
 
 
 def test_qdq_structure_around_every_layer(q4) -> None:
-    """Conv / Gemm take DequantizeLinear(INT4 weight codes) and Clip -> Q -> DQ inputs; batch stays dynamic."""
+    """Each quantized Conv / Gemm takes DequantizeLinear(weight codes at their width) and, where its
+    input is quantized, [Clip ->] QuantizeLinear -> DequantizeLinear; the batch stays dynamic."""
+    from lowbit.quant.layers import quant_layers
+
     model = build_onnx(q4, input_shape=SHAPE)
     producer = _producer(model)
     inits = {t.name: t for t in model.graph.initializer}
-    layers = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
-    assert len(layers) == 20  # ResNet-20's 19 convs (the first has 8-bit weights) and its classifier
-    for node in layers:
+    layers = dict(quant_layers(q4))
+    convs = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert len(convs) == len(layers)
+    for node in convs:
         w_dq = producer[node.input[1]]
-        assert w_dq.op_type == "DequantizeLinear" and w_dq.input[0].endswith(".weight_q")
-        assert inits[w_dq.input[0]].data_type in (TensorProto.INT4, TensorProto.INT8)
+        name = w_dq.input[0][: -len(".weight_q")]
+        layer = layers[name]
+        assert w_dq.op_type == "DequantizeLinear" and w_dq.input[0] == f"{name}.weight_q"
+        bits = layer.weight_quant.bits
+        assert inits[w_dq.input[0]].data_type == (TensorProto.INT4 if bits <= 4 else TensorProto.INT8)
+        if not layer.input_quant.enabled:
+            continue
         x_dq = producer[node.input[0]]
-        assert x_dq.op_type == "DequantizeLinear"
         q = producer[x_dq.input[0]]
-        assert q.op_type == "QuantizeLinear" and inits[q.input[2]].data_type in (TensorProto.UINT8, TensorProto.INT8)
-    assert sum(inits[producer[n.input[1]].input[0]].data_type == TensorProto.INT4 for n in layers) >= 18
-    assert sum(producer[producer[n.input[0]].input[0]].input[0] in producer and
-               producer[producer[producer[n.input[0]].input[0]].input[0]].op_type == "Clip" for n in layers) >= 18
+        assert (x_dq.op_type, q.op_type) == ("DequantizeLinear", "QuantizeLinear")
+        assert x_dq.name == f"{name}.input_dq" and inits[q.input[2]].data_type in (TensorProto.UINT8, TensorProto.INT8)
+        clipped = q.input[0] in producer and producer[q.input[0]].op_type == "Clip"
+        assert clipped == (layer.input_quant.bits < 8)
+    assert sum(layers[n].weight_quant.bits == 4 for n in layers) >= len(layers) - 2
     for value in (model.graph.input[0], model.graph.output[0]):
         assert value.type.tensor_type.shape.dim[0].dim_param == "batch"
 
@@ -135,3 +145,17 @@ def test_fallback_for_data_dependent_control_flow(tmp_path) -> None:
         sim = q(images)
     out = torch.from_numpy(onnx_session(path).run(None, {"input": images.numpy()})[0])
     assert torch.equal(out.argmax(1), sim.argmax(1))
+
+
+def test_exporter_option(q4, tmp_path) -> None:
+    """``exporter="torchscript"`` asks for the old exporter (no warning, same QDQ rewrite); others are refused."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = lowbit.export(q4, tmp_path / "ts.onnx", input_shape=SHAPE, exporter="torchscript")
+    assert [str(w.message) for w in caught] == []
+    model = onnx.load(str(path))
+    assert model.opset_import[0].version == 21
+    assert sum(n.op_type == "DequantizeLinear" for n in model.graph.node) >= 40
+    with pytest.raises(lowbit.LowbitError, match="exporter"):
+        lowbit.export(q4, tmp_path / "bad.onnx", input_shape=SHAPE, exporter="dynamo")
+    assert not (tmp_path / "bad.onnx").exists()
