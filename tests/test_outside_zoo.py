@@ -131,8 +131,10 @@ def test_outside_zoo_architecture(name: str, tmp_path: Path) -> None:
         _onnx_parity(q8, tmp_path / "w8a8.onnx")
 
 
-@pytest.mark.torch_export  # the small architectures on lowbit's default ONNX exporter (tests/conftest.py)
-@pytest.mark.parametrize("name", sorted(n for n, a in ARCHS.items() if a.small))
+# two of the small architectures on lowbit's default ONNX exporter (tests/conftest.py); ShuffleNet's
+# export costs ~10x more there, which the suite's time budget does not cover
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.torch_export) if n != "shufflenet_g1_wd4" else n
+                                  for n in sorted(n for n, a in ARCHS.items() if a.small)])
 def test_outside_zoo_bitsplit(name: str, tmp_path: Path) -> None:
     fp = build(name)
     q = _quantize(fp, 4, method="bitsplit", iters=1, samples=2048)  # one round: the path, not the fit, is tested
