@@ -94,9 +94,11 @@ def assert_onnx_matches(q: nn.Module, path: Path, x: torch.Tensor = EVAL) -> Non
 
 
 def _onnx_parity(q: nn.Module, path: Path) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TorchScript tracer notes on pytorchcv's Python control flow
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # TorchScript tracer notes on pytorchcv's Python control flow are expected
         lowbit.export(q, path)
+    fallbacks = [str(w.message) for w in caught if "TorchScript exporter instead" in str(w.message)]
+    assert not fallbacks, f"torch.export could not take the model: {fallbacks[0]}"
     assert_onnx_matches(q, path)
 
 
@@ -129,7 +131,10 @@ def test_outside_zoo_architecture(name: str, tmp_path: Path) -> None:
         _onnx_parity(q8, tmp_path / "w8a8.onnx")
 
 
-@pytest.mark.parametrize("name", sorted(n for n, a in ARCHS.items() if a.small))
+# two of the small architectures on lowbit's default ONNX exporter (tests/conftest.py); ShuffleNet's
+# export costs ~10x more there, which the suite's time budget does not cover
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.torch_export) if n != "shufflenet_g1_wd4" else n
+                                  for n in sorted(n for n, a in ARCHS.items() if a.small)])
 def test_outside_zoo_bitsplit(name: str, tmp_path: Path) -> None:
     fp = build(name)
     q = _quantize(fp, 4, method="bitsplit", iters=1, samples=2048)  # one round: the path, not the fit, is tested

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 from torch import Tensor, nn
 
@@ -96,14 +96,15 @@ def export_format(path: str | os.PathLike) -> str:
 
 
 # the options of ONNX exports and their types (deploy.onnx_qdq.export_onnx's keyword arguments)
-ONNX_OPTIONS: dict[str, Any] = {"opset": int | None, "input_shape": tuple[int, ...] | None, "int32_bias": bool}
+ONNX_OPTIONS: dict[str, Any] = {"opset": int | None, "input_shape": tuple[int, ...] | None, "int32_bias": bool,
+                                "exporter": Literal["torch.export", "torchscript"]}
 
 
 def export(qmodel: nn.Module, path: str | os.PathLike, **onnx_options: Any) -> Path:
     """Write the deployable artifact of a quantized model.
 
     A path ending in ``.onnx`` (any case) gives a QDQ ONNX graph (``onnx_options``: ``opset``,
-    ``input_shape`` (default: the calibration input's shape), ``int32_bias``); ``.lowbit``,
+    ``input_shape`` (default: the calibration input's shape), ``int32_bias``, ``exporter``); ``.lowbit``,
     ``.safetensors`` or no suffix the packed safetensors artifact; other suffixes are refused.
     """
     from .deploy.artifact import save_artifact

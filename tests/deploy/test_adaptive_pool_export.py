@@ -10,6 +10,8 @@ from lowbit.deploy.onnx_qdq import fix_adaptive_pools
 from tests.conftest import randomize_bn
 from tests.deploy.test_onnx import assert_matches_simulation
 
+pytestmark = pytest.mark.torch_export  # lowbit's default ONNX exporter (tests/conftest.py)
+
 
 class PooledHead(nn.Module):
     """conv features -> adaptive pool to ``out`` -> flatten -> linear, like torchvision's AlexNet/VGG."""

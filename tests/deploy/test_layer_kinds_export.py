@@ -23,6 +23,8 @@ from lowbit.quant.layers import quant_layers
 from tests.conftest import calib_tensor, make_model
 from tests.layer_kind_models import Decoder, FloatKindsNet, Net1d, SubclassNet, images, make, signals
 
+pytestmark = pytest.mark.torch_export  # lowbit's default ONNX exporter (tests/conftest.py)
+
 NETS = {"conv1d": (Net1d, signals), "deconv": (Decoder, images), "subclass": (SubclassNet, images)}
 CASES = {  # name -> quantize options
     "W4A4": {"w_bits": 4, "a_bits": 4},

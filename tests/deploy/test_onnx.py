@@ -73,7 +73,8 @@ def dq_codes(model: onnx.ModelProto) -> dict[str, tuple[int, np.ndarray]]:
     return out
 
 
-@pytest.mark.parametrize("config", sorted(CONFIGS))
+@pytest.mark.parametrize("config", [pytest.param(c, marks=pytest.mark.torch_export) if c == "W4A4" else c
+                                    for c in sorted(CONFIGS)])  # W4A4 on lowbit's default exporter (conftest)
 @pytest.mark.parametrize("name", sorted(ZOO_SPECS))
 def test_zoo_round_trip_through_onnx_runtime(name, config, tmp_path) -> None:
     w_bits, a_bits = CONFIGS[config]
@@ -83,7 +84,7 @@ def test_zoo_round_trip_through_onnx_runtime(name, config, tmp_path) -> None:
     assert_matches_simulation(q, path, calib_tensor(64, seed=7))
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
-    assert model.opset_import[0].version == {8: 13, 4: 21, 2: 25}[w_bits]
+    assert model.opset_import[0].version == {8: 18, 4: 21, 2: 25}[w_bits]
     codes = dq_codes(model)
     layers = dict(quant_layers(q))
     assert set(codes) == {n for n, l in layers.items() if l.weight_quant.enabled}
