@@ -17,6 +17,7 @@ from .layer_bits import check_layer_bits
 from .options import check_value
 from .ptq.registry import get_method
 from .ptq.registry import methods as _methods
+from .quant.layers import quant_layers
 
 
 def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = DEFAULT_BITS, a_bits: int | None = DEFAULT_BITS,
@@ -62,6 +63,7 @@ def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = DEFAULT_B
     # every method draws from its own generators seeded with cfg.seed: torch's global RNG (the
     # caller's, on every device, shared by all threads) is neither read nor reseeded
     spec.handler(qmodel, x, cfg, opts)
+    _record_settled_widths(qmodel, record["layer_bits"])
     arch = getattr(model, "lowbit_arch", None)
     qmodel.lowbit_info = {
         "arch": arch, "method": method, "config": cfg.to_dict(),
@@ -70,6 +72,18 @@ def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = DEFAULT_B
         **record,
     }
     return qmodel.eval()
+
+
+def _record_settled_widths(qmodel: nn.Module, layer_bits: dict[str, dict[str, Any]]) -> None:
+    """Record the weight widths the method left, where it changed them.
+
+    A method that mixes widths inside a layer (``aciq-mix``) stores the layer at its widest
+    channel's width; the record (and so the artifact's per-layer map) must say that width.
+    """
+    for name, layer in quant_layers(qmodel):
+        entry = layer_bits.get(name)
+        if entry is not None and entry["enabled"] and layer.weight_quant.enabled:
+            entry["w_bits"] = int(layer.weight_quant.bits)
 
 
 ONNX_SUFFIXES = (".onnx",)
