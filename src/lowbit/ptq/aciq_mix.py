@@ -82,7 +82,8 @@ class AciqMixOptions:
         if self.dist not in ("laplace", "gauss"):
             raise LowbitError(f"aciq-mix dist must be 'laplace' or 'gauss', got {self.dist!r}")
         if self.min_bits > self.max_bits:
-            raise LowbitError(f"aciq-mix options: min_bits ({self.min_bits}) must not exceed max_bits ({self.max_bits})")
+            raise LowbitError(f"aciq-mix options: min_bits ({self.min_bits}) must not exceed "
+                              f"max_bits ({self.max_bits})")
 
 
 def allocate_bits(ranges: Tensor, budget: int, min_bits: int = 2, max_bits: int = 8) -> Tensor:
@@ -247,7 +248,7 @@ def correct_bias(layer: nn.Module, x_mean: Tensor, fp_weight: Tensor) -> None:
 
 
 @register_method("aciq-mix", AciqMixOptions,
-                 description="ACIQ-Mix: per-channel bit allocation under the average width, ACIQ clips, bias correction")
+                 description="ACIQ-Mix: per-channel widths under the average width, ACIQ clips, bias correction")
 def aciq_mix(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: AciqMixOptions) -> None:
     """Allocate and clip every weight layer's channel widths, correct their bias, clip activations by ACIQ.
 
