@@ -1,7 +1,9 @@
 """The public API: quantize, export, load, methods."""
 from __future__ import annotations
 
+import logging
 import os
+import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -18,6 +20,8 @@ from .options import check_value
 from .ptq.registry import get_method
 from .ptq.registry import methods as _methods
 from .quant.layers import quant_layers
+
+logger = logging.getLogger(__name__)
 
 
 def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = DEFAULT_BITS, a_bits: int | None = DEFAULT_BITS,
@@ -48,6 +52,7 @@ def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = DEFAULT_B
         method, config, options, folded BN pairs, the calibration ``input_shape`` and every
         layer's resolved widths (``layer_bits``: name -> w_bits, a_bits, enabled).
     """
+    start = time.perf_counter()
     spec = get_method(method)
     input_key = check_value(options.pop("input_key", None), str | None, "input_key", "lowbit")
     layer_bits = check_layer_bits(options.pop("layer_bits", None))
@@ -71,6 +76,10 @@ def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = DEFAULT_B
         "input_shape": [int(d) for d in x.shape[1:]],  # one calibration input, e.g. (C, H, W)
         **record,
     }
+    layers = quant_layers(qmodel)
+    logger.info("quantized %d of %d layers with %r (W%s A%s, %s scales, %d calibration images) in %.1f s",
+                sum(l.weight_quant.enabled for _, l in layers), len(layers), method, cfg.w_bits, cfg.a_bits,
+                cfg.granularity, len(x), time.perf_counter() - start)
     return qmodel.eval()
 
 
@@ -130,10 +139,14 @@ def export(qmodel: nn.Module, path: str | os.PathLike, **onnx_options: Any) -> P
         if unknown:
             raise LowbitError(f"unknown ONNX export option(s) {unknown}; known: {', '.join(ONNX_OPTIONS)}")
         checked = {k: check_value(v, ONNX_OPTIONS[k], k, "lowbit.export") for k, v in onnx_options.items()}
-        return export_onnx(qmodel, path, **checked)
-    if onnx_options:
-        raise LowbitError(f"options {sorted(onnx_options)} apply to .onnx exports only")
-    return save_artifact(qmodel, path)
+        written = export_onnx(qmodel, path, **checked)
+    else:
+        if onnx_options:
+            raise LowbitError(f"options {sorted(onnx_options)} apply to .onnx exports only")
+        written = save_artifact(qmodel, path)
+    logger.info("wrote %s (%s, %d bytes)", written, "ONNX QDQ graph" if kind == "onnx" else "packed artifact",
+                Path(written).stat().st_size)
+    return written
 
 
 def integer_model(qmodel: nn.Module, bias_frac_bits: int = 0) -> nn.Module:
@@ -155,7 +168,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, device: str = 
         raise LowbitError(f"{os.fspath(path)} is an ONNX file: run it with ONNX Runtime (lowbit.deploy.onnx_session, "
                           "or `lowbit eval --onnx FILE`); lowbit.load reads the packed .lowbit artifact")
     _check_device(device)
-    return load_artifact(path, model, device)
+    qmodel = load_artifact(path, model, device)
+    logger.debug("loaded %s (%s, %d layers) on %s", os.fspath(path), qmodel.lowbit_info.get("method"),
+                 len(quant_layers(qmodel)), device)
+    return qmodel
 
 
 def methods() -> list[str]:
