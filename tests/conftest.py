@@ -22,6 +22,7 @@ TINY_METHOD_OPTIONS: dict[str, dict] = {
     "minmax": {},
     "mse": {"candidates": 10},
     "aciq": {},
+    "aciq-mix": {},
     "kl": {},
     "lapq": {"iters": 1, "loss_images": 4, "p_count": 2, "lp_samples": 1024, "candidates": 10},
     "brecq": {"iters": 3, "batch_size": 4},

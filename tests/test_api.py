@@ -120,7 +120,7 @@ def test_sample_calibration_picks_distinct_images():
 
 # ---------------------------------------------------------------- methods
 
-BUILTIN_METHODS = ["aciq", "bitsplit", "brecq", "distill", "kl", "lapq", "minmax", "mse", "qdrop"]
+BUILTIN_METHODS = ["aciq", "aciq-mix", "bitsplit", "brecq", "distill", "kl", "lapq", "minmax", "mse", "qdrop"]
 
 
 def test_methods_lists_builtins():

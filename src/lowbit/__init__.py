@@ -1,4 +1,14 @@
-"""lowbit: low-bit (8 to 1 bit) quantization of PyTorch CNNs, with real integer export."""
+"""lowbit: low-bit (8 to 1 bit) quantization of PyTorch CNNs, with real integer export.
+
+Messages go to the ``logging`` hierarchy under ``"lowbit"`` (``lowbit.api``, ``lowbit.train``,
+``lowbit.qat.engine``, ...); the library adds no handler but a ``NullHandler``, so an application
+shows them with ``logging.basicConfig(level=logging.INFO)`` or its own handlers. Warnings about the
+caller's input (a layer kind left in float, an untraceable model) stay ``warnings.warn``.
+"""
+import logging as _logging
+
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
+
 from .allocate import allocate_bits
 from .api import export, integer_model, load, methods, quantize
 from .config import QuantConfig

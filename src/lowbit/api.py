@@ -1,7 +1,9 @@
 """The public API: quantize, export, load, methods."""
 from __future__ import annotations
 
+import logging
 import os
+import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -18,6 +20,9 @@ from .layer_bits import check_layer_bits
 from .options import check_value
 from .ptq.registry import get_method
 from .ptq.registry import methods as _methods
+from .quant.layers import quant_layers
+
+logger = logging.getLogger(__name__)
 
 
 def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = DEFAULT_BITS, a_bits: int | None = DEFAULT_BITS,
@@ -48,6 +53,7 @@ def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = DEFAULT_B
         method, config, options, folded BN pairs, the calibration ``input_shape`` and every
         layer's resolved widths (``layer_bits``: name -> w_bits, a_bits, enabled).
     """
+    start = time.perf_counter()
     spec = get_method(method)
     input_key = check_value(options.pop("input_key", None), str | None, "input_key", "lowbit")
     layer_bits = check_layer_bits(options.pop("layer_bits", None))
@@ -63,6 +69,7 @@ def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = DEFAULT_B
     # every method draws from its own generators seeded with cfg.seed: torch's global RNG (the
     # caller's, on every device, shared by all threads) is neither read nor reseeded
     spec.handler(qmodel, x, cfg, opts)
+    _record_settled_widths(qmodel, record["layer_bits"])
     arch = getattr(model, "lowbit_arch", None)
     qmodel.lowbit_info = {
         "arch": arch, "method": method, "config": cfg.to_dict(),
@@ -70,7 +77,23 @@ def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = DEFAULT_B
         "input_shape": [int(d) for d in x.shape[1:]],  # one calibration input, e.g. (C, H, W)
         **record,
     }
+    layers = quant_layers(qmodel)
+    logger.info("quantized %d of %d layers with %r (W%s A%s, %s scales, %d calibration images) in %.1f s",
+                sum(l.weight_quant.enabled for _, l in layers), len(layers), method, cfg.w_bits, cfg.a_bits,
+                cfg.granularity, len(x), time.perf_counter() - start)
     return qmodel.eval()
+
+
+def _record_settled_widths(qmodel: nn.Module, layer_bits: dict[str, dict[str, Any]]) -> None:
+    """Record the weight widths the method left, where it changed them.
+
+    A method that mixes widths inside a layer (``aciq-mix``) stores the layer at its widest
+    channel's width; the record (and so the artifact's per-layer map) must say that width.
+    """
+    for name, layer in quant_layers(qmodel):
+        entry = layer_bits.get(name)
+        if entry is not None and entry["enabled"] and layer.weight_quant.enabled:
+            entry["w_bits"] = int(layer.weight_quant.bits)
 
 
 ONNX_SUFFIXES = (".onnx",)
@@ -120,10 +143,14 @@ def export(qmodel: nn.Module, path: str | os.PathLike, **onnx_options: Any) -> P
         if unknown:
             raise LowbitError(f"unknown ONNX export option(s) {unknown}; known: {', '.join(ONNX_OPTIONS)}")
         checked = {k: check_value(v, ONNX_OPTIONS[k], k, "lowbit.export") for k, v in onnx_options.items()}
-        return export_onnx(qmodel, path, **checked)
-    if onnx_options:
-        raise LowbitError(f"options {sorted(onnx_options)} apply to .onnx exports only")
-    return save_artifact(qmodel, path)
+        written = export_onnx(qmodel, path, **checked)
+    else:
+        if onnx_options:
+            raise LowbitError(f"options {sorted(onnx_options)} apply to .onnx exports only")
+        written = save_artifact(qmodel, path)
+    logger.info("wrote %s (%s, %d bytes)", written, "ONNX QDQ graph" if kind == "onnx" else "packed artifact",
+                Path(written).stat().st_size)
+    return written
 
 
 def _export_multibit(qmodel: nn.Module, path: Path, kind: str, onnx_options: dict[str, Any]) -> Path:
@@ -167,8 +194,12 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, device: str = 
     from .deploy.multibit import is_multibit_file, load_multibit
 
     if isinstance(path, (str, os.PathLike)) and Path(path).is_file() and is_multibit_file(path):
-        return load_multibit(path, model, device)
-    return load_artifact(path, model, device)
+        qmodel = load_multibit(path, model, device)
+    else:
+        qmodel = load_artifact(path, model, device)
+    logger.debug("loaded %s (%s, %d layers) on %s", os.fspath(path), qmodel.lowbit_info.get("method"),
+                 len(quant_layers(qmodel)), device)
+    return qmodel
 
 
 def methods() -> list[str]:

@@ -37,7 +37,8 @@ class QuantConfig:
         batch_size: batch size for calibration forward passes.
         seed: seed for sampling and stochastic parts of methods.
         device: "cpu", "cuda", "cuda:1", ...
-        progress: show progress bars.
+        progress: show progress bars: True, False, or None (auto: when stderr is a terminal and
+            the environment variable LOWBIT_PROGRESS is not 0; see ``lowbit.progress``).
     """
 
     w_bits: Bits = 4
@@ -55,7 +56,7 @@ class QuantConfig:
     batch_size: Annotated[int, Range(ge=1)] = 256
     seed: Annotated[int, Range(ge=0, le=2**32 - 1)] = 0  # numpy-compatible; methods add small offsets
     device: str | torch.device = "cpu"  # stored as its string, e.g. "cuda:0"
-    progress: bool = False
+    progress: bool | None = None
 
     def __post_init__(self) -> None:
         check_fields(self, "QuantConfig")  # declared types and ranges first: "no" is not a bool

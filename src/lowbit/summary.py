@@ -20,7 +20,12 @@ FLOAT_BITS = 32  # a layer left in float counts as 32-bit weights in the average
 
 @dataclass(frozen=True)
 class LayerSummary:
-    """One weight layer: ``w_bits`` None = float weights, ``a_bits`` None = float input."""
+    """One weight layer: ``w_bits`` None = float weights, ``a_bits`` None = float input.
+
+    Layers whose channels have their own widths (``aciq-mix``) store their codes at ``w_bits``,
+    the widest channel's width (``weight_bytes`` counts that storage); ``w_bits_mean`` is their
+    true mean width, which the totals' averages use.
+    """
 
     name: str
     kind: str
@@ -29,6 +34,12 @@ class LayerSummary:
     a_bits: int | None
     params: int  # weight elements
     weight_bytes: int  # at their width plus scales (float32 when w_bits is None)
+    w_bits_mean: float | None = None  # mean over the weights when channels have their own widths (aciq-mix)
+
+    @property
+    def avg_w_bits(self) -> float | None:
+        """The true average weight width (``w_bits`` unless channels have their own widths)."""
+        return self.w_bits_mean if self.w_bits_mean is not None else self.w_bits
 
 
 @dataclass(frozen=True)
@@ -58,8 +69,9 @@ class Summary:
 
         lines = ["| layer | kind | role | W bits | A bits | params | weight bytes |",
                  "|---|---|---|---:|---:|---:|---:|"]
-        lines += [f"| {r.name} | {r.kind} | {r.role} | {bits(r.w_bits)} | {bits(r.a_bits)} | {r.params} | "
-                  f"{r.weight_bytes} |" for r in self.layers]
+        lines += [f"| {r.name} | {r.kind} | {r.role} | {bits(r.w_bits)}"
+                  f"{'' if r.w_bits_mean is None else f' (mean {r.w_bits_mean:.3g})'} | {bits(r.a_bits)} | "
+                  f"{r.params} | {r.weight_bytes} |" for r in self.layers]
         t = self.totals
         avg_a = "fp" if t["avg_a_bits"] is None else f"{t['avg_a_bits']:.3f}"
         avg_q = "-" if t["avg_w_bits_quantized"] is None else f"{t['avg_w_bits_quantized']:.3f}"
@@ -80,9 +92,11 @@ def summary(qmodel: nn.Module) -> Summary:
     pruned = 0
     for name, layer in quant_layers(qmodel):
         wq, aq = layer.weight_quant, layer.input_quant
+        mixed = wq.enabled and bool(getattr(wq, "group_bits", None))  # aciq-mix: widths per channel, stored at the widest
         rows.append(LayerSummary(name, layer.kind, layer.role, _w_bits(wq) if wq.enabled else None,
-                                 aq.bits if aq.enabled else None, layer.weight.numel(), layer_weight_bytes(layer)))
-        pruned += getattr(wq, "pruned_channels", 0) if wq.enabled else 0
+                                 aq.bits if aq.enabled else None, layer.weight.numel(), layer_weight_bytes(layer),
+                                 wq.mean_bits if mixed else None))
+        pruned += getattr(wq, "pruned_channels", 0) if wq.enabled else 0  # DMBQ + LBA: 0-bit channels
     for name, module in float_weight_layers(qmodel):  # kinds lowbit does not quantize: float32
         params = own_weight_elements(module)
         rows.append(LayerSummary(name, type(module).__name__, "float", None, None, params, params * 4))
@@ -103,8 +117,8 @@ def _totals(rows: list[LayerSummary], model_bytes: int, pruned: int = 0) -> dict
     q_params = sum(r.params for r in quantized)
     a_bits = [r.a_bits for r in rows if r.a_bits is not None]
     return {
-        "avg_w_bits": sum(r.params * (r.w_bits or FLOAT_BITS) for r in rows) / params if params else 0.0,
-        "avg_w_bits_quantized": sum(r.params * r.w_bits for r in quantized) / q_params if q_params else None,
+        "avg_w_bits": sum(r.params * (r.avg_w_bits or FLOAT_BITS) for r in rows) / params if params else 0.0,
+        "avg_w_bits_quantized": sum(r.params * r.avg_w_bits for r in quantized) / q_params if q_params else None,
         "avg_a_bits": sum(a_bits) / len(a_bits) if a_bits else None,
         "weight_bytes": sum(r.weight_bytes for r in rows),
         "model_bytes": model_bytes,

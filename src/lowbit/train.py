@@ -1,6 +1,7 @@
 """Floating-point training of zoo models (Fashion-MNIST or any tensors), CPU or CUDA."""
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -17,6 +18,8 @@ from .errors import LowbitError
 from .evaluate import accuracy
 from .files import atomic_write
 from .progress import progress_bar
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -288,8 +291,9 @@ def restore_failed(path: Path, exc: Exception, start_over: str = "delete it or c
 
 
 def train_model(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None,
-                y_test: Tensor | None = None, cfg: TrainConfig = TrainConfig(), progress: bool = True,
-                log=print, teacher: nn.Module | None = None, checkpoint: str | None = None,
+                y_test: Tensor | None = None, cfg: TrainConfig = TrainConfig(),
+                progress: bool | None = None, log: Callable[[str], Any] | None = None,
+                teacher: nn.Module | None = None, checkpoint: str | None = None,
                 stop_after: int | None = None) -> TrainResult:
     """Train ``model`` in place with SGD + nesterov and a one-cycle-like cosine schedule.
 
@@ -297,8 +301,10 @@ def train_model(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tens
     ``checkpoint``: the training state is written there after every epoch, and a run started with
     an existing file continues after its last epoch, ending exactly as an uninterrupted run would.
     ``stop_after``: return after that many epochs of this call (to continue later from ``checkpoint``);
-    the result then has no ``test_accuracy``.
+    the result then has no ``test_accuracy``. ``progress``: True, False or None (auto, see
+    ``lowbit.progress``). ``log``: where per-epoch lines go (default: the ``lowbit.train`` logger at INFO).
     """
+    log = logger.info if log is None else log
     if stop_after is not None and (stop_after < 1 or checkpoint is None):
         raise LowbitError("train: stop_after must be >= 1 and needs a checkpoint to continue from")
     # Batch order and augmentation draw from a local generator. Dropout can only draw from torch's
@@ -311,7 +317,7 @@ def train_model(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tens
 
 
 def _train_model(model: nn.Module, x_train: Tensor, y_train: Tensor, x_test: Tensor | None,
-                 y_test: Tensor | None, cfg: TrainConfig, progress: bool, log: Callable[[str], Any],
+                 y_test: Tensor | None, cfg: TrainConfig, progress: bool | None, log: Callable[[str], Any],
                  teacher: nn.Module | None, checkpoint: str | None, stop_after: int | None) -> TrainResult:
     """``train_model`` on the private global RNG it set up."""
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -490,8 +496,8 @@ def reestimate_bn(model: nn.Module, x: Tensor, batch_size: int, device: torch.de
 
 
 def train_zoo_model(name: str, cfg: TrainConfig, data_root: str | None = None, save: bool = True,
-                    progress: bool = True, log=print, resume: bool = False, teachers: tuple[str, ...] = (),
-                    checkpoint: str | None = None, stop_after: int | None = None,
+                    progress: bool | None = None, log: Callable[[str], Any] | None = None, resume: bool = False,
+                    teachers: tuple[str, ...] = (), checkpoint: str | None = None, stop_after: int | None = None,
                     out: str | Path | None = None, **model_kwargs) -> tuple[nn.Module, TrainResult]:
     """Train zoo model ``name`` on Fashion-MNIST and (with ``save``) store the trained weights.
 

@@ -146,6 +146,10 @@ def save_artifact(qmodel: nn.Module, path: str | os.PathLike) -> Path:
     if info.get("layer_bits"):  # the resolved per-layer widths, one [w, a] (null: float) per row: checked at load
         resolved = from_record(info["layer_bits"], "lowbit_info layer_bits")
         manifest["layer_bits"] = [_compact(resolved.get(r[0])) for r in rows]
+    group_bits = {name: list(layers[name].weight_quant.group_bits) for name in order
+                  if layers[name].weight_quant.enabled and layers[name].weight_quant.group_bits}
+    if group_bits:  # widths inside a layer (aciq-mix): codes are stored at the row's w_bits, the widest
+        manifest["group_bits"] = group_bits
     metadata = {"format": FORMAT, "version": VERSION, "manifest": json.dumps(manifest, separators=(",", ":"))}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
@@ -541,6 +545,22 @@ def _layer_bits(stored: dict) -> list[LayerBits] | None:
     return out
 
 
+def _group_bits(value: Any, rows: list[dict]) -> dict[str, list[int]]:
+    """Per-group widths of mixed-width layers: one list per named quantized layer, 2..w_bits, the widest = w_bits."""
+    if not isinstance(value, dict) or not value:
+        raise _damaged("group_bits", f"it must be a non-empty object of per-layer width lists, got {_show(value)}")
+    by_name = {r["name"]: r for r in rows}
+    for name, widths in value.items():
+        row = by_name.get(name)
+        if row is None or not row["w"]:
+            raise _damaged("group_bits", f"{_show(name)} is not a layer with quantized weights")
+        if (not isinstance(widths, list) or len(widths) != row["groups"]
+                or not all(type(b) is int and 2 <= b <= row["w_bits"] for b in widths) or max(widths) != row["w_bits"]):
+            raise _bad(f"group_bits[{name!r}]", f"a list of {row['groups']} integers from 2 to {row['w_bits']} "
+                       f"(the layer's w_bits) reaching {row['w_bits']}", widths)
+    return value
+
+
 def _rows(stored: dict, cfg: QuantConfig, layer_bits: list[LayerBits] | None = None) -> list[dict]:
     """The version-2 manifest's layer rows as checked dicts (against the resolved widths where stored)."""
     fields = _required(stored, "fields")
@@ -608,6 +628,8 @@ def _expand(stored: dict, tensors: dict[str, Tensor]) -> tuple[dict, dict[str, T
     out.update(tensors)
     manifest = {**header, "fold_pairs": pairs, "layer_order": [r["name"] for r in rows if r["role"] != "unused"],
                 "layers": {r["name"]: _spec(r, cfg) for r in rows}}
+    if "group_bits" in stored:
+        manifest["group_bits"] = _group_bits(stored["group_bits"], rows)
     if layer_bits is not None:
         manifest["layer_bits"] = layer_bits_record({r["name"]: b for r, b in zip(rows, layer_bits)})
     if sparse:
@@ -839,6 +861,13 @@ def _rebuild(manifest: dict, tensors: dict[str, Tensor], model: nn.Module | None
             codes = unpack_codes(tensors.pop(f"{name}.weight.codes"), wq.bits, qmin, layer.weight.numel())
             if not wq.binary and codes.numel() and codes.max() > wq.qrange[1]:  # e.g. 2^b - 1 in a narrow signed range
                 raise LowbitError(f"layer {name!r}: weight codes above the {wq.bits}-bit range's top {wq.qrange[1]}")
+            if name in manifest.get("group_bits", {}):
+                wq.set_group_bits(manifest["group_bits"][name])
+                lo, hi = (t.cpu().repeat_interleave(wq.channels // wq.num_groups).view(wq.channel_shape(layer.weight.dim()))
+                          for t in wq.group_qranges())
+                grouped = codes.view_as(layer.weight).float()
+                if ((grouped < lo) | (grouped > hi)).any():
+                    raise LowbitError(f"layer {name!r}: weight codes outside their channel's range (group_bits)")
             codes = codes.to(wq.scale.device)  # unpacked (and checked) on the CPU; the scales live on ``device``
             if wq.binary:
                 codes = 2 * (codes + 1) - 1

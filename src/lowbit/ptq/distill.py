@@ -98,7 +98,7 @@ class _Learnable:
 
 
 def _train_steps(params_owner: _Learnable, opts: DistillOptions, iters: int, loss_fn, desc: str,
-                 progress: bool) -> dict[str, float]:
+                 progress: bool | None) -> dict[str, float]:
     """Adam with cosine decay over ``iters`` steps of ``loss_fn(step)``; returns first/last loss."""
     opt = params_owner.optimizer(opts)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters)
@@ -124,7 +124,7 @@ def block_stage(qmodel: nn.Module, teacher: nn.Module, calib: Tensor, cfg: Quant
     teacher_modules = dict(teacher.named_modules())
     limit = opts.cache_mb * 2 ** 20
     report = []
-    for block in progress_bar(blocks, desc="block-wise distillation", enable=cfg.progress and len(blocks) > 1):
+    for block in progress_bar(blocks, desc="block-wise distillation", enable=cfg.progress if len(blocks) > 1 else False):
         with quantizers_disabled(teacher):
             inputs, targets = capture_block_io(teacher, teacher_modules[block.name], calib, cfg.batch_size,
                                                limit, device)

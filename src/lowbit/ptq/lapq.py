@@ -161,7 +161,7 @@ def line_minimize(g: Callable[[float], float], f0: float, step: float, budget: i
 
 
 def powell(f: Callable[[Tensor], float], x0: Tensor, iters: int, line_evals: int = 6, step: float = 0.1,
-           max_evals: int = 0, ftol: float = 1e-6, progress: bool = False) -> tuple[Tensor, float, int]:
+           max_evals: int = 0, ftol: float = 1e-6, progress: bool | None = False) -> tuple[Tensor, float, int]:
     """Powell's conjugate-direction method (Numerical Recipes' variant), monotone.
 
     Each iteration line-searches along every direction of the set, then along the net move of the

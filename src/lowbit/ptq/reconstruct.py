@@ -104,7 +104,7 @@ def _swap_in(block: Block, opts: ReconOptions, drop_gen: torch.Generator | None)
 
 
 def reconstruct_block(block: Block, inputs, targets, opts: ReconOptions, gen: torch.Generator,
-                      progress: bool = True, drop_gen: torch.Generator | None = None) -> dict[str, float]:
+                      progress: bool | None = None, drop_gen: torch.Generator | None = None) -> dict[str, float]:
     """Fit one block's rounding and activation steps to ``targets``; returns first/last loss.
 
     ``gen`` (CPU) picks the batches; ``drop_gen`` (on the activations' device) draws the QDrop masks.
@@ -170,7 +170,7 @@ def reconstruct(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: ReconO
     was_training = qmodel.training
     qmodel.eval()
     with quantizers_disabled(teacher):
-        for block in progress_bar(blocks, desc="blocks", enable=cfg.progress and len(blocks) > 1):
+        for block in progress_bar(blocks, desc="blocks", enable=cfg.progress if len(blocks) > 1 else False):
             inputs, _ = capture_block_io(qmodel, block.module, calib, cfg.batch_size, limit, device,
                                          want_output=False)
             _, targets = capture_block_io(teacher, teacher_modules[block.name], calib, cfg.batch_size,

@@ -84,4 +84,4 @@ def method_table() -> list[dict[str, str]]:
 
 def _load_builtin() -> None:
     from . import baselines, bitsplit, distill, reconstruct  # noqa: F401  (registers built-in methods on first use)
-    from . import kl, lapq  # noqa: F401
+    from . import aciq_mix, kl, lapq  # noqa: F401

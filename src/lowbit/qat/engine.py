@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +27,8 @@ from ..progress import progress_bar
 from ..train import (distillation_loss, load_checkpoint, parameter_shapes, private_global_rng, restore_failed,
                      save_checkpoint, seed_global_rng, train_step)
 from .bn import global_batch_norm
+
+logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "constant")
@@ -222,7 +224,8 @@ class EpochLog:
             from matplotlib.backends.backend_agg import FigureCanvasAgg
             from matplotlib.figure import Figure
         except ImportError:
-            warnings.warn("matplotlib is not installed: no training-curve plot", stacklevel=2)
+            # the environment, not the caller's input: noted in the log, not a warning to fix
+            logger.warning("matplotlib is not installed: no training-curve plot")
             return
         epochs = [h["epoch"] for h in history]
         fig = Figure(figsize=(9, 3.5))
@@ -242,15 +245,18 @@ class EpochLog:
 
 
 def fit(model: nn.Module, x_train: Tensor, y_train: Tensor, val: tuple[Tensor, Tensor] | None,
-        cfg: QatConfig, run: dict, seed: int, device: torch.device, progress: bool = True,
-        log: Callable[[str], Any] = print, teacher: nn.Module | None = None) -> dict:
+        cfg: QatConfig, run: dict, seed: int, device: torch.device, progress: bool | None = None,
+        log: Callable[[str], Any] | None = None, teacher: nn.Module | None = None) -> dict:
     """Train ``model`` (its quantizers already in place) and return the run summary.
 
     ``run``: the settings outside ``cfg`` that a checkpoint must match to be resumed (method,
     quantization config, ...); the training settings, the data size and the model's tensor shapes
     are added here. ``teacher`` (an FP model in eval mode) is needed when ``cfg.kd_weight`` > 0.
     The caller's global RNG state is the same afterwards (see ``private_global_rng``).
+    ``progress``: True, False or None (auto, see ``lowbit.progress``); ``log``: where per-epoch
+    lines go (default: this module's logger at INFO).
     """
+    log = logger.info if log is None else log
     check_checkpoint_target(cfg)
     dist = Distributed.from_env(device)
     model.to(dist.device)
@@ -311,7 +317,7 @@ def fit(model: nn.Module, x_train: Tensor, y_train: Tensor, val: tuple[Tensor, T
             net.train()
             start = time.perf_counter()
             bar = progress_bar(range(step % per_epoch, per_epoch), desc=f"qat epoch {epoch + 1}/{cfg.epochs}",
-                               enable=progress and dist.main)
+                               enable=progress if dist.main else False)
             for s in bar:
                 idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size][dist.rank::dist.world]
                 seed_global_rng(_step_seed(seed, step), dist.device)  # dropout and friends (see above)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, is_dataclass
 from typing import Any, Iterable
 
@@ -70,7 +70,7 @@ def _as_labelled(data: Any, what: str, input_key: str | None = None, target_key:
 
 def qat(model: nn.Module, train_data: Tensor | Iterable, val_data: Any = None, method: str = "lsq",
         w_bits: int = DEFAULT_BITS, a_bits: int | None = DEFAULT_BITS, epochs: int | None = None,
-        log=print, **options: Any) -> nn.Module:
+        log: Callable[[str], Any] | None = None, **options: Any) -> nn.Module:
     """Quantization-aware fine-tuning of ``model``; returns a quantized model ``lowbit.export`` handles.
 
     Args:
@@ -83,7 +83,7 @@ def qat(model: nn.Module, train_data: Tensor | Iterable, val_data: Any = None, m
             take a fractional average budget such as 1.5).
         a_bits: activation bits of body-layer inputs (None: weights only).
         epochs: training epochs (``QatConfig.epochs`` by default).
-        log: where per-epoch lines go.
+        log: where per-epoch lines go (default: the ``lowbit.qat.engine`` logger at INFO).
         **options: ``layer_bits`` (per-layer widths, as in ``lowbit.quantize``),
             ``QuantConfig`` fields (granularity, groups, seed, device, ...), ``QatConfig``
             fields (lr, batch_size, checkpoint, resume, overwrite, log_dir, ...), ``input_key`` and

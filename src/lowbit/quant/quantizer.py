@@ -1,7 +1,7 @@
 """Stateful quantizer modules: one for weights (per tensor / channel / group), one for activations."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -53,10 +53,53 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("scale", torch.ones(self.num_groups))
         self.register_buffer("zero_point", torch.zeros(self.num_groups))
         self.enabled = True
+        # Per-group widths (mixed precision inside the layer, e.g. ACIQ-Mix); None: every group at
+        # ``bits``. When set, ``bits`` is their maximum (the width codes are stored and exported at)
+        # and each group's codes are clamped to its own, narrower range, so the stored codes give
+        # exactly the values of the mixed-width simulation. A plain tuple, not a buffer: state dicts
+        # of every other quantizer stay as they are (the artifact stores the widths in its manifest).
+        self.group_bits: tuple[int, ...] | None = None
 
     @property
     def signed(self) -> bool:
         return self.symmetric
+
+    def set_group_bits(self, bits: Sequence[int] | None) -> None:
+        """Give each scale group its own width (``None``: one width for all, ``bits`` unchanged).
+
+        Widths are 2..16 (one bit is the binary sign code, a whole-layer mode); the layer's
+        ``bits`` becomes their maximum. Scales are not touched: calibrate them for these widths.
+        """
+        if bits is None:
+            self.group_bits = None
+            return
+        widths = tuple(int(b) for b in bits)
+        if len(widths) != self.num_groups:
+            raise LowbitError(f"group_bits needs one width per scale group ({self.num_groups}), got {len(widths)}")
+        if any(isinstance(b, bool) or not 2 <= b <= 16 for b in bits):
+            raise LowbitError(f"group_bits must be integers from 2 to 16, got {sorted(set(bits))}")
+        self.group_bits = widths
+        self.bits = max(widths)
+
+    @property
+    def mean_bits(self) -> float:
+        """Average width over the weight's elements (every group holds as many of them)."""
+        return sum(self.group_bits) / len(self.group_bits) if self.group_bits else float(self.bits)
+
+    def group_qranges(self) -> tuple[Tensor, Tensor]:
+        """Per-group integer bounds (float tensors of ``num_groups``); every group's the same without group_bits."""
+        widths = self.group_bits or (self.bits,) * self.num_groups
+        lo, hi = zip(*(int_range(b, self.signed, self.narrow) for b in widths))
+        dev = self.scale.device
+        return torch.tensor(lo, dtype=torch.float32, device=dev), torch.tensor(hi, dtype=torch.float32, device=dev)
+
+    def _limits(self, ndim: int) -> tuple[int | Tensor, int | Tensor]:
+        """Clamp bounds for a weight of ``ndim`` dims: ints, or per-channel tensors with group_bits."""
+        if not self.group_bits:
+            return self.qrange
+        rep = self.channels // self.num_groups
+        shape = self.channel_shape(ndim)
+        return tuple(t.repeat_interleave(rep).view(shape) for t in self.group_qranges())  # type: ignore[return-value]
 
     @property
     def qrange(self) -> tuple[int, int]:
@@ -102,13 +145,13 @@ class WeightQuantizer(nn.Module):
         if not self.enabled:
             return w
         s, z = self.channel_params(w.dim())
-        qmin, qmax = self.qrange
+        qmin, qmax = self._limits(w.dim())
         return fake_quantize(w, s, z, qmin, qmax, self.binary)
 
     def quantize(self, w: Tensor) -> QuantResult:
         """Integers, simulated values, scale and zero point for ``w``."""
         s, z = self.channel_params(w.dim())
-        qmin, qmax = self.qrange
+        qmin, qmax = self._limits(w.dim())
         q = to_int(w, s, z, qmin, qmax, self.binary)
         return QuantResult(self.dequantize(q.to(w.dtype)), q, self.scale, self.zero_point, self.bits)
 
@@ -119,6 +162,8 @@ class WeightQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         axis = f", axis={self.axis}" if self.axis else ""
+        if self.group_bits:
+            axis += f", group_bits=mean {self.mean_bits:.3g} in [{min(self.group_bits)}, {max(self.group_bits)}]"
         return f"bits={self.bits}, groups={self.num_groups}, symmetric={self.symmetric}{axis}, enabled={self.enabled}"
 
 

@@ -59,7 +59,7 @@ def sign_ste(x: Tensor) -> Tensor:
     return (torch.where(x >= 0, 1.0, -1.0).to(x.dtype) - x).detach() + x
 
 
-def quantize_affine(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+def quantize_affine(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int | Tensor, qmax: int | Tensor) -> Tensor:
     """Integer codes (as floats) ``clamp(round(x / scale) + zero_point, qmin, qmax)``."""
     return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
 
@@ -69,9 +69,11 @@ def dequantize_affine(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
     return (q - zero_point) * scale
 
 
-def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int | Tensor, qmax: int | Tensor,
                   binary: bool = False) -> Tensor:
     """Quantize-dequantize with straight-through gradients for ``x`` and LSQ-style ones for scale.
+
+    ``qmin`` / ``qmax`` are ints, or tensors broadcast like ``scale`` (per-channel widths).
 
     Inside the clipping range the gradient w.r.t. ``x`` is 1, outside it is 0.
     """
@@ -84,7 +86,8 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax:
     return (q - zero_point) * scale
 
 
-def to_int(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, binary: bool = False) -> Tensor:
+def to_int(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int | Tensor, qmax: int | Tensor,
+           binary: bool = False) -> Tensor:
     """Integer codes of ``x`` as int32."""
     if binary:
         return torch.where(x >= 0, 1, -1).to(torch.int32)
