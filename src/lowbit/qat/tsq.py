@@ -58,8 +58,13 @@ class TsqOptions:
     """Options of ``method="tsq"``.
 
     Attributes:
-        sparsity: share of the positive body-layer inputs set to 0 (the threshold ``eps`` is
-            their quantile); 0: threshold 0 (every positive value gets a non-zero code).
+        sparsity: share of the positive body-layer inputs set to 0 at least (the threshold ``eps``
+            is at least their quantile); 0: no share imposed (the threshold is the floor below).
+        threshold_floor: the threshold is at least this multiple of the step. 0.5 (default) zeroes
+            exactly the values that cost less as 0 than as the first level (the least-squares
+            threshold for the step, fitted jointly with it and following the learned step), so that
+            ``sparsity`` only adds zeros beyond those; 0: the quantile alone (values between it and
+            the first level are rounded up to that level).
         track_threshold: keep the threshold at that quantile of the training batches (moving
             average) during step 1; False: fixed at the calibration images' value.
         threshold_momentum: moving-average momentum of the tracked threshold.
@@ -73,7 +78,8 @@ class TsqOptions:
         finetune_lr: learning rate of that fine-tune.
     """
 
-    sparsity: Annotated[float, Range(ge=0, lt=1)] = 0.5
+    sparsity: Annotated[float, Range(ge=0, lt=1)] = 0.0
+    threshold_floor: Annotated[float, Range(ge=0, le=1)] = 0.5
     track_threshold: bool = True
     threshold_momentum: Annotated[float, Range(ge=0, lt=1)] = 0.99
     iters: Annotated[int, Range(ge=1)] = 8
@@ -84,8 +90,8 @@ class TsqOptions:
     finetune_lr: Annotated[float, Range(gt=0)] = 0.005
 
     def __post_init__(self) -> None:
-        if not 0 <= self.sparsity < 1 or not 0 <= self.threshold_momentum < 1:
-            raise LowbitError("tsq: 0 <= sparsity < 1 and 0 <= threshold_momentum < 1")
+        if not 0 <= self.sparsity < 1 or not 0 <= self.threshold_momentum < 1 or not 0 <= self.threshold_floor <= 1:
+            raise LowbitError("tsq: 0 <= sparsity < 1, 0 <= threshold_momentum < 1 and 0 <= threshold_floor <= 1")
         if self.iters < 1 or self.samples < 1 or self.lam <= 0 or self.finetune_epochs < 0 or self.finetune_lr <= 0:
             raise LowbitError("tsq: iters >= 1, samples >= 1, lam > 0, finetune_epochs >= 0 and finetune_lr > 0")
 
@@ -514,9 +520,11 @@ def tsq_setup(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: TsqOptio
         if layer.role == "body" and not aq.signed and not bool(aq.zero_point.ne(0).any()) and aq.bits > 1:
             _, qmax = aq.qrange
             eps = positive_quantile(values, opts.sparsity)
-            sparse = SparseActQuantizer.from_quantizer(aq, eps)
-            sparse.scale.fill_(fit_sparse_step(values, eps, qmax))
-            layer.input_quant = SparseStepAct(sparse, opts.sparsity, opts.threshold_momentum, opts.track_threshold)
+            step = fit_sparse_step(values, eps, qmax, floor=opts.threshold_floor)
+            sparse = SparseActQuantizer.from_quantizer(aq, max(eps, opts.threshold_floor * step))
+            sparse.scale.fill_(step)
+            layer.input_quant = SparseStepAct(sparse, opts.sparsity, opts.threshold_momentum, opts.track_threshold,
+                                              opts.threshold_floor)
         else:
             layer.input_quant = LearnedStepAct(aq, lsq_grad_scale=True)
     qmodel.lowbit_tsq_weights = weights
@@ -557,7 +565,7 @@ def _finetune(qmodel: nn.Module, ctx: FinalizeContext, opts: TsqOptions) -> dict
             layer.weight_quant = LearnedStepWeight(layer.weight_quant, layer.weight)
         aq = layer.input_quant
         if aq.enabled:
-            layer.input_quant = (SparseStepAct(aq, opts.sparsity, track=False) if isinstance(aq, SparseActQuantizer)
+            layer.input_quant = (SparseStepAct(aq, opts.sparsity, track=False, floor=opts.threshold_floor) if isinstance(aq, SparseActQuantizer)
                                  else LearnedStepAct(aq, lsq_grad_scale=True))
     tcfg = replace(ctx.train_config, epochs=opts.finetune_epochs, lr=opts.finetune_lr, scale_lr=None, checkpoint=None,
                    resume=False, overwrite=False, log_dir=None, max_steps=None, warmup_steps=0)
