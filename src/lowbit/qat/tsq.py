@@ -439,10 +439,12 @@ def _compensated_rows(model: nn.Module, name: str, calib: Tensor, positions: lis
 
 @torch.no_grad()
 def transformation_learning(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: TsqOptions,
-                            names: list[str], log=print, progress: bool = True) -> list[dict]:
+                            names: list[str], log=print, progress: bool = True,
+                            step1_weights: dict[str, Tensor] | None = None) -> list[dict]:
     """Step 2 on every layer in ``names`` (weights off, inputs as trained); installs the integer weights.
 
     Returns one record per layer: objective before/after (relative to ||y||^2), solve seconds, Q.
+    ``step1_weights``, if given, receives each fitted layer's FP (step-1) weight.
     """
     device = torch.device(cfg.device)
     qmodel.eval().to(device)
@@ -484,6 +486,8 @@ def transformation_learning(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, 
         wq.scale.copy_(torch.zeros(wq.num_groups, dtype=dtype, device=device)
                        .index_copy_(0, group_of, alpha.reshape(-1)).to(wq.scale.dtype))
         wq.zero_point.zero_()
+        if step1_weights is not None:
+            step1_weights[name] = layer.weight.detach().clone()
         layer.weight.copy_(new_w.to(layer.weight.dtype))
         wq.enabled = True
         rec = {"layer": name, "target": mode, "rows": X.shape[1], "inputs": X.shape[2], "channels": K * C,
@@ -556,11 +560,40 @@ def zero_share(qmodel: nn.Module, images: Tensor, batch_size: int = 256) -> dict
     return {n: 100.0 * z / max(t, 1) for n, (z, t) in zeros.items()}
 
 
-def _finetune(qmodel: nn.Module, ctx: FinalizeContext, opts: TsqOptions) -> dict:
+@torch.no_grad()
+def project_latent_weights(layer: nn.Module, fp: Tensor, margin: float = 0.02) -> None:
+    """Latent weights for fine-tuning: the step-1 weight ``fp`` moved into the bin of its step-2 code.
+
+    Step 2 leaves each weight at exactly ``code * scale``, the middle of its rounding bin, where an
+    LSQ fine-tune must move it half a step before any code changes (with small learning rates none
+    does: the fine-tune then only moves scales and biases). Clamping the step-1 weight into the bin
+    ``((code - 1/2) scale, (code + 1/2) scale)`` (``margin`` inside its ends) keeps every code, so
+    the fine-tune starts from the step-2 network exactly, while weights that step 1 wanted elsewhere
+    sit near the edge towards which their FP value lies and flip after a small update.
+    """
+    wq = layer.weight_quant
+    w = layer.weight
+    s, _ = wq.channel_params(w.dim())
+    s = s.to(w.dtype)
+    fp = fp.to(device=w.device, dtype=w.dtype)
+    if wq.binary:  # codes -1 / +1: the bins are the two half-lines
+        pos = w >= 0
+        lo = torch.where(pos, margin * s, torch.full_like(w, -math.inf))
+        hi = torch.where(pos, torch.full_like(w, math.inf), -margin * s)
+    else:
+        codes = torch.round(w / s)
+        lo, hi = (codes - 0.5 + margin) * s, (codes + 0.5 - margin) * s
+    w.copy_(torch.minimum(torch.maximum(fp, lo), hi))
+
+
+def _finetune(qmodel: nn.Module, ctx: FinalizeContext, opts: TsqOptions,
+              step1_weights: dict[str, Tensor] | None = None) -> dict:
     """Step 3: a short LSQ fine-tune of the quantized network (thresholds fixed)."""
     from .engine import fit
 
-    for _, layer in quant_layers(qmodel):
+    for name, layer in quant_layers(qmodel):
+        if step1_weights and name in step1_weights and layer.weight_quant.enabled:
+            project_latent_weights(layer, step1_weights[name])
         if layer.weight_quant.enabled:
             layer.weight_quant = LearnedStepWeight(layer.weight_quant, layer.weight)
         aq = layer.input_quant
@@ -579,14 +612,15 @@ def tsq_finalize(qmodel: nn.Module, cfg: QuantConfig, opts: TsqOptions, ctx: Fin
     commit_stand_ins(layer for _, layer in quant_layers(qmodel))
     names = getattr(qmodel, "lowbit_tsq_weights", [])
     zeros_step1 = zero_share(qmodel, ctx.calib)
-    records = transformation_learning(qmodel, ctx.calib, cfg, opts, names, ctx.log, ctx.progress)
+    step1_weights: dict[str, Tensor] = {}
+    records = transformation_learning(qmodel, ctx.calib, cfg, opts, names, ctx.log, ctx.progress, step1_weights)
     report: dict[str, Any] = {"step2": records, "zero_share_step1": zeros_step1}
     if ctx.val is not None:  # the network after step 2 alone, before any fine-tune
         from ..evaluate import accuracy
 
         report["step2_val_acc"] = accuracy(qmodel, ctx.val[0], ctx.val[1], device=ctx.device)
     if opts.finetune_epochs:
-        report["finetune"] = _finetune(qmodel, ctx, opts)["history"]
+        report["finetune"] = _finetune(qmodel, ctx, opts, step1_weights)["history"]
     report["zero_share"] = zero_share(qmodel, ctx.calib)
     qmodel.lowbit_tsq = report
     del qmodel.lowbit_tsq_weights
