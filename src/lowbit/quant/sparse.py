@@ -57,17 +57,20 @@ def positive_quantile(values: Tensor, share: float, limit: int = 1 << 20) -> flo
 
 
 @torch.no_grad()
-def fit_sparse_step(values: Tensor, threshold: float, qmax: int, candidates: int = 100) -> float:
-    """Step ``delta`` of least squared error of the sparse quantizer on ``values`` for a fixed threshold."""
+def fit_sparse_step(values: Tensor, threshold: float, qmax: int, candidates: int = 100, floor: float = 0.0) -> float:
+    """Step ``delta`` of least squared error of the sparse quantizer on ``values``.
+
+    The threshold of a candidate step is ``max(threshold, floor * delta)`` (``floor`` 0: fixed).
+    """
     x = values.detach().reshape(-1).float()
     if x.numel() > 1 << 18:
         x = x[:: math.ceil(x.numel() / (1 << 18))]
     above = x[x > threshold]
     top = above.max().item() if above.numel() else max(threshold, 1e-8)
-    t = torch.tensor(threshold)
     best, best_err = max(top / qmax, 1e-8), float("inf")
     for i in range(candidates):
         step = torch.tensor(max(top * (1.0 - i / candidates) / qmax, 1e-8))
+        t = torch.clamp(step * floor, min=threshold)
         err = (sparse_codes(x, t, step, qmax) * step - x).pow(2).sum().item()
         if err < best_err:
             best, best_err = step.item(), err
@@ -152,16 +155,20 @@ class SparseStepAct(nn.Module):
 
     The step is learned with LSQ's gradient; the threshold is the ``sparsity`` quantile of the
     positive inputs, kept as a moving average (``momentum``) over training batches, or fixed
-    (``track=False``) at the value it starts with.
+    (``track=False``) at the value it starts with; it never goes below ``floor`` times the step
+    (``floor`` 0.5: values under half a step, which cost less as 0 than as the first level
+    ``delta``, are always zeroed; with ``sparsity`` 0 the threshold then follows the learned step).
     """
 
-    def __init__(self, quant: SparseActQuantizer, sparsity: float, momentum: float = 0.99, track: bool = True) -> None:
+    def __init__(self, quant: SparseActQuantizer, sparsity: float, momentum: float = 0.99, track: bool = True,
+                 floor: float = 0.0) -> None:
         super().__init__()
         self.quant = quant
         self.scale = nn.Parameter(quant.scale.detach().clone())
         self.sparsity = sparsity
         self.momentum = momentum
         self.track = track
+        self.floor = floor
 
     def forward(self, x: Tensor) -> Tensor:
         q = self.quant
@@ -173,9 +180,12 @@ class SparseStepAct(nn.Module):
                 q.threshold.mul_(self.momentum).add_((1 - self.momentum) * t)
         _, qmax = q.qrange
         s = scale_grad(self.scale.abs().clamp_min(1e-8), 1.0 / math.sqrt(x[0].numel() * qmax))
-        return _SparseSTE.apply(x, s, q.threshold.to(x.dtype), qmax)
+        threshold = torch.maximum(q.threshold, self.floor * s.detach()) if self.floor > 0 else q.threshold
+        return _SparseSTE.apply(x, s, threshold.to(x.dtype), qmax)
 
     @torch.no_grad()
     def commit(self) -> SparseActQuantizer:
         self.quant.scale.copy_(self.scale.abs().clamp_min(1e-8))
+        if self.floor > 0:
+            self.quant.threshold.clamp_(min=self.floor * self.quant.scale.item())
         return self.quant
