@@ -84,6 +84,20 @@ def idle() -> str:
             f"({'shared with other work: timings are not quiet-machine timings' if busy else 'otherwise idle'})")
 
 
+def load_train_test(train_size: int | None, eval_size: int | None):
+    """``(x_train, y_train, x_test, y_test)``: the first ``train_size`` training images (all when None) and
+    the first ``eval_size`` test images (all when None), for the training benchmarks."""
+    from lowbit.data import load_fashion_mnist
+
+    x_train, y_train = load_fashion_mnist("train")
+    x_test, y_test = load_fashion_mnist("test")
+    if train_size:
+        x_train, y_train = x_train[:train_size], y_train[:train_size]
+    if eval_size:
+        x_test, y_test = x_test[:eval_size], y_test[:eval_size]
+    return x_train, y_train, x_test, y_test
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

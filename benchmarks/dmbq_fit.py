@@ -24,7 +24,7 @@ from lowbit.data import load_fashion_mnist, sample_calibration
 from lowbit.quant import dmbq
 from lowbit.quant.dmbq_table import table_alphas
 
-from common import table, write_section
+from common import parse_args, table, write_section
 
 
 def tensors(images: int) -> list[tuple[str, torch.Tensor, bool]]:
@@ -68,7 +68,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--no-write", action="store_true")
-    args = ap.parse_args()
+    args = parse_args(ap)
     torch.set_num_threads(1)
     data = tensors(args.images)
     rows = []

@@ -27,7 +27,7 @@ from lowbit.evaluate import accuracy
 from lowbit.qat.lba import bit_map, bit_map_markdown, bit_map_png
 from lowbit.train import train_step
 
-from common import table, write_section
+from common import parse_args, table, write_section
 
 FIGURES = Path(__file__).with_name("figures")
 
@@ -54,7 +54,7 @@ def main() -> None:
                     help="comma-separated subset of fp,lsq0,lsq1,dmbq0,dmbq1,solve,lqnet,gp,lp,cp,cp15")
     ap.add_argument("--section", default="dmbq-qat", help="RESULTS.md section to write")
     ap.add_argument("--no-write", action="store_true")
-    args = ap.parse_args()
+    args = parse_args(ap)
     torch.set_num_threads(1)
     fp = lowbit.load_pretrained("resnet20")
     x_train, y_train = load_fashion_mnist("train")

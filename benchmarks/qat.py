@@ -18,7 +18,7 @@ import lowbit
 from lowbit.evaluate import accuracy
 from lowbit.train import TrainConfig, train_model
 
-from common import add_data_args, add_method_option_arg, method_options, table, write_section, parse_args
+from common import add_data_args, add_method_option_arg, load_train_test, method_options, parse_args, table, write_section
 
 RUNS = [("lsq", {}), ("gdrq", {"granularity": "tensor"}), ("gdrq", {"granularity": "group", "groups": 4}),
         ("gdrq", {"granularity": "group", "groups": 8}),
@@ -55,13 +55,7 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="suffix of the RESULTS.md section name (keeps other runs)")
     args = parse_args(ap)
     extra = method_options(args.option)
-    from lowbit.data import load_fashion_mnist
-
-    x_train, y_train = load_fashion_mnist("train")
-    x_train, y_train = x_train[:args.train_size], y_train[:args.train_size]
-    x_test, y_test = load_fashion_mnist("test")
-    if args.eval_size:
-        x_test, y_test = x_test[:args.eval_size], y_test[:args.eval_size]
+    x_train, y_train, x_test, y_test = load_train_test(args.train_size, args.eval_size)
     for name in args.models:
         fp = lowbit.load_pretrained(name)
         fp_acc = accuracy(fp, x_test, y_test)

@@ -116,6 +116,18 @@ TABLES: tuple[Table, ...] = (
              "--train-size", "256", "--kd", "1", "--eval-size", "500")),
         Run("scale_clip_hist.py", (), ()),
     ), ("qat-", "scale-clip-"), ("resnet20",)),
+    Table("002-dmbq", "002", "DMBQ alpha fits; DMBQ vs uniform (LSQ) at 2/2 over 2 seeds; LBA GP/LP/CP; solvers", (
+        Run("dmbq_fit.py", (), None),
+        Run("dmbq_qat.py", ("--train", "1000", "--test", "1000", "--epochs", "2", "--lba-every", "1",
+                            "--runs", "fp,lsq0,dmbq0,lsq1,dmbq1,gp,lp,cp"),
+            ("--train", "64", "--test", "100", "--epochs", "1", "--runs", "fp,lsq0,dmbq0")),
+        Run("dmbq_qat.py", ("--train", "1000", "--test", "1000", "--epochs", "2", "--runs",
+                            "fp,lsq0,dmbq0,solve,lqnet", "--section", "dmbq-qat-solvers"), None),
+    ), ("dmbq-",), ("resnet20",)),
+    Table("003-tsq", "003", "TSQ vs LSQ, ternary weights and 2-bit activations", (
+        Run("tsq.py", ("--train-size", "5000", "--epochs", "2", "--finetune", "1"),
+            ("--train-size", "128", "--epochs", "1", "--eval-size", "200")),
+    ), ("tsq-",), ("resnet20",)),
     Table("mixed-resnet20", "-", "Mixed precision on ResNet-20: accuracy against weight size (issue #15)", (
         Run("mixed_precision.py", ("--models", "resnet20"),
             ("--models", "resnet20", "--quantizers", "mse", "--a-bits", "8", "--uniform", "3",

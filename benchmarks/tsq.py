@@ -28,7 +28,7 @@ from lowbit.evaluate import accuracy
 from lowbit.quant.layers import quant_layers
 from lowbit.quant.sparse import SparseActQuantizer
 
-from common import add_data_args, add_method_option_arg, method_options, table, write_section
+from common import add_data_args, add_method_option_arg, load_train_test, method_options, parse_args, table, write_section
 
 
 def fp_zero_share(model: nn.Module, images: torch.Tensor, names: list[str], batch_size: int = 500) -> float:
@@ -74,15 +74,9 @@ def main() -> None:
     ap.add_argument("--skip-lsq", action="store_true")
     add_method_option_arg(ap)
     ap.add_argument("--tag", default="", help="suffix of the RESULTS.md section name (keeps other runs)")
-    args = ap.parse_args()
+    args = parse_args(ap)
     extra = method_options(args.option)
-    from lowbit.data import load_fashion_mnist
-
-    x_train, y_train = load_fashion_mnist("train")
-    x_train, y_train = x_train[:args.train_size], y_train[:args.train_size]
-    x_test, y_test = load_fashion_mnist("test")
-    if args.eval_size:
-        x_test, y_test = x_test[:args.eval_size], y_test[:args.eval_size]
+    x_train, y_train, x_test, y_test = load_train_test(args.train_size, args.eval_size)
     common = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, kd_weight=args.kd, progress=False)
     for name in args.models:
         fp = lowbit.load_pretrained(name)
