@@ -80,8 +80,11 @@ def methods_table(name, fp, fp_acc, calib, x, y, configs, methods, opts, seeds=(
     method seed both), each cell is mean +- sample standard deviation over them."""
     from lowbit.data import load_fashion_mnist, sample_calibration
 
-    calibs = {0: calib} if list(seeds) == [0] else {
-        s: sample_calibration(load_fashion_mnist("train")[0], len(calib), seed=s) for s in seeds}
+    if list(seeds) == [0]:
+        calibs = {0: calib}
+    else:
+        x_train = load_fashion_mnist("train")[0]  # read once, sampled once per seed
+        calibs = {s: sample_calibration(x_train, len(calib), seed=s) for s in seeds}
     rows = []
     for method in methods:
         row = [method]

@@ -59,6 +59,14 @@ def ste(rows: Tensor, q: Tensor, inside: Tensor) -> Tensor:
     return torch.where(inside, rows + (q - rows).detach(), q.detach())
 
 
+def _check_solver_and_bits(solver: str, bits: int, min_bits: int, what: str) -> None:
+    """Refuse an unknown solver or a width outside ``min_bits .. MAX_BASES`` (0 prunes weights only)."""
+    if solver not in SOLVERS:
+        raise LowbitError(f"DMBQ solver must be one of {SOLVERS}, got {solver!r}")
+    if not min_bits <= bits <= dmbq.MAX_BASES:
+        raise LowbitError(f"DMBQ {what} take {min_bits} to {dmbq.MAX_BASES} bits, got {bits}")
+
+
 class DmbqWeight(nn.Module):
     """Per-output-channel DMBQ weight quantizer with its own number of bases per channel.
 
@@ -70,10 +78,7 @@ class DmbqWeight(nn.Module):
 
     def __init__(self, quant: WeightQuantizer, bits: int, solver: str = "table") -> None:
         super().__init__()
-        if solver not in SOLVERS:
-            raise LowbitError(f"DMBQ solver must be one of {SOLVERS}, got {solver!r}")
-        if not 0 <= bits <= dmbq.MAX_BASES:
-            raise LowbitError(f"DMBQ weights take 0 to {dmbq.MAX_BASES} bits, got {bits}")
+        _check_solver_and_bits(solver, bits, 0, "weights")
         self.quant = quant
         self.solver = solver
         device = quant.scale.device
@@ -234,10 +239,7 @@ class DmbqAct(nn.Module):
     def __init__(self, quant: ActQuantizer, bits: int, signed: bool, solver: str = "table",
                  momentum: float = 0.9) -> None:
         super().__init__()
-        if solver not in SOLVERS:
-            raise LowbitError(f"DMBQ solver must be one of {SOLVERS}, got {solver!r}")
-        if not 1 <= bits <= dmbq.MAX_BASES:
-            raise LowbitError(f"DMBQ activations take 1 to {dmbq.MAX_BASES} bits, got {bits}")
+        _check_solver_and_bits(solver, bits, 1, "activations")
         self.quant = quant
         self.num_bases = bits
         self.signed = signed
