@@ -101,7 +101,7 @@ def main() -> None:
                            finetune_epochs=args.finetune, log=lambda s: print("  " + s, flush=True), **common,
                            **extra.get("tsq", {}))
             secs = time.perf_counter() - t
-            rep = q.lowbit_tsq
+            rep = lowbit.record_of(q).tsq
             hist = q.lowbit_info["qat"]["history"]
             step1 = hist[-1]["val_acc"]
             step2 = rep["step2_val_acc"]

@@ -264,7 +264,7 @@ def test_qat_accepts_path_objects_for_paths(tmp_path: Path) -> None:
     ckpt = tmp_path / "run.ckpt"  # QatConfig.checkpoint is a str; lowbit.qat takes os.PathLike too
     q = lowbit.qat(_tiny(), (X, Y), method="lsq", epochs=2, batch_size=4, log=lambda s: None, checkpoint=ckpt,
                    max_steps=1)
-    assert ckpt.exists() and not q.lowbit_qat["finished"]
+    assert ckpt.exists() and not lowbit.record_of(q).qat["finished"]
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,11 @@ from .errors import LowbitError, LowbitFileError
 from .models import create_model, list_models, load_pretrained, register_model
 from .ptq.registry import register_method
 from .qat import QatConfig, qat, qat_methods
+from .record import QuantRecord, record_of
 from .sensitivity import SensitivityReport, sensitivity
 from .summary import Summary, summary
 
 __version__ = "0.1.0"
 __all__ = ["export", "integer_model", "load", "methods", "quantize", "QuantConfig", "LowbitError", "LowbitFileError",
            "create_model", "list_models", "load_pretrained", "register_model", "register_method", "qat", "qat_methods",
-           "QatConfig", "summary", "Summary", "sensitivity", "SensitivityReport", "allocate_bits", "__version__"]
+           "QatConfig", "QuantRecord", "record_of", "summary", "Summary", "sensitivity", "SensitivityReport", "allocate_bits", "__version__"]

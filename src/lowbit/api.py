@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
@@ -16,11 +16,12 @@ from .data.calib import read_calibration
 from .deploy.multibit import is_multibit_model
 from .errors import LowbitError
 from .graph.surgery import input_ranks, prepare
-from .layer_bits import check_layer_bits
+from .layer_bits import LayerBits, check_layer_bits
 from .options import check_value
 from .ptq.registry import get_method
 from .ptq.registry import methods as _methods
 from .quant.layers import quant_layers
+from .record import publish, record_of
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +50,10 @@ def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = DEFAULT_B
             brecq/qdrop/distill: images per step); set the config's through ``config=``.
 
     Returns:
-        The quantized simulation, in eval mode, on ``device``; its ``lowbit_info`` records the
-        method, config, options, folded BN pairs, the calibration ``input_shape`` and every
-        layer's resolved widths (``layer_bits``: name -> w_bits, a_bits, enabled).
+        The quantized simulation, in eval mode, on ``device``; its record (``lowbit.record_of``,
+        read-only as the ``lowbit_info`` mapping) holds the method, config, options, folded BN
+        pairs, the calibration ``input_shape``, every layer's resolved widths (``layer_bits``:
+        name -> w_bits, a_bits, enabled) and the method's results.
     """
     start = time.perf_counter()
     spec = get_method(method)
@@ -61,7 +63,7 @@ def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = DEFAULT_B
     opts = spec.make_options(method_options)
     x = read_calibration(calib, cfg.calib_size, cfg.seed, input_key, input_ranks(model))
     try:
-        qmodel, record = prepare(model, cfg, x[:2], layer_bits=layer_bits)
+        qmodel, _ = prepare(model, cfg, x[:2], layer_bits=layer_bits)
     except LowbitError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
@@ -69,14 +71,13 @@ def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = DEFAULT_B
     # every method draws from its own generators seeded with cfg.seed: torch's global RNG (the
     # caller's, on every device, shared by all threads) is neither read nor reseeded
     spec.handler(qmodel, x, cfg, opts)
-    _record_settled_widths(qmodel, record["layer_bits"])
-    arch = getattr(model, "lowbit_arch", None)
-    qmodel.lowbit_info = {
-        "arch": arch, "method": method, "config": cfg.to_dict(),
-        "options": asdict(opts) if is_dataclass(opts) else {},
-        "input_shape": [int(d) for d in x.shape[1:]],  # one calibration input, e.g. (C, H, W)
-        **record,
-    }
+    record = record_of(qmodel)
+    _record_settled_widths(qmodel, record.layer_bits)
+    record.arch = getattr(model, "lowbit_arch", None)  # the zoo's constructor arguments, on the FP model
+    record.method, record.config = method, cfg
+    record.options = asdict(opts) if is_dataclass(opts) else {}
+    record.input_shape = [int(d) for d in x.shape[1:]]  # one calibration input, e.g. (C, H, W)
+    publish(qmodel)
     layers = quant_layers(qmodel)
     logger.info("quantized %d of %d layers with %r (W%s A%s, %s scales, %d calibration images) in %.1f s",
                 sum(l.weight_quant.enabled for _, l in layers), len(layers), method, cfg.w_bits, cfg.a_bits,
@@ -84,7 +85,7 @@ def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = DEFAULT_B
     return qmodel.eval()
 
 
-def _record_settled_widths(qmodel: nn.Module, layer_bits: dict[str, dict[str, Any]]) -> None:
+def _record_settled_widths(qmodel: nn.Module, layer_bits: dict[str, LayerBits]) -> None:
     """Record the weight widths the method left, where it changed them.
 
     A method that mixes widths inside a layer (``aciq-mix``) stores the layer at its widest
@@ -92,8 +93,8 @@ def _record_settled_widths(qmodel: nn.Module, layer_bits: dict[str, dict[str, An
     """
     for name, layer in quant_layers(qmodel):
         entry = layer_bits.get(name)
-        if entry is not None and entry["enabled"] and layer.weight_quant.enabled:
-            entry["w_bits"] = int(layer.weight_quant.bits)
+        if entry is not None and entry.enabled and layer.weight_quant.enabled:
+            layer_bits[name] = replace(entry, w_bits=int(layer.weight_quant.bits))
 
 
 ONNX_SUFFIXES = (".onnx",)
@@ -197,7 +198,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, device: str = 
         qmodel = load_multibit(path, model, device)
     else:
         qmodel = load_artifact(path, model, device)
-    logger.debug("loaded %s (%s, %d layers) on %s", os.fspath(path), qmodel.lowbit_info.get("method"),
+    logger.debug("loaded %s (%s, %d layers) on %s", os.fspath(path), record_of(qmodel).method,
                  len(quant_layers(qmodel)), device)
     return qmodel
 

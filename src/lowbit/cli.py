@@ -887,7 +887,7 @@ def cmd_qat(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     if not main_process:
         return 0
-    summary = getattr(qmodel, "lowbit_qat", None) or qmodel.lowbit_info["qat"]
+    summary = lowbit.record_of(qmodel).qat
     result: dict[str, Any] = {"model": args.model, "method": args.method, "w_bits": args.w_bits,
                               "a_bits": args.a_bits, "seconds": round(seconds, 1), "finished": summary["finished"],
                               "steps": summary["steps"], "history": summary["history"]}

@@ -14,10 +14,10 @@ weights and the last layer's input; the first layer's input stays float unless
 ``quantize_input``), which is thus the first entry of the map and is overridden by any user
 entry. A pattern that matches no quantizable layer is a LowbitError.
 
-The result (``resolve_layer_bits``) is an explicit ``{name: LayerBits}`` record stored in the
-quantized model's ``lowbit_info["layer_bits"]`` and in the artifact's manifest; quantizers are
-set from it, and artifact validation checks each row against it. The record is per layer (a
-later per-channel width would extend ``LayerBits``, not the patterns).
+The result (``resolve_layer_bits``) is an explicit ``{name: LayerBits}`` map stored in the
+quantized model's record (``lowbit.record_of(qmodel).layer_bits``) and in the artifact's
+manifest; quantizers are set from it, and artifact validation checks each row against it. The
+map is per layer (a later per-channel width would extend ``LayerBits``, not the patterns).
 """
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def check_patterns(model: Any, layer_bits: LayerBitsMap | None) -> None:
 
 
 def record(resolved: Mapping[str, LayerBits]) -> dict[str, dict[str, Any]]:
-    """JSON form of a resolved map (stored in ``lowbit_info`` and the artifact manifest)."""
+    """JSON form of a resolved map (as ``lowbit_info["layer_bits"]`` shows it, and in the artifact manifest)."""
     return {n: lb.to_dict() for n, lb in resolved.items()}
 
 

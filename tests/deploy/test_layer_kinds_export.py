@@ -181,7 +181,7 @@ def test_onnx_graph_uses_conv_with_1d_kernels_and_convtranspose_with_axis_1() ->
 def test_onnx_example_input_for_conv1d_models(tmp_path) -> None:
     """The recorded (C, L) calibration shape gets its batch dimension (it is not an image)."""
     _, q, x = _quantized("conv1d", "W4A4")
-    q.lowbit_info["input_shape"] = None
+    lowbit.record_of(q).input_shape = None
     path = lowbit.export(q, tmp_path / "m.onnx", input_shape=(2, 32))
     assert torch.allclose(_ort(path, x), _run(q, x), atol=1e-4)
 

@@ -194,7 +194,7 @@ def test_lapq_is_never_worse_than_its_lp_start() -> None:
     report = spec.handler(qmodel, calib, cfg, opts)
     assert sorted(report["p_sweep"]) == [2.0, 3.0, 4.0]
     assert 2.0 <= report["p"] <= 4.0 and report["start_loss"] <= min(report["p_sweep"].values())
-    assert qmodel.lowbit_lapq is report
+    assert lowbit.record_of(qmodel).lapq is report
     # the start, rebuilt independently: Lp-optimal clips at the chosen p
     start, _ = prepare(fp, cfg, calib[:2])
     calibrate_weights(start, lp_search_range, p=report["p"], candidates=20, shrink=0.04)

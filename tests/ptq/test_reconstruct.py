@@ -36,7 +36,7 @@ def test_reconstruction_beats_its_mse_start(method: str, data) -> None:
     q = lowbit.quantize(fp, calib, 2, 4, method=method, iters=80, progress=False)
     assert _output_error(q, fp, held) < 0.8 * _output_error(base, fp, held)
     assert all(torch.equal(a, b) for a, b in zip(before, fp.parameters()))  # FP model untouched
-    report = q.lowbit_recon
+    report = lowbit.record_of(q).reconstruction
     assert [r["block"] for r in report] == ["conv1", *(f"layers.{i}.{j}" for i in range(3) for j in range(3)), "fc"]
     # the 8-bit first layer sees the FP input: nothing to reconstruct, its loss is float noise
     assert report[0]["first"] < 1e-6 * report[1]["first"] and report[0]["last"] < 1e-6 * report[1]["first"]
@@ -135,7 +135,7 @@ def test_distill_stages_reduce_error(stages, data, monkeypatch) -> None:
         after_block, joint_start = calls[0][1], calls[1][1]
         assert after_block.keys() == joint_start.keys()
         assert all(torch.equal(after_block[k], joint_start[k]) for k in after_block)
-    report = q.lowbit_recon
+    report = lowbit.record_of(q).reconstruction
     n_blocks = 11 if stages[0] else 0  # conv1, nine residual blocks, fc
     assert [r["stage"] for r in report] == ["block"] * n_blocks + (["joint"] if stages[1] else [])
     for r in report:

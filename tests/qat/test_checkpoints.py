@@ -47,7 +47,7 @@ def stopped(task, tmp_path_factory) -> bytes:
     """The bytes of a checkpoint of BASE stopped after one of its four steps."""
     ckpt = tmp_path_factory.mktemp("stopped") / "run.ckpt"
     q = _qat(task, checkpoint=str(ckpt), max_steps=1)
-    assert not q.lowbit_qat["finished"]
+    assert not lowbit.record_of(q).qat["finished"]
     return ckpt.read_bytes()
 
 
@@ -131,7 +131,7 @@ def test_an_existing_checkpoint_is_not_replaced_unasked(task, stopped, tmp_path)
 def test_overwrite_starts_afresh(task, stopped, tmp_path) -> None:
     ckpt = _copy(stopped, tmp_path)
     q = _qat(task, checkpoint=str(ckpt), overwrite=True, lr=0.05, max_steps=2)
-    assert q.lowbit_qat["steps"] == 2  # from step 0, not from the old checkpoint's step 1
+    assert lowbit.record_of(q).qat["steps"] == 2  # from step 0, not from the old checkpoint's step 1
     state = torch.load(ckpt, weights_only=True)
     assert state["step"] == 2 and state["run"]["lr"] == 0.05
     done = _qat(task, checkpoint=str(ckpt), resume=True, lr=0.05)  # the new run continues

@@ -38,7 +38,7 @@ def _qat(fp, x, y, **kw):
 def _setup(fp, x, opts: DmbqOptions, w_bits: int = 2):
     cfg = QuantConfig(w_bits=w_bits, a_bits=2, fold_bn=False, progress=False)
     qmodel, _ = prepare(fp, cfg, x[:2])
-    qmodel.lowbit_bn_pairs = find_conv_bn_pairs(fp, scale_mergeable=True)
+    lowbit.record_of(qmodel).bn_pairs = find_conv_bn_pairs(fp, scale_mergeable=True)
     dmbq_setup(qmodel, x, cfg, opts)
     return qmodel, cfg
 
@@ -132,7 +132,7 @@ def test_lba_through_qat_fractional_budget_and_summary():
     n = sum(m.weight.numel() for m, _ in managed)
     bits = sum(int(wq.channel_bits.sum()) * (m.weight.numel() // wq.channels) for m, wq in managed)
     assert bits / n <= 1.5
-    assert q.lowbit_lba_moves > 0 and q.lowbit_info["options"]["w_budget"] == 1.5
+    assert lowbit.record_of(q).lba_moves > 0 and q.lowbit_info["options"]["w_budget"] == 1.5
     s = lowbit.summary(q)
     rows = {r.name: r for r in s.layers}
     for name, m in quant_layers(q):
@@ -151,9 +151,9 @@ def test_resume_with_lba_gives_the_same_model(tmp_path):
     full = _qat(fp, x, y, **kw)
     ckpt = tmp_path / "run.ckpt"
     part = _qat(fp, x, y, checkpoint=str(ckpt), max_steps=3, checkpoint_every=1, **kw)
-    assert not part.lowbit_qat["finished"]
+    assert not lowbit.record_of(part).qat["finished"]
     done = _qat(fp, x, y, checkpoint=str(ckpt), resume=True, **kw)
-    assert full.lowbit_lba_moves == done.lowbit_lba_moves > 0
+    assert lowbit.record_of(full).lba_moves == lowbit.record_of(done).lba_moves > 0
     for (n, a), b in zip(full.state_dict().items(), done.state_dict().values()):
         assert torch.equal(a, b), n
 

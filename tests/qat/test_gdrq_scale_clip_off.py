@@ -32,13 +32,13 @@ def test_setup_without_scale_clip_starts_at_calibration_max_and_records_it() -> 
     x = calib_tensor(32, seed=5)
     cfg = QuantConfig(w_bits=2, a_bits=4, fold_bn=False, progress=False, granularity="group", groups=4)
     qmodel, _ = prepare(fp, cfg, x[:2])
-    qmodel.lowbit_bn_pairs = find_conv_bn_pairs(fp)
+    lowbit.record_of(qmodel).bn_pairs = find_conv_bn_pairs(fp)
     gdrq_setup(qmodel, x, cfg, GdrqOptions(scale_clip=False))
     acts = [l.input_quant for _, l in quant_layers(qmodel) if isinstance(l.input_quant, ScaleClipAct)]
     weights = [l.weight_quant for _, l in quant_layers(qmodel) if isinstance(l.weight_quant, ScaleClipWeight)]
     assert acts and weights
     assert all(a.k is None for a in acts) and all(w.k is None for w in weights)
-    assert set(qmodel.lowbit_gdrq_k.values()) == {"max"}
+    assert set(lowbit.record_of(qmodel).gdrq_k.values()) == {"max"}
     # an activation batch's threshold is its max |x| when Scale-Clip is off
     a = acts[0]
     a.train()

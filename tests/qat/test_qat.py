@@ -113,7 +113,7 @@ def test_per_layer_k_minimises_error_and_starts_at_the_mse_ranges() -> None:
     fp, x, _ = _data(32)
     cfg = QuantConfig(w_bits=2, a_bits=4, fold_bn=False, progress=False)
     qmodel, _ = prepare(fp, cfg, x[:2])
-    qmodel.lowbit_bn_pairs = find_conv_bn_pairs(fp)
+    lowbit.record_of(qmodel).bn_pairs = find_conv_bn_pairs(fp)
     ref, _ = prepare(fp, cfg.with_(fold_bn=False), x[:2])
     mse(ref, x, cfg, MseOptions())
     gdrq_setup(qmodel, x, cfg, GdrqOptions())
@@ -125,7 +125,7 @@ def test_per_layer_k_minimises_error_and_starts_at_the_mse_ranges() -> None:
             assert torch.allclose(scale, refs[name].input_quant.scale, rtol=1e-4), name
             checked += 1
     scale_clipped = {f"{n}.weight" for n, l in quant_layers(qmodel) if isinstance(l.weight_quant, ScaleClipWeight)}
-    assert checked > 5 and scale_clipped and scale_clipped <= set(qmodel.lowbit_gdrq_k)
+    assert checked > 5 and scale_clipped and scale_clipped <= set(lowbit.record_of(qmodel).gdrq_k)
 
 
 def test_ste_gradients_of_learned_steps() -> None:
@@ -147,7 +147,7 @@ def test_group_steps_fold_into_bn_exactly(groups: int) -> None:
     x = calib_tensor(8)
     cfg = QuantConfig(w_bits=3, a_bits=None, granularity="group", groups=groups, fold_bn=False)
     qmodel, _ = prepare(fp, cfg, x[:2])
-    qmodel.lowbit_bn_pairs = find_conv_bn_pairs(fp)
+    lowbit.record_of(qmodel).bn_pairs = find_conv_bn_pairs(fp)
     gdrq_setup(qmodel, x, cfg, GdrqOptions())
     # BN in inference mode with trained-looking statistics; commit the Scale-Clip steps
     for _, layer in quant_layers(qmodel):
@@ -157,7 +157,7 @@ def test_group_steps_fold_into_bn_exactly(groups: int) -> None:
     codes_before = {n: l.weight_quant.quantize(l.weight).int_value.clone() for n, l in quant_layers(qmodel)}
     with torch.no_grad():
         ref = qmodel(x)
-    worst = fold_steps_into_bn(qmodel, qmodel.lowbit_bn_pairs, cfg)
+    worst = fold_steps_into_bn(qmodel, lowbit.record_of(qmodel).bn_pairs, cfg)
     assert worst == 0
     assert not any(isinstance(m, nn.BatchNorm2d) for m in qmodel.modules())
     with torch.no_grad():
@@ -181,9 +181,9 @@ def test_resume_gives_the_same_weights(method: str, tmp_path) -> None:
     full = _qat(fp, x, y, method=method)
     ckpt = tmp_path / "run.ckpt"
     part = _qat(fp, x, y, method=method, checkpoint=str(ckpt), max_steps=3, checkpoint_every=2)
-    assert not part.lowbit_qat["finished"] and ckpt.exists()
+    assert not lowbit.record_of(part).qat["finished"] and ckpt.exists()
     part = _qat(fp, x, y, method=method, checkpoint=str(ckpt), resume=True, max_steps=2)
-    assert not part.lowbit_qat["finished"]
+    assert not lowbit.record_of(part).qat["finished"]
     done = _qat(fp, x, y, method=method, checkpoint=str(ckpt), resume=True)
     for (n, a), b in zip(full.state_dict().items(), done.state_dict().values()):
         assert torch.equal(a, b), n
@@ -312,13 +312,13 @@ def test_zero_bn_multiplier_folds_to_zero_codes() -> None:
     x = calib_tensor(8)
     cfg = QuantConfig(w_bits=2, a_bits=None, fold_bn=False)
     qmodel, _ = prepare(fp, cfg, x[:2])
-    qmodel.lowbit_bn_pairs = find_conv_bn_pairs(fp)
+    lowbit.record_of(qmodel).bn_pairs = find_conv_bn_pairs(fp)
     gdrq_setup(qmodel, x, cfg, GdrqOptions())
     for _, layer in quant_layers(qmodel):
         layer.weight_quant = layer.weight_quant.commit(layer)
     with torch.no_grad():
         ref = qmodel(x)
-    fold_steps_into_bn(qmodel, qmodel.lowbit_bn_pairs, cfg)
+    fold_steps_into_bn(qmodel, lowbit.record_of(qmodel).bn_pairs, cfg)
     with torch.no_grad():
         assert rel_err(qmodel(x), ref) < 1e-5
     for _, l in quant_layers(qmodel):

@@ -119,7 +119,7 @@ def test_tsq_end_to_end_round_trips(tmp_path) -> None:
             codes = layer.weight_quant.quantize(layer.weight).int_value
             assert set(codes.unique().tolist()) <= {-1, 0, 1}
             assert torch.equal(layer.weight_quant(layer.weight), layer.weight)  # weights on the grid
-    rep = q.lowbit_tsq
+    rep = lowbit.record_of(q).tsq
     assert len(rep["step2"]) == len(layers) and all(r["rel_error"] <= r["rel_error_init"] + 1e-6 for r in rep["step2"])
     assert any(r["target"] != "linear" for r in rep["step2"])  # conv -> ReLU -> conv found
     # artifact: thresholds survive, identical predictions
@@ -150,7 +150,7 @@ def test_tsq_resume_gives_the_same_weights(tmp_path) -> None:
     full = lowbit.qat(fp, (x, y), method="tsq", **kw)
     ckpt = tmp_path / "run.ckpt"
     part = lowbit.qat(fp, (x, y), method="tsq", checkpoint=str(ckpt), max_steps=3, **kw)
-    assert not part.lowbit_qat["finished"]
+    assert not lowbit.record_of(part).qat["finished"]
     done = lowbit.qat(fp, (x, y), method="tsq", checkpoint=str(ckpt), resume=True, **kw)
     for (n, a), b in zip(full.state_dict().items(), done.state_dict().values()):
         assert torch.equal(a, b), n
@@ -162,7 +162,7 @@ def test_tsq_finetune_and_options() -> None:
     fp, x, y = _data(32)
     q = lowbit.qat(fp, (x, y), method="tsq", finetune_epochs=1, error_compensation=False, track_threshold=False,
                    w_narrow=False, **TINY)  # full 2-bit range {-2, -1, 0, 1}
-    assert len(q.lowbit_tsq["finetune"]) == 1
+    assert len(lowbit.record_of(q).tsq["finetune"]) == 1
     for name, layer in quant_layers(q):
         if layer.role == "body":
             assert set(layer.weight_quant.quantize(layer.weight).int_value.unique().tolist()) <= {-2, -1, 0, 1}

@@ -28,6 +28,7 @@ from ..layer_bits import record as layer_bits_record
 from ..quant.layers import LAYER_KINDS, out_channels, quant_layers
 from ..quant.sparse import SparseActQuantizer
 from ..quant.uniform import int_range
+from ..record import QuantRecord, attach, publish
 from .packing import pack_codes, packed_nbytes, unpack_codes
 
 FORMAT = "lowbit-artifact"
@@ -883,14 +884,15 @@ def _rebuild(manifest: dict, tensors: dict[str, Tensor], model: nn.Module | None
     missing = [k for k in missing if not _disabled_quantizer_param(layers, k)]
     if missing or unexpected:
         raise LowbitError(f"artifact does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    qmodel.lowbit_info = {k: manifest.get(k) for k in ("arch", "method", "options", "fold_pairs", "input_shape")}
     # the resolved widths: stored ones, else those the rows hold (older files followed the config's protocol)
-    qmodel.lowbit_info["layer_bits"] = manifest.get("layer_bits") or layer_bits_record(
-        {n: LayerBits(s["w_bits"] if s["w_enabled"] else None, s["a_bits"] if s["a_enabled"] and s["w_enabled"] else None)
-         for n, s in manifest["layers"].items()})
-    qmodel.lowbit_info["config"] = cfg.to_dict()
-    if manifest.get("layer_order"):
-        qmodel.lowbit_info["layer_order"] = manifest["layer_order"]
-        if manifest.get("input_shape"):
-            _check_execution_order(qmodel, manifest["input_shape"], manifest["layer_order"])
+    resolved = from_record(manifest["layer_bits"]) if manifest.get("layer_bits") else {
+        n: LayerBits(s["w_bits"] if s["w_enabled"] else None, s["a_bits"] if s["a_enabled"] and s["w_enabled"] else None)
+        for n, s in manifest["layers"].items()}
+    attach(qmodel, QuantRecord(cfg, layer_order=list(manifest.get("layer_order") or []), layer_bits=resolved,
+                               fold_pairs=[tuple(p) for p in manifest.get("fold_pairs") or []],
+                               arch=manifest.get("arch"), method=manifest.get("method"),
+                               options=manifest.get("options") or {}, input_shape=manifest.get("input_shape")))
+    publish(qmodel)
+    if manifest.get("layer_order") and manifest.get("input_shape"):
+        _check_execution_order(qmodel, manifest["input_shape"], manifest["layer_order"])
     return qmodel.eval()

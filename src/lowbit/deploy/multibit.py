@@ -45,6 +45,8 @@ from ..quant.dmbq_quantizers import DmbqAct, DmbqWeight, is_dmbq
 from ..quant.layers import out_channels, quant_layers
 from ..quant.quantizer import ActQuantizer, WeightQuantizer
 from ..quant.uniform import int_range
+from ..layer_bits import from_record
+from ..record import QuantRecord, attach, publish
 from .artifact import RUNTIME_CONFIG, _zoo_model, require_quantized
 from .packing import pack_codes, packed_nbytes, unpack_codes
 
@@ -292,10 +294,13 @@ def _rebuild(manifest: dict, meta: dict, tensors: dict[str, Tensor], model: nn.M
     missing = [k for k in missing if k not in handled and ".weight_quant." not in k and ".input_quant." not in k]
     _check(not missing and not unexpected,
            f"artifact does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    qmodel.lowbit_info = {k: manifest.get(k) for k in ("arch", "method", "options", "fold_pairs", "input_shape",
-                                                        "layer_bits")}
-    qmodel.lowbit_info["config"] = cfg.to_dict()
-    qmodel.lowbit_info["layer_order"] = [r["name"] for r in rows]
+    stored_bits = manifest.get("layer_bits")
+    attach(qmodel, QuantRecord(cfg, layer_order=[r["name"] for r in rows],
+                               layer_bits=from_record(stored_bits, "the artifact's layer_bits") if stored_bits else {},
+                               fold_pairs=[tuple(p) for p in manifest["fold_pairs"]], arch=manifest.get("arch"),
+                               method=manifest.get("method"), options=manifest.get("options") or {},
+                               input_shape=manifest.get("input_shape")))
+    publish(qmodel)
     return qmodel.eval()
 
 

@@ -13,6 +13,7 @@ from ..layer_bits import LayerBits, LayerBitsMap, resolve_layer_bits, roles_of
 from ..layer_bits import record as layer_bits_record
 from ..quant.layers import float_weight_layers, layer_kind, quant_layers, quantizable, quantize_layer
 from ..quant.quantizer import ActQuantizer, WeightQuantizer
+from ..record import QuantRecord, attach
 from .equalize import equalize
 from .fold import apply_fold_structure, fold_batchnorm
 from .modules import set_submodule
@@ -117,8 +118,9 @@ def prepare(model: nn.Module, cfg: QuantConfig, example: Tensor,
 
     With ``fold_pairs`` given (when rebuilding from an artifact) only the structure of those
     folds is applied; otherwise pairs are found by tracing and folded with their values.
-    ``layer_bits`` are per-layer widths (``lowbit.layer_bits``). Returns the model and a record
-    of the graph changes and of every layer's resolved widths (``"layer_bits"``).
+    ``layer_bits`` are per-layer widths (``lowbit.layer_bits``). Returns the model, which carries
+    its ``QuantRecord`` (``lowbit.record``) from here on, and a dict of the graph changes and of
+    every layer's resolved widths (``"layer_bits"``), in the record's JSON form.
     """
     if not isinstance(model, nn.Module):
         raise LowbitError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -135,5 +137,7 @@ def prepare(model: nn.Module, cfg: QuantConfig, example: Tensor,
     warn_float_layers(qmodel, wrap_layers(qmodel, cfg))
     order = execution_order(qmodel, example.to(cfg.device, copy=True))  # a copy: a model may change its input in place
     resolved = assign_roles(qmodel, order, cfg, layer_bits)
+    attach(qmodel, QuantRecord(cfg, layer_order=list(order), layer_bits=dict(resolved),
+                               fold_pairs=[tuple(p) for p in pairs], equalized_pairs=[tuple(p) for p in eq_pairs]))
     return qmodel, {"fold_pairs": [list(p) for p in pairs], "equalized_pairs": [list(p) for p in eq_pairs],
                     "layer_order": order, "layer_bits": layer_bits_record(resolved)}

@@ -27,6 +27,7 @@ from ..options import Range
 from ..progress import progress_bar
 from ..quant.layers import QuantConv2d, QuantLinear, quant_layers
 from ..quant.learnable import LearnedStepAct, LearnedStepWeight, commit_stand_ins
+from ..record import record_of
 from ..train import augment_batch, distillation_loss
 from .baselines import MseOptions, mse_start_with_teacher
 from .blocks import capture_block_io, find_blocks, loss_summary
@@ -190,4 +191,4 @@ def distill(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: DistillOpt
     if opts.joint_iters:
         report.append(joint_stage(qmodel, teacher, calib, cfg, opts, gen))
     qmodel.train(was_training)
-    qmodel.lowbit_recon = report
+    record_of(qmodel).reconstruction = report

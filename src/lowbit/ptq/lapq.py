@@ -32,6 +32,7 @@ from ..progress import progress_bar
 from ..quant.layers import quant_layers
 from ..quant.quantizer import ActObserver, ActQuantizer
 from ..quant.ranges import lp_search_range
+from ..record import record_of
 from .common import calibrate_inputs, calibrate_weights, observe_fp_inputs, quantizers_disabled
 from .registry import register_method
 
@@ -325,7 +326,7 @@ def best_p(ps: list[float], losses: list[float]) -> float:
                  description="LAPQ: Lp-norm initialisation over p, then Powell on all clipping values against the loss")
 def lapq(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: LapqOptions) -> dict:
     """Loss-aware PTQ; returns a report (p sweep, chosen p, start and final loss, evaluations), also
-    kept as ``qmodel.lowbit_lapq``."""
+    kept as ``record_of(qmodel).lapq``."""
     start = time.perf_counter()
     observers = subsample_observers(observe_fp_inputs(qmodel, calib, cfg), opts.lp_samples, cfg.seed)
     objective = ClipObjective(qmodel, loss_subset(calib, opts.loss_images, cfg.seed), cfg)
@@ -350,5 +351,5 @@ def lapq(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: LapqOptions) 
     objective.set(x)
     report = {"p_sweep": dict(zip(ps, sweep)), "p": p_star, "start_loss": p_loss, "final_loss": final,
               "evals": evals, "seconds": time.perf_counter() - start}
-    qmodel.lowbit_lapq = report
+    record_of(qmodel).lapq = report
     return report

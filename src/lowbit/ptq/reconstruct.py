@@ -20,6 +20,7 @@ from ..errors import LowbitError
 from ..options import Range
 from ..progress import progress_bar
 from ..quant.learnable import LearnedStepAct, SoftRoundWeight, commit_stand_ins
+from ..record import record_of
 from .baselines import MseOptions, mse_start_with_teacher
 from .blocks import Block, capture_block_io, find_blocks, loss_summary
 from .common import generator, quantizers_disabled, restore_grad, train_only
@@ -188,11 +189,11 @@ def reconstruct(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: ReconO
 @register_method("brecq", ReconOptions,
                  description="block reconstruction: learned rounding + activation steps per block (BRECQ)")
 def brecq(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: ReconOptions) -> None:
-    qmodel.lowbit_recon = reconstruct(qmodel, calib, cfg, opts)
+    record_of(qmodel).reconstruction = reconstruct(qmodel, calib, cfg, opts)
 
 
 @register_method("qdrop", QDropOptions,
                  description="block reconstruction with random activation-quantization dropping (QDrop)")
 def qdrop(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: QDropOptions) -> None:
-    qmodel.lowbit_recon = reconstruct(qmodel, calib, cfg, opts)
+    record_of(qmodel).reconstruction = reconstruct(qmodel, calib, cfg, opts)
 

@@ -30,6 +30,7 @@ from ..quant.dmbq_quantizers import DmbqAct, DmbqWeight
 from ..quant.layers import quant_layers
 from ..quant.ranges import lp_search_range
 from ..quant.learnable import LearnedStepAct, LearnedStepWeight, commit_stand_ins
+from ..record import record_of
 from .bn import align_bn_signs, fold_steps_into_bn
 from .lba import LbaState
 from .registry import register_qat_method
@@ -66,7 +67,8 @@ class DmbqOptions:
 
 
 def dmbq_setup(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: DmbqOptions) -> None:
-    align_bn_signs(qmodel, qmodel.lowbit_bn_pairs)
+    record = record_of(qmodel)
+    align_bn_signs(qmodel, record.bn_pairs)
     observers = observe_fp_inputs(qmodel, calib, cfg)  # input signs and alphas, 8-bit start points
     managed: list[tuple[nn.Module, DmbqWeight]] = []
     for name, layer in quant_layers(qmodel):
@@ -97,18 +99,21 @@ def dmbq_setup(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: DmbqOpt
         if budget > opts.max_bits:
             raise LowbitError(f"dmbq: the weight budget {budget} exceeds max_bits={opts.max_bits}")
         state = LbaState(managed, opts.lba, budget, opts.lba_every, opts.max_bits)
+        # a child module, not record state: its clock and moves buffers go into the training
+        # checkpoints with the model's state_dict, so a resumed run reallocates on the same steps
         qmodel.lowbit_lba = state
         state.start(qmodel)
 
 
 def dmbq_finalize(qmodel: nn.Module, cfg: QuantConfig, opts: DmbqOptions) -> QuantConfig:
+    record = record_of(qmodel)
     state = getattr(qmodel, "lowbit_lba", None)
     if isinstance(state, LbaState):
         state.stop(qmodel)
-        qmodel.lowbit_lba_moves = int(state.moves)
+        record.lba_moves = int(state.moves)
         del qmodel.lowbit_lba
     commit_stand_ins(layer for _, layer in quant_layers(qmodel))
-    fold_steps_into_bn(qmodel, getattr(qmodel, "lowbit_bn_pairs", []), cfg)
+    fold_steps_into_bn(qmodel, record.bn_pairs, cfg)
     return cfg.with_(fold_bn=True, granularity="channel", groups=None)
 
 

@@ -33,6 +33,7 @@ from ..quant.layers import quant_layers
 from ..quant.learnable import commit_stand_ins
 from ..quant.quantizer import ActQuantizer, WeightQuantizer
 from ..quant.uniform import fake_quantize, qparams_from_range
+from ..record import record_of
 from .bn import align_bn_signs, fold_steps_into_bn
 from .registry import register_qat_method
 
@@ -190,7 +191,7 @@ def _act_k(quant: ActQuantizer, mean_abs: float) -> float:
 
 
 def gdrq_setup(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: GdrqOptions) -> None:
-    pairs = qmodel.lowbit_bn_pairs  # found on the FP model by the engine (tracing stops at torch.nn layers)
+    pairs = record_of(qmodel).bn_pairs  # found on the FP model by the engine (tracing stops at torch.nn layers)
     align_bn_signs(qmodel, pairs)
     observers = mse(qmodel, calib, cfg, MseOptions())  # activation signs, per-layer k of the inputs
     chosen = {}
@@ -211,12 +212,12 @@ def gdrq_setup(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: GdrqOpt
             layer.input_quant = ScaleClipAct(aq, k, opts.momentum, two_sided)
             layer.input_quant.start(start)  # the calibration images' threshold, not one batch's
             chosen[f"{name}.input"] = round(k, 2) if k is not None else "max"
-    qmodel.lowbit_gdrq_k = chosen
+    record_of(qmodel).gdrq_k = chosen
 
 
 def gdrq_finalize(qmodel: nn.Module, cfg: QuantConfig, opts: GdrqOptions) -> QuantConfig:
     commit_stand_ins(layer for _, layer in quant_layers(qmodel))
-    pairs = getattr(qmodel, "lowbit_bn_pairs", [])
+    pairs = record_of(qmodel).bn_pairs
     fold_steps_into_bn(qmodel, pairs, cfg)
     # what a device sees: BN folded, one multiplier per output channel (groups merged into BN)
     return cfg.with_(fold_bn=True, granularity="channel", groups=None)

@@ -16,6 +16,7 @@ from ..config import QuantConfig
 from ..ptq.baselines import MseOptions, mse
 from ..quant.layers import quant_layers
 from ..quant.learnable import LearnedStepAct, LearnedStepWeight, commit_stand_ins
+from ..record import record_of
 from .bn import align_bn_signs, fold_steps_into_bn
 from .registry import register_qat_method
 
@@ -30,7 +31,7 @@ class LsqOptions:
 
 
 def lsq_setup(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: LsqOptions) -> None:
-    align_bn_signs(qmodel, qmodel.lowbit_bn_pairs)  # before calibration: asymmetric grids see final signs
+    align_bn_signs(qmodel, record_of(qmodel).bn_pairs)  # before calibration: asymmetric grids see final signs
     mse(qmodel, calib, cfg, MseOptions())
     for _, layer in quant_layers(qmodel):
         if layer.weight_quant.enabled:
@@ -41,7 +42,7 @@ def lsq_setup(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: LsqOptio
 
 def lsq_finalize(qmodel: nn.Module, cfg: QuantConfig, opts: LsqOptions) -> QuantConfig:
     commit_stand_ins(layer for _, layer in quant_layers(qmodel))
-    fold_steps_into_bn(qmodel, getattr(qmodel, "lowbit_bn_pairs", []), cfg)
+    fold_steps_into_bn(qmodel, record_of(qmodel).bn_pairs, cfg)
     # what a device sees: BN folded, one multiplier per output channel
     return cfg.with_(fold_bn=True, granularity="channel", groups=None)
 

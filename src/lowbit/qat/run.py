@@ -19,6 +19,7 @@ from ..graph.fold import find_conv_bn_pairs
 from ..graph.surgery import input_ranks, prepare
 from ..layer_bits import check_layer_bits
 from ..options import check_value
+from ..record import publish, record_of
 from ..train import private_global_rng
 from .engine import CONFIG_RESUMABLE, QAT_FIELDS, QatConfig, check_checkpoint_target, fit
 from .registry import FinalizeContext, get_qat_method
@@ -123,9 +124,10 @@ def qat(model: nn.Module, train_data: Tensor | Iterable, val_data: Any = None, m
     x_train, y_train = _as_labelled(train_data, "train_data", **keys, ranks=ranks)
     val = _as_labelled(val_data, "val_data", **keys, ranks=ranks) if val_data is not None else None
     calib = sample_calibration(x_train, min(cfg.calib_size, len(x_train)), cfg.seed)
-    qmodel, record = prepare(model, cfg, calib[:2], layer_bits=layer_bits)
+    qmodel, graph = prepare(model, cfg, calib[:2], layer_bits=layer_bits)
+    record = record_of(qmodel)
     if not spec.fold_bn:
-        qmodel.lowbit_bn_pairs = find_conv_bn_pairs(model, scale_mergeable=True)
+        record.bn_pairs = [tuple(p) for p in find_conv_bn_pairs(model, scale_mergeable=True)]
     with private_global_rng(cfg.seed, cfg.device):  # seeded setup; the caller's RNG state is left alone
         spec.setup(qmodel, calib, cfg, opts)
     # What a checkpoint must match beyond the training settings (fit adds those): the method, the
@@ -138,23 +140,22 @@ def qat(model: nn.Module, train_data: Tensor | Iterable, val_data: Any = None, m
             run[f"config.{key}" if key in QAT_FIELDS else key] = value
     for key, value in (asdict(opts) if is_dataclass(opts) else {}).items():
         run[f"option.{key}" if key in run or key in QAT_FIELDS else key] = value
-    run["layer_bits"] = record["layer_bits"]  # a checkpoint resumes only with the same per-layer widths
+    run["layer_bits"] = graph["layer_bits"]  # a checkpoint resumes only with the same per-layer widths
     teacher = copy.deepcopy(model).eval() if tcfg.kd_weight > 0 else None  # fit runs it under no_grad
     summary = fit(qmodel, x_train, y_train, val, tcfg, run, cfg.seed, torch.device(cfg.device),
                   progress=cfg.progress, log=log, teacher=teacher)
+    record.qat = summary
     if not summary["finished"]:
-        qmodel.lowbit_qat = summary
-        return qmodel  # stopped by max_steps: still training-time quantizers, resume to finish
+        return qmodel  # stopped by max_steps: still training-time quantizers, resume to finish (not published)
     extra = ()
     if spec.wants_context:  # methods that keep working after training (TSQ's layer-wise step)
         extra = (FinalizeContext(calib, x_train, y_train, val, tcfg, cfg.seed, torch.device(cfg.device),
                                  cfg.progress, log, teacher),)
     final_cfg = spec.finalize(qmodel, cfg, opts, *extra) or cfg
-    if not spec.fold_bn:
-        record["fold_pairs"] = [list(p) for p in getattr(qmodel, "lowbit_bn_pairs", [])]
-    qmodel.lowbit_info = {
-        "arch": getattr(model, "lowbit_arch", None), "method": method, "config": final_cfg.to_dict(),
-        "options": asdict(opts) if is_dataclass(opts) else {}, **record,
-        "input_shape": list(calib.shape[1:]), "qat": summary,
-    }
+    if not spec.fold_bn:  # finalize folded the pairs BN trained in
+        record.fold_pairs, record.bn_pairs = record.bn_pairs, []
+    record.arch, record.method, record.config = getattr(model, "lowbit_arch", None), method, final_cfg
+    record.options = asdict(opts) if is_dataclass(opts) else {}
+    record.input_shape = list(calib.shape[1:])
+    publish(qmodel)
     return qmodel.eval()

@@ -57,6 +57,7 @@ from ..quant.learnable import LearnedStepAct, LearnedStepWeight, commit_stand_in
 from ..quant.quantizer import ActQuantizer
 from ..quant.ranges import lp_search_range
 from ..quant.sparse import SparseActQuantizer, SparseStepAct, fit_sparse_step, positive_quantile
+from ..record import record_of
 from .registry import FinalizeContext, register_qat_method
 
 
@@ -538,7 +539,7 @@ def tsq_setup(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: TsqOptio
                                               opts.threshold_floor)
         else:
             layer.input_quant = LearnedStepAct(aq, lsq_grad_scale=True)
-    qmodel.lowbit_tsq_weights = weights
+    record_of(qmodel).method_state = weights  # the layers finalize fits, by name
 
 
 def zero_share(qmodel: nn.Module, images: Tensor, batch_size: int = 256) -> dict[str, float]:
@@ -617,7 +618,8 @@ def _finetune(qmodel: nn.Module, ctx: FinalizeContext, opts: TsqOptions,
 
 def tsq_finalize(qmodel: nn.Module, cfg: QuantConfig, opts: TsqOptions, ctx: FinalizeContext) -> QuantConfig:
     commit_stand_ins(layer for _, layer in quant_layers(qmodel))
-    names = getattr(qmodel, "lowbit_tsq_weights", [])
+    record = record_of(qmodel)
+    names, record.method_state = record.method_state or [], None
     zeros_step1 = zero_share(qmodel, ctx.calib)
     step1_weights: dict[str, Tensor] = {}
     records = transformation_learning(qmodel, ctx.calib, cfg, opts, names, ctx.log, ctx.progress, step1_weights)
@@ -629,8 +631,7 @@ def tsq_finalize(qmodel: nn.Module, cfg: QuantConfig, opts: TsqOptions, ctx: Fin
     if opts.finetune_epochs:
         report["finetune"] = _finetune(qmodel, ctx, opts, step1_weights)["history"]
     report["zero_share"] = zero_share(qmodel, ctx.calib)
-    qmodel.lowbit_tsq = report
-    del qmodel.lowbit_tsq_weights
+    record.tsq = report
     return cfg
 
 
