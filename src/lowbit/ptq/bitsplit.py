@@ -29,7 +29,7 @@ from ..errors import LowbitError
 from ..options import Range
 from ..quant.bitplanes import num_planes, split_planes, stitch_planes
 from ..quant.ranges import RANGE_ESTIMATORS, lp_search_range
-from ..train import reestimate_bn
+from ..train.bn import reestimate_bn
 # the patch and Gram machinery lives in layerwise (shared with TSQ); its names stay importable from here
 from .layerwise import (ConvGeometry, conv_geometry, layer_statistics, output_positions,  # noqa: F401
                         patch_rows, rows_to_weight, sample_index, scale_group_of_rows, weight_rows)

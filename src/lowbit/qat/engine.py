@@ -24,8 +24,10 @@ from ..errors import LowbitError
 from ..evaluate import accuracy
 from ..options import check_fields
 from ..progress import progress_bar
-from ..train import (distillation_loss, load_checkpoint, parameter_shapes, private_global_rng, restore_failed,
-                     save_checkpoint, seed_global_rng, train_step)
+from ..train.checkpoints import load_checkpoint, parameter_shapes, restore_failed, save_checkpoint
+from ..train.distillation import distillation_loss
+from ..train.fp import train_step
+from ..train.rng import private_global_rng, seed_global_rng
 from .bn import global_batch_norm
 
 logger = logging.getLogger(__name__)

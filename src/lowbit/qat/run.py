@@ -20,7 +20,7 @@ from ..graph.surgery import input_ranks, prepare
 from ..layer_bits import check_layer_bits
 from ..options import check_value
 from ..record import publish, record_of
-from ..train import private_global_rng
+from ..train.rng import private_global_rng
 from .engine import CONFIG_RESUMABLE, QAT_FIELDS, QatConfig, check_checkpoint_target, fit
 from .registry import FinalizeContext, get_qat_method
 
