@@ -1,19 +1,22 @@
-"""Baseline PTQ methods: TF-Lite min/max, Lp-error clipping search, ACIQ analytic clipping."""
+"""Baseline PTQ methods: TF-Lite min/max, Lp-error clipping search, ACIQ analytic clipping.
+
+The Lp-error search is the shared start point of the learned methods: it lives in ``ptq.start``.
+"""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Literal
 
 from torch import Tensor, nn
 
 from ..config import QuantConfig
 from ..errors import LowbitError
-from ..options import Range
 from ..quant.quantizer import ActObserver
-from ..quant.ranges import aciq_range, lp_search_range, minmax_range
+from ..quant.ranges import aciq_range, minmax_range
 from .common import calibrate_inputs, calibrate_weights, observe_fp_inputs
 from .registry import register_method
+from .start import MseOptions, mse_start
+from .start import mse_start_with_teacher  # noqa: F401  (re-exported: lowbit.ptq.baselines.mse_start_with_teacher)
 
 
 @register_method("minmax", description="TF-Lite style: scale from max|w| and observed activation min/max")
@@ -22,46 +25,10 @@ def minmax(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: None) -> No
     calibrate_inputs(qmodel, observe_fp_inputs(qmodel, calib, cfg), minmax_range)
 
 
-@dataclass(frozen=True)
-class MseOptions:
-    """Lp clipping search (LAPQ / BRECQ style).
-
-    Attributes:
-        p_weight: norm of the weight error (2 = MSE).
-        p_act: norm of the activation error (2.4 as in LAPQ, BRECQ, QDrop).
-        candidates: clip ratios tried, shrinking the min/max range by ``shrink`` each.
-        shrink: step of the clip ratio.
-    """
-
-    p_weight: Annotated[float, Range(gt=0)] = 2.0
-    p_act: Annotated[float, Range(gt=0)] = 2.4
-    candidates: Annotated[int, Range(ge=1)] = 100
-    shrink: Annotated[float, Range(gt=0, lt=1)] = 0.01
-
-    def __post_init__(self) -> None:
-        if self.p_weight <= 0 or self.p_act <= 0 or self.candidates < 1 or not 0 < self.shrink < 1:
-            raise LowbitError("mse options: p_weight, p_act > 0, candidates >= 1 and 0 < shrink < 1")
-
-
 @register_method("mse", MseOptions, description="Lp-error clipping search (p=2 weights, p=2.4 activations)")
 def mse(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: MseOptions) -> dict[str, ActObserver]:
-    """Calibrate every range by Lp-error search; returns the FP input statistics it searched on."""
-    calibrate_weights(qmodel, lp_search_range, p=opts.p_weight, candidates=opts.candidates, shrink=opts.shrink)
-    observers = observe_fp_inputs(qmodel, calib, cfg)
-    calibrate_inputs(qmodel, observers, lp_search_range, p=opts.p_act, candidates=opts.candidates,
-                     shrink=opts.shrink)
-    return observers
-
-
-def mse_start_with_teacher(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig,
-                           init: MseOptions = MseOptions()) -> nn.Module:
-    """Calibrate ``qmodel`` with MSE clipping, the start of every learned PTQ method, and return its teacher.
-
-    The teacher is a copy in eval mode; run it under ``quantizers_disabled`` to get the FP network
-    with exactly the student's structure (folded BN, same module names).
-    """
-    mse(qmodel, calib, cfg, init)
-    return copy.deepcopy(qmodel).eval()
+    """Calibrate every range by Lp-error search (``ptq.start.mse_start``); returns the FP input statistics."""
+    return mse_start(qmodel, calib, cfg, opts)
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,9 @@ from ..progress import progress_bar
 from ..quant.layers import QuantConv2d, QuantLinear, quant_layers
 from ..quant.learnable import LearnedStepAct, LearnedStepWeight, commit_stand_ins
 from ..record import record_of
-from ..train import augment_batch, distillation_loss
-from .baselines import MseOptions, mse_start_with_teacher
+from ..train.distillation import distillation_loss
+from ..train.fp import augment_batch
+from .start import MseOptions, mse_start_with_teacher
 from .blocks import capture_block_io, find_blocks, loss_summary
 from .common import generator, quantizers_disabled, restore_grad, train_only
 from .reconstruct import block_loss

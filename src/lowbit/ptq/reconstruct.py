@@ -21,7 +21,7 @@ from ..options import Range
 from ..progress import progress_bar
 from ..quant.learnable import LearnedStepAct, SoftRoundWeight, commit_stand_ins
 from ..record import record_of
-from .baselines import MseOptions, mse_start_with_teacher
+from .start import MseOptions, mse_start_with_teacher
 from .blocks import Block, capture_block_io, find_blocks, loss_summary
 from .common import generator, quantizers_disabled, restore_grad, train_only
 from .registry import register_method

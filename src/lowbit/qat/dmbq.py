@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..config import QuantConfig
 from ..errors import LowbitError
 from ..options import Range
-from ..ptq.baselines import MseOptions
+from ..ptq.start import MseOptions
 from ..ptq.common import observe_fp_inputs
 from ..quant import dmbq
 from ..quant.dmbq_quantizers import DmbqAct, DmbqWeight

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..config import QuantConfig
 from ..errors import LowbitError
 from ..options import Range
-from ..ptq.baselines import MseOptions, mse
+from ..ptq.start import mse_start
 from ..quant.layers import quant_layers
 from ..quant.learnable import commit_stand_ins
 from ..quant.quantizer import ActQuantizer, WeightQuantizer
@@ -193,7 +193,7 @@ def _act_k(quant: ActQuantizer, mean_abs: float) -> float:
 def gdrq_setup(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: GdrqOptions) -> None:
     pairs = record_of(qmodel).bn_pairs  # found on the FP model by the engine (tracing stops at torch.nn layers)
     align_bn_signs(qmodel, pairs)
-    observers = mse(qmodel, calib, cfg, MseOptions())  # activation signs, per-layer k of the inputs
+    observers = mse_start(qmodel, calib, cfg)  # activation signs, per-layer k of the inputs
     chosen = {}
     for name, layer in quant_layers(qmodel):
         if layer.weight_quant.enabled:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ..config import QuantConfig
-from ..ptq.baselines import MseOptions, mse
+from ..ptq.start import mse_start
 from ..quant.layers import quant_layers
 from ..quant.learnable import LearnedStepAct, LearnedStepWeight, commit_stand_ins
 from ..record import record_of
@@ -32,7 +32,7 @@ class LsqOptions:
 
 def lsq_setup(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: LsqOptions) -> None:
     align_bn_signs(qmodel, record_of(qmodel).bn_pairs)  # before calibration: asymmetric grids see final signs
-    mse(qmodel, calib, cfg, MseOptions())
+    mse_start(qmodel, calib, cfg)
     for _, layer in quant_layers(qmodel):
         if layer.weight_quant.enabled:
             layer.weight_quant = LearnedStepWeight(layer.weight_quant, layer.weight, opts.grad_scale)

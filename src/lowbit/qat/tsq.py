@@ -49,7 +49,7 @@ from ..config import QuantConfig
 from ..errors import LowbitError
 from ..options import Range
 from ..progress import progress_bar
-from ..ptq.baselines import MseOptions, mse
+from ..ptq.start import mse_start
 from ..ptq.bitsplit import lloyd_weight_scale
 from ..ptq.layerwise import output_positions, patch_rows, rows_to_weight, scale_group_of_rows, weight_rows
 from ..quant.layers import layer_kind, quant_layers
@@ -516,7 +516,7 @@ def tsq_setup(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: TsqOptio
         raise LowbitError("tsq fits one weight scale per output channel: use granularity='channel'")
     if not cfg.w_symmetric:
         raise LowbitError("tsq produces symmetric (zero-point free) weights: use w_symmetric=True")
-    observers = mse(qmodel, calib, cfg, MseOptions())
+    observers = mse_start(qmodel, calib, cfg)
     weights = []
     for name, layer in quant_layers(qmodel):
         if layer.weight_quant.enabled:
