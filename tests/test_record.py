@@ -62,3 +62,18 @@ def test_gdrq_keeps_its_results_in_the_record_not_on_modules() -> None:
     assert q.lowbit_info["qat"] == rec.qat and q.lowbit_info["fold_pairs"] == [list(p) for p in rec.fold_pairs]
     # lowbit_arch: the zoo model's own constructor arguments, copied with the FP model
     assert not [k for k in vars(q) if k.startswith("lowbit_") and k not in ("lowbit_record", "lowbit_info", "lowbit_arch")]
+
+
+def test_a_registered_method_keeps_its_results_in_the_record() -> None:
+    from lowbit.ptq.registry import _METHODS, register_method
+
+    @register_method("record-probe", description="minmax, then a note in the record")
+    def probe(qmodel, calib, cfg, opts) -> None:
+        _METHODS["minmax"].handler(qmodel, calib, cfg, None)
+        record_of(qmodel).extra["record-probe"] = {"images": len(calib)}
+
+    try:
+        q = lowbit.quantize(_small(), calib_tensor(8), w_bits=4, a_bits=8, method="record-probe")
+    finally:
+        del _METHODS["record-probe"]
+    assert record_of(q).extra == {"record-probe": {"images": 8}} and record_of(q).method == "record-probe"

@@ -53,7 +53,8 @@ def register_method(name: str, options: type | None = None, description: str = "
 
     ``options`` is a dataclass whose field annotations declare each option's type (see
     ``lowbit.options``); they are resolved here, so an annotation lowbit cannot check fails at
-    registration with a TypeError rather than when the method is used.
+    registration with a TypeError rather than when the method is used. A handler that reports
+    results keeps them in the model's record, ``lowbit.record_of(qmodel).extra[name]``.
     """
     if options is not None:
         option_types(options)
