@@ -1,9 +1,11 @@
-"""The starting points that learned methods share: MSE clipping, and the teacher copy.
+"""The starting points that learned methods share: MSE clipping, and the teachers.
 
 Every learned method, PTQ (``brecq``, ``qdrop``, ``distill``) and QAT (``lsq``, ``gdrq``, ``tsq``,
 and ``dmbq`` for layers above its multi-bit range), starts from the Lp-error clipping search of
 method ``mse``. It lives here, not in a method's handler, so that a method depends on the start
-point, never on another method; ``ptq.baselines`` registers ``mse`` on top of it.
+point, never on another method; ``ptq.baselines`` registers ``mse`` on top of it. The teachers:
+learned PTQ methods fit the student to a copy of itself run with quantizers off
+(``mse_start_with_teacher``), a distilling QAT run to the FP model (``fp_teacher``).
 """
 from __future__ import annotations
 
@@ -61,3 +63,8 @@ def mse_start_with_teacher(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig,
     """
     mse_start(qmodel, calib, cfg, init)
     return copy.deepcopy(qmodel).eval()
+
+
+def fp_teacher(model: nn.Module) -> nn.Module:
+    """The FP teacher of a distilling QAT run: a copy of ``model`` in eval mode (the caller's stays as it is)."""
+    return copy.deepcopy(model).eval()

@@ -1,7 +1,6 @@
 """``lowbit.qat``: quantization-aware fine-tuning of an FP model with a registered QAT method."""
 from __future__ import annotations
 
-import copy
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -19,6 +18,7 @@ from ..graph.fold import find_conv_bn_pairs
 from ..graph.surgery import input_ranks, prepare
 from ..layer_bits import check_layer_bits
 from ..options import check_value
+from ..ptq.start import fp_teacher
 from ..record import publish, record_of
 from ..train.rng import private_global_rng
 from .engine import CONFIG_RESUMABLE, QAT_FIELDS, QatConfig, check_checkpoint_target, fit
@@ -141,7 +141,7 @@ def qat(model: nn.Module, train_data: Tensor | Iterable, val_data: Any = None, m
     for key, value in (asdict(opts) if is_dataclass(opts) else {}).items():
         run[f"option.{key}" if key in run or key in QAT_FIELDS else key] = value
     run["layer_bits"] = graph["layer_bits"]  # a checkpoint resumes only with the same per-layer widths
-    teacher = copy.deepcopy(model).eval() if tcfg.kd_weight > 0 else None  # fit runs it under no_grad
+    teacher = fp_teacher(model) if tcfg.kd_weight > 0 else None  # fit runs it under no_grad
     summary = fit(qmodel, x_train, y_train, val, tcfg, run, cfg.seed, torch.device(cfg.device),
                   progress=cfg.progress, log=log, teacher=teacher)
     record.qat = summary
