@@ -40,12 +40,12 @@ from ..errors import LowbitError
 from ..files import atomic_write
 from ..graph.fold import apply_fold_structure
 from ..graph.surgery import wrap_layers
+from ..layer_bits import from_record
 from ..quant import dmbq
 from ..quant.dmbq_quantizers import DmbqAct, DmbqWeight, is_dmbq
 from ..quant.layers import out_channels, quant_layers
 from ..quant.quantizer import ActQuantizer, WeightQuantizer
 from ..quant.uniform import int_range
-from ..layer_bits import from_record
 from ..record import QuantRecord, attach, publish
 from .artifact import RUNTIME_CONFIG, _zoo_model, require_quantized
 from .packing import pack_codes, packed_nbytes, unpack_codes
