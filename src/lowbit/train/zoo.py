@@ -14,6 +14,18 @@ from .fp import TrainConfig, TrainResult, train_model
 from .rng import private_global_rng
 
 
+# torch 2.13's CPU convolution backward in channels_last corrupts the heap ("munmap_chunk(): invalid
+# pointer", then a crash) for a dense convolution with 4 output channels, seen on an AVX2-only AMD EPYC
+# host (ResNet-20 at width 4; widths 8 and 16 train). Such small models gain nothing from the layout.
+MIN_CHANNELS_LAST_CHANNELS = 8
+
+
+def channels_last_is_safe(model: nn.Module) -> bool:
+    """Whether CPU training may switch ``model`` to channels_last: no dense conv under 8 output channels."""
+    return not any(isinstance(m, nn.Conv2d) and m.groups == 1 and m.out_channels < MIN_CHANNELS_LAST_CHANNELS
+                   for m in model.modules())
+
+
 def train_zoo_model(name: str, cfg: TrainConfig, data_root: str | None = None, save: bool = True,
                     progress: bool | None = None, log: Callable[[str], Any] | None = None, resume: bool = False,
                     teachers: tuple[str, ...] = (), checkpoint: str | None = None, stop_after: int | None = None,
@@ -57,7 +69,7 @@ def train_zoo_model(name: str, cfg: TrainConfig, data_root: str | None = None, s
     else:
         with private_global_rng(cfg.seed):  # initial weights from cfg.seed; the caller's RNG is left alone
             model = create_model(name, **model_kwargs)
-    if cfg.device == "cpu":
+    if cfg.device == "cpu" and channels_last_is_safe(model):
         model = model.to(memory_format=torch.channels_last)
     result = train_model(model, x_train, y_train, x_test, y_test, cfg, progress=progress, log=log, teacher=teacher,
                          checkpoint=checkpoint, stop_after=stop_after)
