@@ -125,7 +125,8 @@ TABLES: tuple[Table, ...] = (
                             "fp,lsq0,dmbq0,solve,lqnet", "--section", "dmbq-qat-solvers"), None),
     ), ("dmbq-",), ("resnet20",)),
     Table("003-tsq", "003", "TSQ vs LSQ, ternary weights and 2-bit activations", (
-        Run("tsq.py", ("--train-size", "5000", "--epochs", "2", "--finetune", "1"),
+        Run("tsq.py", ("--train-size", "5000", "--epochs", "2", "--finetune", "2", "--option", "tsq",
+                       "finetune_lr=0.01"),
             ("--train-size", "128", "--epochs", "1", "--eval-size", "200")),
     ), ("tsq-",), ("resnet20",)),
     Table("mixed-resnet20", "-", "Mixed precision on ResNet-20: accuracy against weight size (issue #15)", (
