@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from ..errors import LowbitError
 from . import dmbq
 from .dmbq_table import table_alphas
-from .quantizer import ActQuantizer, WeightQuantizer
+from .quantizer import ActQuantizer, WeightQuantizer, _param
+from .spec import TensorSpec
 
 SOLVERS = ("table", "solve", "lqnet")
 SOLVE_SAMPLES = 1 << 16  # "solve" on activations fits on at most this many (evenly strided) elements
@@ -224,6 +225,14 @@ class DmbqWeight(nn.Module):
         q, _ = self.quantized_rows(self.rows(layer.weight))
         layer.weight.copy_(self.unrows(q, layer.weight))
 
+    def spec(self) -> TensorSpec:
+        """This quantizer's code book: a binary basis per channel (0 bases: pruned); only once committed."""
+        if not self.frozen:
+            raise LowbitError("its DMBQ quantizer is still training (finish the QAT run)")
+        bits = self.bits
+        return TensorSpec("multibit", bits, True, True, False, "channel", self.channels, self.channels, self.axis,
+                          tuple(int(b) for b in self.channel_bits.tolist()), alphas=_param(self.alpha[:, :bits]))
+
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, mean_bits={self.mean_bits:.3f}, pruned={self.pruned_channels}, "
                 f"solver={self.solver}, frozen={self.frozen}")
@@ -284,6 +293,10 @@ class DmbqAct(nn.Module):
     def commit(self) -> "DmbqAct":
         self.frozen = True
         return self
+
+    def spec(self) -> TensorSpec:
+        """This quantizer's code book: one binary basis for the whole tensor."""
+        return TensorSpec("multibit", self.num_bases, self.signed, alphas=_param(self.alpha))
 
     def extra_repr(self) -> str:
         return f"bits={self.num_bases}, signed={self.signed}, solver={self.solver}, frozen={self.frozen}"
