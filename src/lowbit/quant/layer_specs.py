@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..errors import LowbitError
 from .dmbq_quantizers import DmbqAct, DmbqWeight
-from .layers import out_channels, quant_layers
+from .layers import LAYER_KINDS, out_channels, quant_layers
 from .quantizer import ActQuantizer, WeightQuantizer
 from .sparse import SparseActQuantizer
 from .spec import LayerSpec, TensorSpec, channel_view, codes, dequantize, fake_quantize, qrange
@@ -116,15 +116,17 @@ def weight_quantizer(spec: TensorSpec, device: torch.device | str = "cpu") -> nn
     return wq
 
 
-def input_quantizer(spec: TensorSpec, device: torch.device | str = "cpu") -> nn.Module:
-    """The (enabled, calibrated) input quantizer that implements ``spec``."""
+def input_quantizer(spec: TensorSpec, device: torch.device | str = "cpu", symmetric: bool | None = None) -> nn.Module:
+    """The (enabled, calibrated) input quantizer that implements ``spec``; ``symmetric`` (default: the
+    spec's) is the calibration setting of a uniform one (signed codes for negative inputs), not part of its codes."""
     if spec.kind == "multibit":
         act = DmbqAct(ActQuantizer(spec.bits).to(device), spec.bits, spec.signed)
         act.alpha.copy_(spec.alphas)
         act.initialized.fill_(True)
         act.frozen = True
         return act
-    aq = (SparseActQuantizer(spec.bits) if spec.kind == "sparse" else ActQuantizer(spec.bits, spec.symmetric)).to(device)
+    symmetric = spec.symmetric if symmetric is None else symmetric
+    aq = (SparseActQuantizer(spec.bits) if spec.kind == "sparse" else ActQuantizer(spec.bits, symmetric)).to(device)
     aq.signed = spec.signed
     aq.scale.copy_(spec.scale)
     aq.zero_point.copy_(spec.zero_point)
@@ -139,9 +141,14 @@ def apply_layer_spec(layer: nn.Module, spec: LayerSpec) -> None:
     Float parts keep the layer's own quantizer, disabled. The weight values are the caller's
     (e.g. the stored codes dequantized with ``quant.spec.dequantize``).
     """
-    if spec.kind != layer.kind or tuple(layer.weight.shape) != spec.weight_shape:
-        raise LowbitError(f"layer {spec.name!r}: the spec holds a {spec.kind} layer of weight {list(spec.weight_shape)}, "
-                          f"the model a {layer.kind} of {list(layer.weight.shape)}")
+    kind = LAYER_KINDS[layer.kind]
+    ws = spec.weight
+    if (spec.kind != layer.kind or tuple(layer.weight.shape) != spec.weight_shape
+            or spec.out_channels != out_channels(layer)
+            or (ws is not None and (ws.axis, ws.channels) != (kind.axis, layer.weight.shape[kind.axis]))):
+        raise LowbitError(f"layer {spec.name!r}: the spec describes another layer than the model's {layer.kind} "
+                          f"of weight {list(layer.weight.shape)} (kind {spec.kind}, weight {list(spec.weight_shape)}, "
+                          f"{spec.out_channels} outputs" + (f", {ws.channels} channels on axis {ws.axis})" if ws else ")"))
     device = layer.weight.device
     layer.role = spec.role
     if spec.weight is None:
@@ -151,4 +158,4 @@ def apply_layer_spec(layer: nn.Module, spec: LayerSpec) -> None:
     if spec.input is None:
         layer.input_quant.enabled = False
     else:
-        layer.input_quant = input_quantizer(spec.input, device)
+        layer.input_quant = input_quantizer(spec.input, device, getattr(layer.input_quant, "symmetric", None))

@@ -248,7 +248,8 @@ class ActQuantizer(nn.Module):
         """This quantizer's code book: per-tensor uniform codes (a CPU copy); LowbitError while it observes."""
         if self.observer is not None or self.bits is None:
             raise LowbitError("an activation quantizer that is not calibrated has no spec")
-        return TensorSpec("uniform", self.bits, self.signed, self.symmetric, False, scale=_param(self.scale),
+        # symmetric codes (zero point 0) exactly when signed: ``symmetric`` itself only steers calibration
+        return TensorSpec("uniform", self.bits, self.signed, self.signed, False, scale=_param(self.scale),
                           zero_point=_param(self.zero_point))
 
     def quantize(self, x: Tensor) -> QuantResult:
