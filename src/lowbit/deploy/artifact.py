@@ -54,13 +54,14 @@ RUNTIME_CONFIG = ("device", "progress")  # settings of the run, not of the model
 SPARSE_KEY = "sparse_inputs"
 # Version 3 stores every layer's spec (``quant.spec``) explicitly: a table of the distinct code books
 # (``CODE_BOOKS_KEY``: one list of the ``CODE_BOOK_FIELDS`` of a ``TensorSpec`` record per code book,
-# flags as 0/1; its layout along the layer follows from the row's kind, shape and groups) and under
+# flags as 0/1; its layout along the layer follows from the row's kind, shape and groups, per-group
+# widths from the manifest's ``group_bits``) and under
 # ``SPECS_KEY`` two code book indices per row, in row order: its weight's and its input's (null: float). The numeric parameters are
 # the row's tensors (params blob, thresholds by name). Stored specs must equal what the rows and the
 # config say: a damaged one is refused, never used.
 SPECS_KEY = "specs"
 CODE_BOOKS_KEY = "code_books"
-CODE_BOOK_FIELDS = ("kind", "bits", "signed", "symmetric", "narrow", "granularity", "group_bits")
+CODE_BOOK_FIELDS = ("kind", "bits", "signed", "symmetric", "narrow", "granularity")
 _CODE_BOOK_FLAGS = ("signed", "symmetric", "narrow")
 
 
@@ -731,7 +732,8 @@ def _stored_specs(stored: dict, derived: list[LayerSpec]) -> dict[str, LayerSpec
                 parts.append(None)
                 continue
             meta = {**dict(zip(CODE_BOOK_FIELDS, books[ref])), "channels": spec.channels,
-                    "num_groups": spec.num_groups, "axis": spec.axis}
+                    "num_groups": spec.num_groups, "axis": spec.axis,
+                    "group_bits": None if spec.group_bits is None else list(spec.group_bits)}
             for flag in _CODE_BOOK_FLAGS:  # 0/1 in the file (and nothing else: True would pass as 1)
                 value = meta[flag]
                 meta[flag] = bool(value) if _is_int(value) and value in (0, 1) else value
