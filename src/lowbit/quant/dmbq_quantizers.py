@@ -77,6 +77,8 @@ class DmbqWeight(nn.Module):
     accumulated since the last reallocation).
     """
 
+    CODE_BOOK = "multibit"  # the quant.spec kind that spec() returns
+
     def __init__(self, quant: WeightQuantizer, bits: int, solver: str = "table") -> None:
         super().__init__()
         _check_solver_and_bits(solver, bits, 0, "weights")
@@ -244,6 +246,8 @@ class DmbqAct(nn.Module):
     Training updates a moving average of the alphas (``momentum``) from every batch and quantizes
     with the average, as evaluation does; ``start`` sets it from calibration data first.
     """
+
+    CODE_BOOK = "multibit"  # the quant.spec kind that spec() returns
 
     def __init__(self, quant: ActQuantizer, bits: int, signed: bool, solver: str = "table",
                  momentum: float = 0.9) -> None:

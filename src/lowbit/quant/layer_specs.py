@@ -49,6 +49,12 @@ def layer_specs(qmodel: nn.Module, verify: bool = False) -> list[LayerSpec]:
     return [layer_spec(name, layer, verify) for name, layer in quant_layers(qmodel)]
 
 
+def code_books(qmodel: nn.Module) -> set[str]:
+    """The code book kinds (``quant.spec.KINDS``) the quantizers of ``qmodel`` declare (``CODE_BOOK``),
+    committed or not: which exporter a model needs."""
+    return {m.CODE_BOOK for m in qmodel.modules() if isinstance(getattr(m, "CODE_BOOK", None), str)}
+
+
 def _verify_weight(name: str, layer: nn.Module, spec: TensorSpec) -> None:
     """The quantizer's simulated weight must be the spec's dequantized codes of the layer's weight."""
     w = layer.weight.detach()

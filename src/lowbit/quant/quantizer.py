@@ -23,6 +23,8 @@ class WeightQuantizer(nn.Module):
     per-axis quantization. ``channels`` is that dimension's size.
     """
 
+    CODE_BOOK = "uniform"  # the quant.spec kind that spec() returns
+
     def __init__(self, bits: int, channels: int, granularity: str = "channel", groups: int | None = None,
                  symmetric: bool = True, narrow: bool = True, axis: int = 0) -> None:
         super().__init__()
@@ -190,6 +192,8 @@ class ActObserver:
 
 class ActQuantizer(nn.Module):
     """Per-tensor activation quantizer: unsigned after ReLU, asymmetric (or symmetric) otherwise."""
+
+    CODE_BOOK = "uniform"  # the quant.spec kind that spec() returns
 
     def __init__(self, bits: int | None, symmetric: bool = False) -> None:
         super().__init__()

@@ -76,6 +76,8 @@ def fit_sparse_step(values: Tensor, threshold: float, qmax: int, candidates: int
 class SparseActQuantizer(ActQuantizer):
     """Unsigned per-tensor activation quantizer whose codes are 0 up to ``threshold`` (TSQ's sparse codes)."""
 
+    CODE_BOOK = "sparse"  # the quant.spec kind that spec() returns
+
     def __init__(self, bits: int | None, threshold: float = 0.0) -> None:
         super().__init__(bits, symmetric=False)
         self.register_buffer("threshold", torch.full((1,), float(threshold)))

@@ -32,6 +32,7 @@ from . import dmbq
 from .uniform import int_range
 
 KINDS = ("uniform", "sparse", "multibit")
+MAX_BASES = dmbq.MAX_BASES  # most bases of a multibit code book
 GRANULARITIES = ("tensor", "channel", "group")
 TENSOR_FIELDS = ("scale", "zero_point", "alphas", "threshold")  # the numeric parameters, carried as tensors
 _META_FIELDS = ("kind", "bits", "signed", "symmetric", "narrow", "granularity", "channels", "num_groups", "axis",
@@ -180,7 +181,7 @@ def _check(spec: TensorSpec) -> None:
     if spec.channels % spec.num_groups:
         raise _bad("num_groups", f"a divisor of the {spec.channels} channels", spec.num_groups)
     multibit = spec.kind == "multibit"
-    low, high = (0, dmbq.MAX_BASES) if multibit else (1, 16)
+    low, high = (0, MAX_BASES) if multibit else (1, 16)
     if not _is_int(spec.bits) or not low <= spec.bits <= high:
         raise _bad("bits", f"an integer {low}..{high}", spec.bits)
     if spec.group_bits is not None:
@@ -244,11 +245,13 @@ def _limits(spec: TensorSpec, ndim: int) -> tuple[int | Tensor, int | Tensor]:
     return channel_view(spec, lo, ndim), channel_view(spec, hi, ndim)
 
 
-def _rows(spec: TensorSpec, x: Tensor) -> Tensor:
+def group_rows(spec: TensorSpec, x: Tensor) -> Tensor:
+    """``x`` as ``num_groups`` rows (the ``axis`` dimension first, groups of consecutive channels)."""
     return (x.movedim(spec.axis, 0) if spec.axis else x).reshape(spec.num_groups, -1)
 
 
-def _unrows(spec: TensorSpec, rows: Tensor, like_shape: torch.Size) -> Tensor:
+def ungroup_rows(spec: TensorSpec, rows: Tensor, like_shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """Inverse of ``group_rows``: rows back to a tensor of ``like_shape``."""
     moved = list(like_shape)
     moved.insert(0, moved.pop(spec.axis))
     out = rows.reshape(moved)
@@ -271,13 +274,13 @@ def codes(spec: TensorSpec, x: Tensor) -> Tensor:
     (pruned groups: 0).
     """
     if spec.kind == "multibit":
-        rows = _rows(spec, x)
+        rows = group_rows(spec, x)
         idx = torch.zeros(rows.shape, dtype=torch.int64, device=x.device)
         for b, groups in _width_groups(spec):
             sel = torch.tensor(groups, device=x.device)
             _, i = dmbq.assign(rows[sel], spec.alphas[groups, :b].to(rows.device, rows.dtype), spec.signed)
             idx[sel] = i
-        return _unrows(spec, idx, x.shape).to(torch.int32)
+        return ungroup_rows(spec, idx, x.shape).to(torch.int32)
     ndim = x.dim()
     if spec.binary:
         return torch.where(x >= 0, 1, -1).to(torch.int32)
@@ -315,9 +318,9 @@ def levels(spec: TensorSpec) -> Tensor:
 def dequantize(spec: TensorSpec, q: Tensor) -> Tensor:
     """Real values (float32) of integer codes ``q`` (a weight- or activation-shaped tensor)."""
     if spec.kind == "multibit":
-        rows = _rows(spec, q.to(torch.int64))
+        rows = group_rows(spec, q.to(torch.int64))
         lv = levels(spec).to(q.device)
-        return _unrows(spec, lv.gather(1, rows), q.shape).float()
+        return ungroup_rows(spec, lv.gather(1, rows), q.shape).float()
     s = channel_view(spec, spec.scale.to(q.device), q.dim())
     if spec.binary:
         return q.float() * s
@@ -327,6 +330,16 @@ def dequantize(spec: TensorSpec, q: Tensor) -> Tensor:
 def fake_quantize(spec: TensorSpec, x: Tensor) -> Tensor:
     """Quantize-dequantize ``x`` under ``spec`` (no gradients): what the simulation computes."""
     return dequantize(spec, codes(spec, x)).to(x.dtype)
+
+
+def bit_planes(spec: TensorSpec, q: Tensor) -> Tensor:
+    """Multibit: the basis states of codes ``q`` as ``(bits, num_groups, n)`` int8 planes, ``+-1`` (signed)
+    or ``0/1``; planes beyond a group's own bases (and every plane of a pruned group) are 0."""
+    rows = group_rows(spec, q.to(torch.int64))
+    planes = torch.zeros(spec.bits, *rows.shape, dtype=torch.int8, device=q.device)
+    for b, groups in _width_groups(spec):
+        planes[:b, groups] = dmbq.planes_of(rows[groups], b, spec.signed).to(torch.int8)
+    return planes
 
 
 def value_range(spec: TensorSpec) -> tuple[Tensor, Tensor]:
