@@ -3,6 +3,11 @@
 Reading trusts nothing in the file: only safetensors and JSON are parsed (no pickle, no code), an
 architecture is resolved by name through the zoo registry, and every manifest value and tensor is
 checked before the model is built; a file that fails a check is a LowbitError naming it and the field.
+
+Writing reads each layer through its ``quant.spec.LayerSpec`` (``quant.layer_specs``), never through
+its quantizer; version 3 stores those specs (a table of code books plus one reference per row), and
+loading rebuilds the quantizers from the specs (``quant.layer_specs.apply_layer_spec``). Files of
+versions 1 and 2 hold no spec records: their specs are derived from the rows and the config.
 """
 from __future__ import annotations
 
@@ -100,7 +105,8 @@ def save_artifact(qmodel: nn.Module, path: str | os.PathLike) -> Path:
     Layout: one uint8 blob ``codes<b>`` per weight bit width (each layer's codes packed densely,
     byte-aligned per layer), one float32 blob ``params`` (scales, zero points, biases, input
     quantizer parameters), every other tensor under its state-dict name, and a compact JSON
-    manifest (architecture, config, method, input shape, one row per layer) in the metadata.
+    manifest (architecture, config, method, input shape, one row per layer, the layers' code books
+    and which row uses which) in the metadata.
     """
     from safetensors.torch import save_file
 

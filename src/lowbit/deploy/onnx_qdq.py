@@ -34,6 +34,9 @@ LowbitError. torch writes opset 18 and ``onnx.version_converter`` lifts the grap
 Markers make the node-to-layer mapping independent of the exporter's naming and keep it from
 fusing an unfolded BatchNorm into a quantized weight.
 
+What each marker becomes comes from the layer's ``quant.spec.LayerSpec`` (``quant.layer_specs``,
+checked to reproduce the simulation): the exporter never looks inside a quantizer.
+
 The deprecated TorchScript exporter (``dynamo=False``) is used only where the new one cannot be:
 a model that ``torch.export`` cannot capture (data-dependent Python control flow) and an
 explicit opset below 18 (the version converter has no downgrade adapters for common ops); a

@@ -10,7 +10,7 @@ from ..errors import LowbitError
 from .spec import GRANULARITIES, TensorSpec, effective_groups  # noqa: F401  (re-exported)
 from .uniform import QuantResult, check_bits, fake_quantize, int_range, qparams_from_range, to_int
 
-def _param(t: Tensor) -> Tensor:
+def spec_tensor(t: Tensor) -> Tensor:
     """A quantizer parameter as a spec holds it: a detached float32 CPU copy."""
     return t.detach().float().cpu().clone()
 
@@ -148,8 +148,8 @@ class WeightQuantizer(nn.Module):
     def spec(self) -> TensorSpec:
         """This quantizer's code book: uniform codes, one scale and zero point per group (a CPU copy)."""
         return TensorSpec("uniform", self.bits, self.signed, self.symmetric, self.narrow, self.granularity,
-                          self.channels, self.num_groups, self.axis, self.group_bits, _param(self.scale),
-                          _param(self.zero_point))
+                          self.channels, self.num_groups, self.axis, self.group_bits, spec_tensor(self.scale),
+                          spec_tensor(self.zero_point))
 
     def extra_repr(self) -> str:
         axis = f", axis={self.axis}" if self.axis else ""
@@ -253,8 +253,8 @@ class ActQuantizer(nn.Module):
         if self.observer is not None or self.bits is None:
             raise LowbitError("an activation quantizer that is not calibrated has no spec")
         # symmetric codes (zero point 0) exactly when signed: ``symmetric`` itself only steers calibration
-        return TensorSpec("uniform", self.bits, self.signed, self.signed, False, scale=_param(self.scale),
-                          zero_point=_param(self.zero_point))
+        return TensorSpec("uniform", self.bits, self.signed, self.signed, False, scale=spec_tensor(self.scale),
+                          zero_point=spec_tensor(self.zero_point))
 
     def quantize(self, x: Tensor) -> QuantResult:
         qmin, qmax = self.qrange

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..errors import LowbitError
 from .learnable import scale_grad
-from .quantizer import ActQuantizer, _param
+from .quantizer import ActQuantizer, spec_tensor
 from .spec import TensorSpec, sparse_gate
 
 
@@ -110,8 +110,8 @@ class SparseActQuantizer(ActQuantizer):
         """This quantizer's code book: sparse codes (zero up to the threshold, uniform levels above)."""
         if self.observer is not None or self.bits is None:
             raise LowbitError("an activation quantizer that is not calibrated has no spec")
-        return TensorSpec("sparse", self.bits, False, False, False, scale=_param(self.scale),
-                          zero_point=_param(self.zero_point), threshold=_param(self.threshold))
+        return TensorSpec("sparse", self.bits, False, False, False, scale=spec_tensor(self.scale),
+                          zero_point=spec_tensor(self.zero_point), threshold=spec_tensor(self.threshold))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, threshold={self.threshold.item():.4g}"
