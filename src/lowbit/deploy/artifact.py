@@ -3,10 +3,16 @@
 Reading trusts nothing in the file: only safetensors and JSON are parsed (no pickle, no code), an
 architecture is resolved by name through the zoo registry, and every manifest value and tensor is
 checked before the model is built; a file that fails a check is a LowbitError naming it and the field.
+
+Writing reads each layer through its ``quant.spec.LayerSpec`` (``quant.layer_specs``), never through
+its quantizer; version 3 stores those specs (a table of code books plus one reference per row), and
+loading rebuilds the quantizers from the specs (``quant.layer_specs.apply_layer_spec``). Files of
+versions 1 and 2 hold no spec records: their specs are derived from the rows and the config.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import math
@@ -25,15 +31,19 @@ from ..graph.fold import apply_fold_structure
 from ..graph.surgery import count_float_layers, execution_order, wrap_layers
 from ..layer_bits import LayerBits, default_bits, from_record
 from ..layer_bits import record as layer_bits_record
+from ..quant import spec as qspec
+from ..quant.layer_specs import apply_layer_spec, layer_specs
 from ..quant.layers import LAYER_KINDS, out_channels, quant_layers
-from ..quant.sparse import SparseActQuantizer
+from ..quant.spec import LayerSpec, TensorSpec, effective_groups
 from ..quant.uniform import int_range
 from ..record import QuantRecord, attach, publish
 from .packing import pack_codes, packed_nbytes, unpack_codes
 
 FORMAT = "lowbit-artifact"
-VERSION = "2"
-READABLE_VERSIONS = ("1", "2")  # version 1: one tensor per layer field and a verbose per-layer manifest
+VERSION = "3"
+# version 1: one tensor per layer field and a verbose per-layer manifest; version 2: the compact rows
+# without the per-layer spec records (``SPECS_KEY``), which are then derived from the rows and the config
+READABLE_VERSIONS = ("1", "2", "3")
 
 # Columns of the manifest's "layers" rows (the manifest itself lists them under "fields"). "kind"
 # (a quant.layers.LAYER_KINDS name: it fixes the weight layout and its channel axis) and "out" (output
@@ -48,6 +58,17 @@ RUNTIME_CONFIG = ("device", "progress")  # settings of the run, not of the model
 # Optional manifest key: layers whose input quantizer has sparse codes (``quant.sparse``: 0 up to a
 # threshold, uniform levels above); the threshold is the float32 tensor ``<layer>.input_quant.threshold``.
 SPARSE_KEY = "sparse_inputs"
+# Version 3 stores every layer's spec (``quant.spec``) explicitly: a table of the distinct code books
+# (``CODE_BOOKS_KEY``: one list of the ``CODE_BOOK_FIELDS`` of a ``TensorSpec`` record per code book,
+# flags as 0/1; its layout along the layer follows from the row's kind, shape and groups, per-group
+# widths from the manifest's ``group_bits``) and under
+# ``SPECS_KEY`` two code book indices per row, in row order: its weight's and its input's (null: float). The numeric parameters are
+# the row's tensors (params blob, thresholds by name). Stored specs must equal what the rows and the
+# config say: a damaged one is refused, never used.
+SPECS_KEY = "specs"
+CODE_BOOKS_KEY = "code_books"
+CODE_BOOK_FIELDS = ("kind", "bits", "signed", "symmetric", "narrow", "granularity")
+_CODE_BOOK_FLAGS = ("signed", "symmetric", "narrow")
 
 
 def codes_key(bits: int) -> str:
@@ -85,7 +106,8 @@ def save_artifact(qmodel: nn.Module, path: str | os.PathLike) -> Path:
     Layout: one uint8 blob ``codes<b>`` per weight bit width (each layer's codes packed densely,
     byte-aligned per layer), one float32 blob ``params`` (scales, zero points, biases, input
     quantizer parameters), every other tensor under its state-dict name, and a compact JSON
-    manifest (architecture, config, method, input shape, one row per layer) in the metadata.
+    manifest (architecture, config, method, input shape, one row per layer, the layers' code books
+    and which row uses which) in the metadata.
     """
     from safetensors.torch import save_file
 
@@ -101,33 +123,46 @@ def save_artifact(qmodel: nn.Module, path: str | os.PathLike) -> Path:
             bn_of[conv] = bn
         else:
             other_pairs.append([conv, bn])
+    specs = {spec.name: spec for spec in layer_specs(qmodel)}
+    config = {k: v for k, v in (info.get("config") or {}).items() if k not in RUNTIME_CONFIG}
     state = {k: v.detach().cpu() for k, v in qmodel.state_dict().items()}
     codes: dict[int, list[Tensor]] = {}
     params: list[Tensor] = []
     rows = []
     for name in order:
-        layer = layers[name]
-        wq, aq = layer.weight_quant, layer.input_quant
-        store_zp = wq.enabled and (not wq.symmetric or bool(wq.zero_point.any()))
-        if wq.enabled:
-            q = wq.quantize(layer.weight).int_value
-            if wq.binary:
+        layer, spec = layers[name], specs[name]
+        ws, xs = spec.weight, spec.input
+        if ws is not None and ws.kind != "uniform":
+            raise LowbitError(f"layer {name!r}: a {ws.kind} weight has no integer codes for this format "
+                              "(multi-bit models are written by lowbit.deploy.multibit)")
+        if xs is not None and xs.kind == "multibit":
+            raise LowbitError(f"layer {name!r}: a multibit input has no place in this format "
+                              "(multi-bit models are written by lowbit.deploy.multibit)")
+        store_zp = ws is not None and (not ws.symmetric or bool(ws.zero_point.any()))
+        if ws is not None:
+            q = qspec.codes(ws, layer.weight.detach())
+            if ws.binary:
                 q = (q + 1) // 2 - 1  # {-1, +1} -> {-1, 0}: one bit each
-            codes.setdefault(wq.bits, []).append(pack_codes(q, wq.bits, _weight_qmin(wq.bits, wq.signed, wq.narrow)))
-            params.append(_flat(wq.scale))
+            codes.setdefault(ws.bits, []).append(pack_codes(q, ws.bits, _weight_qmin(ws.bits, ws.signed, ws.narrow)))
+            params.append(_flat(ws.scale))
             if store_zp:
-                params.append(_flat(wq.zero_point))
+                params.append(_flat(ws.zero_point))
             del state[f"{name}.weight"]
         if layer.bias is not None:
             params.append(_flat(layer.bias))
-        if aq.enabled:
-            params += [_flat(aq.scale), _flat(aq.zero_point)]
+        if xs is not None:
+            params += [_flat(xs.scale), _flat(xs.zero_point)]
         for key in ("bias", "weight_quant.scale", "weight_quant.zero_point", "input_quant.scale",
                     "input_quant.zero_point"):
             state.pop(f"{name}.{key}", None)
-        rows.append([name, layer.role, list(layer.weight.shape), wq.num_groups, wq.bits, int(wq.enabled),
-                     int(store_zp), int(layer.bias is not None), aq.bits, int(aq.enabled), int(aq.signed),
-                     bn_of.get(name), layer.kind, out_channels(layer)])
+        # a float weight or input has no spec: its columns take the config's values (they are not read)
+        channels = spec.weight_shape[LAYER_KINDS[spec.kind].axis]
+        groups = ws.num_groups if ws is not None else effective_groups(channels, config.get("granularity", "channel"),
+                                                                       config.get("groups"))
+        rows.append([name, spec.role, list(spec.weight_shape), groups, ws.bits if ws else config.get("w_bits"),
+                     int(ws is not None), int(store_zp), int(layer.bias is not None),
+                     xs.bits if xs else config.get("a_bits"), int(xs is not None), int(bool(xs and xs.signed)),
+                     bn_of.get(name), spec.kind, spec.out_channels])
     tensors: dict[str, Tensor] = {codes_key(b): torch.cat(c) for b, c in sorted(codes.items())}
     if params:
         tensors[PARAMS_KEY] = torch.cat(params)
@@ -135,22 +170,35 @@ def save_artifact(qmodel: nn.Module, path: str | os.PathLike) -> Path:
         if is_reserved(key):
             raise LowbitError(f"the model has a tensor named {key!r}, a name the artifact format reserves")
         tensors[key] = value.contiguous().float() if value.is_floating_point() else value.contiguous()
-    config = {k: v for k, v in (info.get("config") or {}).items() if k not in RUNTIME_CONFIG}
     manifest = {"arch": info.get("arch"), "method": info.get("method"), "config": config,
                 "options": info.get("options") or {}, "input_shape": info.get("input_shape"),
                 "params": PARAMS_LAYOUT, "fields": list(FIELDS), "layers": rows}
     if other_pairs:
         manifest["fold_pairs"] = other_pairs
-    sparse = [r[0] for r in rows if isinstance(layers[r[0]].input_quant, SparseActQuantizer) and layers[r[0]].input_quant.enabled]
+    sparse = [r[0] for r in rows if specs[r[0]].input is not None and specs[r[0]].input.kind == "sparse"]
     if sparse:  # TSQ's sparse input codes: each threshold is stored as <layer>.input_quant.threshold
         manifest[SPARSE_KEY] = sparse
     if info.get("layer_bits"):  # the resolved per-layer widths, one [w, a] (null: float) per row: checked at load
         resolved = from_record(info["layer_bits"], "lowbit_info layer_bits")
         manifest["layer_bits"] = [_compact(resolved.get(r[0])) for r in rows]
-    group_bits = {name: list(layers[name].weight_quant.group_bits) for name in order
-                  if layers[name].weight_quant.enabled and layers[name].weight_quant.group_bits}
+    group_bits = {name: list(specs[name].weight.group_bits) for name in order
+                  if specs[name].weight is not None and specs[name].weight.group_bits}
     if group_bits:  # widths inside a layer (aciq-mix): codes are stored at the row's w_bits, the widest
         manifest["group_bits"] = group_bits
+    books: dict[str, int] = {}
+    refs = []
+    for name in order:  # each row's code books, as indices into the table of distinct ones
+        row_refs = []
+        for part in (specs[name].weight, specs[name].input):
+            if part is None:
+                row_refs.append(None)
+                continue
+            meta = part.to_record()[0]
+            book = [int(meta[f]) if f in _CODE_BOOK_FLAGS else meta[f] for f in CODE_BOOK_FIELDS]
+            row_refs.append(books.setdefault(json.dumps(book), len(books)))
+        refs += row_refs
+    manifest[CODE_BOOKS_KEY] = [json.loads(b) for b in books]
+    manifest[SPECS_KEY] = refs
     metadata = {"format": FORMAT, "version": VERSION, "manifest": json.dumps(manifest, separators=(",", ":"))}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
@@ -583,8 +631,8 @@ def _rows(stored: dict, cfg: QuantConfig, layer_bits: list[LayerBits] | None = N
     return rows
 
 
-def _expand(stored: dict, tensors: dict[str, Tensor]) -> tuple[dict, dict[str, Tensor]]:
-    """The compact (version 2) manifest and blobs as one spec and named tensors per layer, all checked."""
+def _expand(stored: dict, tensors: dict[str, Tensor], version: str = VERSION) -> tuple[dict, dict[str, Tensor]]:
+    """The compact (version 2 and 3) manifest and blobs as one spec and named tensors per layer, all checked."""
     cfg = _config(_required(stored, "config"))
     header = _check_header(stored)
     layer_bits = _layer_bits(stored)
@@ -631,11 +679,81 @@ def _expand(stored: dict, tensors: dict[str, Tensor]) -> tuple[dict, dict[str, T
                 "layers": {r["name"]: _spec(r, cfg) for r in rows}}
     if "group_bits" in stored:
         manifest["group_bits"] = _group_bits(stored["group_bits"], rows)
+    derived = [_row_spec(r, cfg, out, manifest.get("group_bits", {}), sparse) for r in rows]
+    if version == "3":
+        manifest[SPECS_KEY] = _stored_specs(stored, derived)
+    else:
+        manifest[SPECS_KEY] = {spec.name: spec for spec in derived}
     if layer_bits is not None:
         manifest["layer_bits"] = layer_bits_record({r["name"]: b for r, b in zip(rows, layer_bits)})
     if sparse:
         manifest[SPARSE_KEY] = sparse
     return manifest, out
+
+
+def _row_spec(row: dict, cfg: QuantConfig, tensors: dict[str, Tensor], group_bits: dict[str, list[int]],
+              sparse: list[str]) -> LayerSpec:
+    """The ``LayerSpec`` a checked row, the config and the row's checked tensors describe (how files
+    before version 3 hold it, and what a version-3 record must equal)."""
+    name, kind = row["name"], LAYER_KINDS[row["kind"]]
+    weight = inp = None
+    if row["w"]:
+        widths = group_bits.get(name)
+        weight = TensorSpec("uniform", row["w_bits"], cfg.w_symmetric, cfg.w_symmetric, cfg.w_narrow, cfg.granularity,
+                            row["shape"][kind.axis], row["groups"], kind.axis, tuple(widths) if widths else None,
+                            tensors[f"{name}.weight_quant.scale"],
+                            tensors.get(f"{name}.weight_quant.zero_point", torch.zeros(row["groups"])))
+    if row["a"]:
+        is_sparse = name in sparse
+        inp = TensorSpec("sparse" if is_sparse else "uniform", row["a_bits"], bool(row["a_signed"]),
+                         not is_sparse and bool(row["a_signed"]), False, scale=tensors[f"{name}.input_quant.scale"],
+                         zero_point=tensors[f"{name}.input_quant.zero_point"],
+                         threshold=tensors[f"{name}.input_quant.threshold"] if is_sparse else None)
+    return LayerSpec(name, row["kind"], row["role"], tuple(row["shape"]), row["out"], weight, inp)
+
+
+def _stored_specs(stored: dict, derived: list[LayerSpec]) -> dict[str, LayerSpec]:
+    """A version-3 manifest's layer specs (code book table and per-row references), each checked to
+    equal its row's spec (``_row_spec``)."""
+    books = _required(stored, CODE_BOOKS_KEY)
+    if not isinstance(books, list) or not all(isinstance(b, list) and len(b) == len(CODE_BOOK_FIELDS) for b in books):
+        raise _damaged(CODE_BOOKS_KEY, f"it must be a list of code books, each a list of {list(CODE_BOOK_FIELDS)}, "
+                       f"got {_show(books)}")
+    flat = _required(stored, SPECS_KEY)
+    if not isinstance(flat, list) or len(flat) != 2 * len(derived) or not all(
+            i is None or (_is_int(i) and 0 <= i < len(books)) for i in flat):
+        raise _damaged(SPECS_KEY, f"it must hold two code book indices (or null) per row, weight then input, "
+                       f"got {_show(flat)}")
+    refs = [flat[i:i + 2] for i in range(0, len(flat), 2)]
+    unused = set(range(len(books))) - set(flat)
+    if unused:
+        raise _damaged(CODE_BOOKS_KEY, f"code book {min(unused)} is used by no layer")
+    out = {}
+    for row_refs, want in zip(refs, derived):
+        parts = []
+        for ref, spec, what in zip(row_refs, (want.weight, want.input), ("weight", "input")):
+            if (ref is None) != (spec is None):
+                raise LowbitError(f"layer {want.name!r}: {SPECS_KEY} gives its {what} "
+                                  f"{'no' if ref is None else 'a'} code book, its row {'a' if ref is None else 'none'}")
+            if spec is None:
+                parts.append(None)
+                continue
+            meta = {**dict(zip(CODE_BOOK_FIELDS, books[ref])), "channels": spec.channels,
+                    "num_groups": spec.num_groups, "axis": spec.axis,
+                    "group_bits": None if spec.group_bits is None else list(spec.group_bits)}
+            for flag in _CODE_BOOK_FLAGS:  # 0/1 in the file (and nothing else: True would pass as 1)
+                value = meta[flag]
+                meta[flag] = bool(value) if _is_int(value) and value in (0, 1) else value
+            try:
+                got = TensorSpec.from_record(meta, spec.to_record()[1])
+            except LowbitError as exc:
+                raise LowbitError(f"layer {want.name!r}: its {what} code book {ref}: {exc}") from None
+            if got != spec:
+                raise LowbitError(f"layer {want.name!r}: its {what} code book {ref} does not match its row and the "
+                                  f"config ({_show(books[ref])})")
+            parts.append(got)
+        out[want.name] = dataclasses.replace(want, weight=parts[0], input=parts[1])
+    return out
 
 
 def _check_sparse(value: Any, rows: list[dict], tensors: dict[str, Tensor]) -> list[str]:
@@ -701,15 +819,17 @@ def _from_v1(stored: dict, tensors: dict[str, Tensor]) -> tuple[dict, dict[str, 
             raise LowbitError(f"layer {name!r}: the artifact holds both its weight codes and a float weight")
         rows.append(row)
     _check_tensors(rows, tensors, cfg)
-    return {**header, "fold_pairs": pairs, "layers": {r["name"]: _spec(r, cfg) for r in rows}}, tensors
+    specs = {r["name"]: _row_spec(r, cfg, tensors, {}, []) for r in rows}
+    return {**header, "fold_pairs": pairs, "layers": {r["name"]: _spec(r, cfg) for r in rows}, SPECS_KEY: specs}, tensors
 
 
 def read_artifact(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
     """Manifest and tensors of an artifact, every value checked; LowbitError for anything that is not one.
 
-    Whatever the file's version, the manifest comes back with one spec per layer under
-    ``"layers"`` (kind, role, weight_shape, w_bits, w_qmin, num_groups, a_bits, ...) and
-    ``"fold_pairs"``, and the tensors by name: ``<layer>.weight.codes`` (packed uint8),
+    Whatever the file's version, the manifest comes back with one expanded row per layer under
+    ``"layers"`` (kind, role, weight_shape, w_bits, w_qmin, num_groups, a_bits, ...), the layers'
+    ``quant.spec.LayerSpec`` by name under ``"specs"`` (stored in version 3, derived from the rows
+    and the config before), and ``"fold_pairs"``, and the tensors by name: ``<layer>.weight.codes`` (packed uint8),
     ``<layer>.weight_quant.scale`` / ``.zero_point``, ``<layer>.bias``, ``<layer>.input_quant.*``.
     Only safetensors and JSON are parsed: nothing in the file is unpickled or run.
     """
@@ -740,7 +860,7 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
         if not isinstance(manifest, dict):
             raise LowbitError(f"the artifact's manifest is missing or damaged (a JSON object, got "
                               f"{_show(manifest)})")
-        manifest, tensors = (_from_v1 if version == "1" else _expand)(manifest, tensors)
+        manifest, tensors = _from_v1(manifest, tensors) if version == "1" else _expand(manifest, tensors, version)
     except LowbitError as exc:
         raise LowbitError(f"{path}: {exc}") from None
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:  # a check missed it
@@ -749,14 +869,14 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
     return manifest, tensors
 
 
-def _disabled_quantizer_param(layers: dict[str, nn.Module], key: str) -> bool:
-    """Whether ``key`` is the scale or zero point of a disabled quantizer (not stored: it plays no part)."""
+def _disabled_quantizer_param(specs: dict[str, LayerSpec], key: str) -> bool:
+    """Whether ``key`` is the scale or zero point of a float weight or input (not stored: it plays no part)."""
     owner, _, leaf = key.rpartition(".")
     layer_name, _, quantizer = owner.rpartition(".")
-    layer = layers.get(layer_name)
-    if layer is None or leaf not in ("scale", "zero_point") or quantizer not in ("weight_quant", "input_quant"):
+    spec = specs.get(layer_name)
+    if spec is None or leaf not in ("scale", "zero_point") or quantizer not in ("weight_quant", "input_quant"):
         return False
-    return not getattr(layer, quantizer).enabled
+    return (spec.weight if quantizer == "weight_quant" else spec.input) is None
 
 
 def _zoo_model(arch: dict | None) -> nn.Module:
@@ -838,41 +958,36 @@ def _rebuild(manifest: dict, tensors: dict[str, Tensor], model: nn.Module | None
         raise LowbitError("the model's layers do not match the artifact's (different architecture?): " + (
             f"{not_layers[:3]} are not layers the model has lowbit quantize" if not_layers else
             f"the model's {sorted(set(layers) - set(manifest['layers']))[:3]} have no row"))
+    specs: dict[str, LayerSpec] = manifest[SPECS_KEY]
     state = {}
     for name, spec in manifest["layers"].items():
-        layer = layers[name]
-        wq, aq = layer.weight_quant, layer.input_quant
-        if list(layer.weight.shape) != spec["weight_shape"] or wq.num_groups != spec["num_groups"]:
+        layer, lspec = layers[name], specs[name]
+        kind = LAYER_KINDS[layer.kind]
+        groups = effective_groups(layer.weight.shape[kind.axis], cfg.granularity, cfg.groups)
+        if list(layer.weight.shape) != spec["weight_shape"] or groups != spec["num_groups"]:
             raise LowbitError(f"layer {name!r}: shape or groups differ from the artifact's (weight "
-                              f"{list(layer.weight.shape)} in {wq.num_groups} groups in the model, "
+                              f"{list(layer.weight.shape)} in {groups} groups in the model, "
                               f"{spec['weight_shape']} in {spec['num_groups']} in the artifact)")
         if spec["kind"] != layer.kind:
             raise LowbitError(f"layer {name!r}: the artifact holds a {spec['kind']} layer, the model a {layer.kind}")
-        layer.role = spec["role"]
         if layer.bias is None and f"{name}.bias" in tensors:  # e.g. added by bias correction
             layer.bias = nn.Parameter(torch.zeros(out_channels(layer), device=layer.weight.device))
-        wq.bits, wq.enabled = spec["w_bits"], spec["w_enabled"]
-        aq.bits, aq.enabled, aq.signed = spec["a_bits"], spec["a_enabled"], spec["a_signed"]
-        if name in manifest.get(SPARSE_KEY, ()):  # the threshold comes with the state below
-            layer.input_quant = aq = SparseActQuantizer.from_quantizer(aq, 0.0)
-        if wq.enabled:
-            wq.scale.copy_(tensors[f"{name}.weight_quant.scale"])
-            wq.zero_point.copy_(tensors[f"{name}.weight_quant.zero_point"])
-            qmin = -1 if wq.binary else wq.qrange[0]
-            codes = unpack_codes(tensors.pop(f"{name}.weight.codes"), wq.bits, qmin, layer.weight.numel())
-            if not wq.binary and codes.numel() and codes.max() > wq.qrange[1]:  # e.g. 2^b - 1 in a narrow signed range
-                raise LowbitError(f"layer {name!r}: weight codes above the {wq.bits}-bit range's top {wq.qrange[1]}")
-            if name in manifest.get("group_bits", {}):
-                wq.set_group_bits(manifest["group_bits"][name])
-                lo, hi = (t.cpu().repeat_interleave(wq.channels // wq.num_groups).view(wq.channel_shape(layer.weight.dim()))
-                          for t in wq.group_qranges())
-                grouped = codes.view_as(layer.weight).float()
-                if ((grouped < lo) | (grouped > hi)).any():
+        apply_layer_spec(layer, lspec)  # the quantizers the spec describes (checked against the layer)
+        ws = lspec.weight
+        if ws is not None:
+            qmin, qmax = (-1, 1) if ws.binary else qspec.qrange(ws)
+            codes = unpack_codes(tensors.pop(f"{name}.weight.codes"), ws.bits, qmin, layer.weight.numel())
+            if not ws.binary and codes.numel() and codes.max() > qmax:  # e.g. 2^b - 1 in a narrow signed range
+                raise LowbitError(f"layer {name!r}: weight codes above the {ws.bits}-bit range's top {qmax}")
+            codes = codes.view_as(layer.weight)
+            if ws.group_bits is not None:
+                lo, hi = (qspec.channel_view(ws, t, layer.weight.dim()) for t in qspec.group_ranges(ws))
+                if ((codes < lo) | (codes > hi)).any():
                     raise LowbitError(f"layer {name!r}: weight codes outside their channel's range (group_bits)")
-            codes = codes.to(wq.scale.device)  # unpacked (and checked) on the CPU; the scales live on ``device``
-            if wq.binary:
+            if ws.binary:
                 codes = 2 * (codes + 1) - 1
-            state[f"{name}.weight"] = wq.dequantize(codes.view_as(layer.weight).float())
+            # unpacked, checked and dequantized on the CPU, as the spec's parameters are
+            state[f"{name}.weight"] = qspec.dequantize(ws, codes).to(layer.weight.device)
     target = qmodel.state_dict()
     _check_state(tensors, target)
     state.update(tensors)
@@ -881,7 +996,7 @@ def _rebuild(manifest: dict, tensors: dict[str, Tensor], model: nn.Module | None
     state = OrderedDict(state)
     state._metadata = getattr(target, "_metadata", OrderedDict())  # type: ignore[attr-defined]
     missing, unexpected = qmodel.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not _disabled_quantizer_param(layers, k)]
+    missing = [k for k in missing if not _disabled_quantizer_param(specs, k)]
     if missing or unexpected:
         raise LowbitError(f"artifact does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     # the resolved widths: stored ones, else those the rows hold (older files followed the config's protocol)

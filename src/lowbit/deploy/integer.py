@@ -4,7 +4,8 @@ Each quantized layer becomes an ``IntegerConv1d`` / ``IntegerConv2d`` / ``Intege
 ``IntegerLinear``:
 
 * input codes ``q_x`` (zero point ``z_x``) and weight codes ``q_w`` (zero point ``z_w`` per
-  output channel, along dim 1 of ConvTranspose weights), exactly the codes the ONNX export stores;
+  output channel, along dim 1 of ConvTranspose weights), exactly the codes the ONNX export stores
+  (both read from the layers' specs, ``quant.layer_specs``);
 * integer accumulation ``acc = sum (q_x - z_x)(q_w - z_w) + b_int``, the bias in int32 at scale
   ``s_x * s_w`` (``b_int = round(b / (s_x s_w))``, TFLite's convention). The products are formed
   in float64 on integer-valued tensors, which is exact (every partial sum is an integer below
@@ -44,10 +45,12 @@ from torch import Tensor, nn
 
 from ..errors import LowbitError
 from ..graph.modules import set_submodule
-from ..quant.layers import QUANT_LAYERS, QuantLayer, out_channels, output_channel_scale, quant_layers
-from ..quant.sparse import SparseActQuantizer, sparse_gate
+from ..quant import spec as qspec
+from ..quant.layer_specs import layer_specs
+from ..quant.layers import QUANT_LAYERS, QuantLayer, out_channels, quant_layers
+from ..quant.spec import sparse_gate
 from .artifact import require_quantized
-from .onnx_qdq import collect_specs, input_spec, weight_spec
+from .onnx_qdq import InputSpec, WeightSpec, collect_specs
 
 _ACC_LIMIT = 2 ** 31 - 1
 _PASS_MODULES = (nn.Identity, nn.Dropout)
@@ -105,11 +108,11 @@ class OutputCodes:
 class _IntegerLayer(nn.Module):
     """Shared state and arithmetic of integer conv / linear layers."""
 
-    def __init__(self, name: str, layer: QuantLayer, bias_frac_bits: int = 0) -> None:
+    def __init__(self, name: str, layer: QuantLayer, specs_w: WeightSpec | None, specs_in: InputSpec | None,
+                 bias_frac_bits: int = 0) -> None:
         super().__init__()
         self.name = name
         self.bias_frac_bits = bias_frac_bits
-        specs_w, specs_in = _layer_specs(name, layer)
         self.int_weight = specs_w is not None
         self.int_input = specs_in is not None
         self.input_codes = False  # set when the producer requantizes into this layer's codes
@@ -215,8 +218,9 @@ class IntegerConv2d(_IntegerLayer):
 
     _conv = staticmethod(nn.functional.conv2d)
 
-    def __init__(self, name: str, layer: QuantLayer, bias_frac_bits: int = 0) -> None:
-        super().__init__(name, layer, bias_frac_bits)
+    def __init__(self, name: str, layer: QuantLayer, specs_w: WeightSpec | None, specs_in: InputSpec | None,
+                 bias_frac_bits: int = 0) -> None:
+        super().__init__(name, layer, specs_w, specs_in, bias_frac_bits)
         if layer.padding_mode != "zeros":
             raise LowbitError(f"layer {name}: integer path supports zero padding only, got {layer.padding_mode!r}")
         self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
@@ -236,8 +240,9 @@ class IntegerConvTranspose2d(_IntegerLayer):
     """Integer reference of a ``QuantConvTranspose2d``: a transposed convolution of centred codes
     (every output is a sum of products of input and weight codes, as in a direct convolution)."""
 
-    def __init__(self, name: str, layer: QuantLayer, bias_frac_bits: int = 0) -> None:
-        super().__init__(name, layer, bias_frac_bits)
+    def __init__(self, name: str, layer: QuantLayer, specs_w: WeightSpec | None, specs_in: InputSpec | None,
+                 bias_frac_bits: int = 0) -> None:
+        super().__init__(name, layer, specs_w, specs_in, bias_frac_bits)
         self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
         self.kernel_size, self.output_padding = layer.kernel_size, layer.output_padding
 
@@ -272,13 +277,6 @@ class IntClamp(nn.Module):
         return torch.clamp(q, min=self.lo, max=self.hi)
 
 
-def _layer_specs(name: str, layer: nn.Module) -> tuple[Any, Any]:
-    """Export specs (``WeightSpec``, ``InputSpec``) of one layer's enabled quantizers, ``None`` where disabled."""
-    w = weight_spec(name, layer) if layer.weight_quant.enabled else None
-    x = input_spec(name, layer) if layer.input_quant.enabled else None
-    return w, x
-
-
 class IntegerModel(nn.Module):
     """A quantized model re-expressed with integer layers (see the module docstring).
 
@@ -295,13 +293,15 @@ class IntegerModel(nn.Module):
         if not isinstance(bias_frac_bits, int) or not 0 <= bias_frac_bits <= 16:
             raise LowbitError(f"bias_frac_bits must be an integer from 0 to 16, got {bias_frac_bits!r}")
         require_quantized(qmodel)
-        collect_specs(qmodel)  # same exportability checks (and errors) as the ONNX export
+        # the layers' checked specs in their ONNX form: same exportability checks (and errors) as the ONNX export
+        weights, inputs = collect_specs(qmodel)
         model = copy.deepcopy(qmodel).cpu().eval()
         layers: dict[str, _IntegerLayer] = {}
         for name, layer in quant_layers(model):
             if layer.custom_forward:  # its own forward runs as in the simulation (see the module docstring)
                 continue
-            layers[name] = _INTEGER_LAYERS[layer.kind](name, layer, bias_frac_bits)
+            layers[name] = _INTEGER_LAYERS[layer.kind](name, layer, weights.get(name), inputs.get(name),
+                                                       bias_frac_bits)
             set_submodule(model, name, layers[name])
         self.layers = layers
         self.requantized: list[str] = []
@@ -438,11 +438,15 @@ def with_int32_bias(qmodel: nn.Module) -> nn.Module:
     """
     require_quantized(qmodel)
     rounded = copy.deepcopy(qmodel)
-    for _, layer in quant_layers(rounded):
-        wq, aq = layer.weight_quant, layer.input_quant
-        if layer.bias is None or not (wq.enabled and aq.enabled) or layer.custom_forward:
+    layers = dict(quant_layers(rounded))
+    for spec in layer_specs(rounded):
+        layer = layers[spec.name]
+        if layer.bias is None or spec.weight is None or spec.input is None or layer.custom_forward:
             continue  # (layers with their own forward keep float arithmetic in the integer path too)
-        step = aq.scale.double() * output_channel_scale(layer).double()
+        if spec.weight.kind != "uniform":
+            raise LowbitError(f"layer {spec.name}: a {spec.weight.kind} weight is not on an integer grid (no int32 bias)")
+        step = (spec.input.scale.double() * qspec.output_channel_scale(spec.weight, spec.out_channels).double())
+        step = step.to(layer.bias.device)
         layer.bias.copy_((torch.round(layer.bias.double() / step) * step).to(layer.bias.dtype))
     return rounded
 
@@ -465,14 +469,13 @@ def integer_agreement(qmodel: nn.Module, images: Tensor, imodel: IntegerModel | 
     imodel = integer_model(qmodel) if imodel is None else imodel
     device = next(qmodel.parameters()).device
     sim_layers = dict(quant_layers(qmodel))
+    specs = {s.name: s.input for s in layer_specs(qmodel)}
     watched = imodel.integer_layers
     captured: dict[str, list[Tensor]] = {n: [] for n in watched}
 
     def hook(name: str) -> Callable[..., None]:
-        def fn(aq: nn.Module, inputs: tuple, output: Tensor) -> None:
-            x = aq.gate(inputs[0].float()) if isinstance(aq, SparseActQuantizer) else inputs[0].float()
-            q = torch.clamp(torch.round(x / aq.scale) + aq.zero_point, *aq.qrange)
-            captured[name].append(q.to(torch.int64).cpu())
+        def fn(aq: nn.Module, inputs: tuple, output: Tensor) -> None:  # the simulation's codes, from the layer's spec
+            captured[name].append(qspec.codes(specs[name], inputs[0].float()).to(torch.int64).cpu())
         return fn
 
     handles = [sim_layers[n].input_quant.register_forward_hook(hook(n)) for n in watched]

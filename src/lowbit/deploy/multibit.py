@@ -41,10 +41,10 @@ from ..files import atomic_write
 from ..graph.fold import apply_fold_structure
 from ..graph.surgery import wrap_layers
 from ..layer_bits import from_record
-from ..quant import dmbq
-from ..quant.dmbq_quantizers import DmbqAct, DmbqWeight, is_dmbq
-from ..quant.layers import out_channels, quant_layers
-from ..quant.quantizer import ActQuantizer, WeightQuantizer
+from ..quant import spec as qspec
+from ..quant.layer_specs import apply_layer_spec, code_books, layer_specs
+from ..quant.layers import LAYER_KINDS, out_channels, quant_layers
+from ..quant.spec import LayerSpec, TensorSpec
 from ..quant.uniform import int_range
 from ..record import QuantRecord, attach, publish
 from .artifact import RUNTIME_CONFIG, _zoo_model, require_quantized
@@ -57,7 +57,7 @@ VERSION = "1"
 
 def is_multibit_model(qmodel: Any) -> bool:
     """Whether a model holds DMBQ quantizers (and so exports through this module)."""
-    return isinstance(qmodel, nn.Module) and any(is_dmbq(m) for m in qmodel.modules())
+    return isinstance(qmodel, nn.Module) and "multibit" in code_books(qmodel)
 
 
 def is_multibit_file(path: str | os.PathLike) -> bool:
@@ -105,47 +105,47 @@ def save_multibit(qmodel: nn.Module, path: str | os.PathLike) -> Path:
     layers = dict(quant_layers(qmodel))
     order = [n for n in info.get("layer_order") or [] if n in layers]
     order += [n for n in layers if n not in order]
+    specs = {spec.name: spec for spec in layer_specs(qmodel)}
+    config = {k: v for k, v in (info.get("config") or {}).items() if k not in RUNTIME_CONFIG}
     state = {k: v.detach().cpu() for k, v in qmodel.state_dict().items()}
     planes_blob: list[Tensor] = []
     codes: dict[int, list[Tensor]] = {}
     params: list[Tensor] = []
     rows = []
     for name in order:
-        layer = layers[name]
-        wq, aq = layer.weight_quant, layer.input_quant
-        row: dict[str, Any] = {"name": name, "kind": layer.kind, "role": layer.role,
-                               "shape": list(layer.weight.shape), "bias": layer.bias is not None}
-        if isinstance(wq, DmbqWeight) and wq.enabled:
-            if not wq.frozen:
-                raise LowbitError(f"layer {name!r}: its DMBQ quantizer is still training (finish the QAT run)")
-            planes, alpha = wq.levels_and_planes(layer.weight)
-            bits = wq.channel_bits.tolist()
-            signs = [p.reshape(-1) for p in planes if p.numel()]
+        layer, spec = layers[name], specs[name]
+        ws, xs = spec.weight, spec.input
+        row: dict[str, Any] = {"name": name, "kind": spec.kind, "role": spec.role,
+                               "shape": list(spec.weight_shape), "bias": layer.bias is not None}
+        if ws is not None and ws.kind == "multibit":
+            q = qspec.codes(ws, layer.weight.detach())
+            planes = qspec.bit_planes(ws, q)  # (bits, channels, n): a channel's first bits_c planes are its own
+            bits = list(ws.widths)
+            signs = [planes[:b, c].reshape(-1) for c, b in enumerate(bits) if b]
             if signs:
                 planes_blob.append(pack_codes((torch.cat(signs) > 0).to(torch.int64), 1, 0))
-            params += [_flat(alpha[c, :b]) for c, b in enumerate(bits) if b]
-            row["w"] = {"kind": "dmbq", "channel_bits": bits, "axis": wq.axis}
-        elif wq.enabled:
-            if not isinstance(wq, WeightQuantizer):
-                raise LowbitError(f"layer {name!r}: its weight quantizer is still training (finish the QAT run)")
-            q = wq.quantize(layer.weight).int_value
-            if wq.binary:
+            params += [_flat(ws.alphas[c, :b]) for c, b in enumerate(bits) if b]
+            row["w"] = {"kind": "dmbq", "channel_bits": bits, "axis": ws.axis}
+        elif ws is not None:
+            q = qspec.codes(ws, layer.weight.detach())
+            if ws.binary:
                 q = (q + 1) // 2 - 1
-            qmin = int_range(wq.bits, wq.signed, wq.narrow)[0]
-            codes.setdefault(wq.bits, []).append(pack_codes(q, wq.bits, qmin))
-            params += [_flat(wq.scale), _flat(wq.zero_point)]
-            row["w"] = {"kind": "uniform", "bits": wq.bits, "groups": wq.num_groups, "granularity": wq.granularity,
-                        "symmetric": wq.symmetric, "narrow": wq.narrow, "axis": wq.axis}
+            qmin = int_range(ws.bits, ws.signed, ws.narrow)[0]
+            codes.setdefault(ws.bits, []).append(pack_codes(q, ws.bits, qmin))
+            params += [_flat(ws.scale), _flat(ws.zero_point)]
+            row["w"] = {"kind": "uniform", "bits": ws.bits, "groups": ws.num_groups, "granularity": ws.granularity,
+                        "symmetric": ws.symmetric, "narrow": ws.narrow, "axis": ws.axis}
         else:
             row["w"] = None
-        if isinstance(aq, DmbqAct) and aq.enabled:
-            params.append(_flat(aq.alpha))
-            row["a"] = {"kind": "dmbq", "bits": aq.num_bases, "signed": aq.signed}
-        elif aq.enabled:
-            if not isinstance(aq, ActQuantizer):
-                raise LowbitError(f"layer {name!r}: its input quantizer is still training (finish the QAT run)")
-            params += [_flat(aq.scale), _flat(aq.zero_point)]
-            row["a"] = {"kind": "uniform", "bits": aq.bits, "signed": aq.signed, "symmetric": aq.symmetric}
+        if xs is not None and xs.kind == "multibit":
+            params.append(_flat(xs.alphas))
+            row["a"] = {"kind": "dmbq", "bits": xs.bits, "signed": xs.signed}
+        elif xs is not None and xs.kind == "uniform":
+            params += [_flat(xs.scale), _flat(xs.zero_point)]
+            row["a"] = {"kind": "uniform", "bits": xs.bits, "signed": xs.signed,
+                        "symmetric": bool(config.get("a_symmetric", xs.symmetric))}
+        elif xs is not None:
+            raise LowbitError(f"layer {name!r}: {xs.kind} input codes have no place in a multi-bit artifact")
         else:
             row["a"] = None
         if layer.bias is not None:
@@ -164,7 +164,6 @@ def save_multibit(qmodel: nn.Module, path: str | os.PathLike) -> Path:
         if key in ("planes", "params") or key.startswith("codes"):
             raise LowbitError(f"the model has a tensor named {key!r}, a name the multi-bit artifact reserves")
         tensors[key] = value.contiguous().float() if value.is_floating_point() else value.contiguous()
-    config = {k: v for k, v in (info.get("config") or {}).items() if k not in RUNTIME_CONFIG}
     manifest = {"arch": info.get("arch"), "method": info.get("method"), "config": config,
                 "options": info.get("options") or {}, "input_shape": info.get("input_shape"),
                 "fold_pairs": info.get("fold_pairs") or [], "layer_bits": info.get("layer_bits"), "layers": rows}
@@ -221,66 +220,63 @@ def _rebuild(manifest: dict, meta: dict, tensors: dict[str, Tensor], model: nn.M
                f"layer {name!r}: shape or kind differs from the artifact's")
         layer.role = r["role"]
         handled |= {f"{name}.weight", f"{name}.bias"}
-        base = layer.weight_quant
-        w = r["w"]
+        axis = LAYER_KINDS[layer.kind].axis
+        channels = layer.weight.shape[axis]
+        w, weight, wspec = r["w"], None, None
         if w is None:
-            base.enabled = False
             handled.discard(f"{name}.weight")  # the float weight is an ordinary tensor of the file
         elif w["kind"] == "dmbq":
             bits = torch.tensor(w["channel_bits"], dtype=torch.int64)
-            _check(bits.numel() == base.channels and bool(((bits >= 0) & (bits <= dmbq.MAX_BASES)).all()),
-                   f"layer {name!r}: channel_bits must hold 0..{dmbq.MAX_BASES} for each of {base.channels} channels")
-            q = DmbqWeight(base, 0)
-            q.channel_bits.copy_(bits)
-            n = layer.weight.numel() // base.channels
+            _check(bits.numel() == channels and bool(((bits >= 0) & (bits <= qspec.MAX_BASES)).all()),
+                   f"layer {name!r}: channel_bits must hold 0..{qspec.MAX_BASES} for each of {channels} channels")
+            widths = bits.tolist()
+            n = layer.weight.numel() // channels
             total = int(bits.sum())
             signs = unpack_codes(planes.take(packed_nbytes(total * n, 1)), 1, 0, total * n) if total else None
-            rows_w = torch.zeros(base.channels, n)
+            alphas = torch.zeros(channels, max(widths))
+            rows_w = torch.zeros(channels, n)
             pos = 0
-            for c, b in enumerate(bits.tolist()):
+            for c, b in enumerate(widths):
                 if b == 0:
                     continue
                 alpha = params.take(b)
-                q.alpha[c, :b] = alpha.to(q.alpha.device)
+                alphas[c, :b] = alpha
                 plane = signs[pos:pos + b * n].view(b, n).float() * 2 - 1
                 pos += b * n
                 rows_w[c] = alpha @ plane
-            q.frozen = True
-            layer.weight_quant = q
-            layer.weight.copy_(q.unrows(rows_w.to(layer.weight.device), layer.weight))
+            wspec = TensorSpec("multibit", max(widths), True, True, False, "channel", channels, channels, w["axis"],
+                               tuple(widths), alphas=alphas)
+            weight = qspec.ungroup_rows(wspec, rows_w, layer.weight.shape)
         elif w["kind"] == "uniform":
-            wq = WeightQuantizer(w["bits"], base.channels, w["granularity"], w["groups"] if w["granularity"] == "group"
-                                 else None, w["symmetric"], w["narrow"], axis=w["axis"]).to(layer.weight.device)
-            _check(wq.num_groups == w["groups"], f"layer {name!r}: scale groups differ from the artifact's")
-            wq.scale.copy_(params.take(wq.num_groups))
-            wq.zero_point.copy_(params.take(wq.num_groups))
-            reader = blobs.get(wq.bits)
-            _check(reader is not None, f"layer {name!r}: no codes{wq.bits} blob")
-            qmin = -1 if wq.binary else wq.qrange[0]
-            c = unpack_codes(reader.take(packed_nbytes(layer.weight.numel(), wq.bits)), wq.bits, qmin,
-                             layer.weight.numel()).to(layer.weight.device)
-            if wq.binary:
+            groups, wbits = w["groups"], w["bits"]
+            _check(isinstance(groups, int) and groups >= 1, f"layer {name!r}: scale groups must be a positive integer")
+            scale, zero = params.take(groups).clone(), params.take(groups).clone()
+            wspec = TensorSpec("uniform", wbits, bool(w["symmetric"]), bool(w["symmetric"]), bool(w["narrow"]),
+                               w["granularity"], channels, groups, w["axis"], scale=scale, zero_point=zero)
+            reader = blobs.get(wbits)
+            _check(reader is not None, f"layer {name!r}: no codes{wbits} blob")
+            qmin = -1 if wspec.binary else qspec.qrange(wspec)[0]
+            c = unpack_codes(reader.take(packed_nbytes(layer.weight.numel(), wbits)), wbits, qmin, layer.weight.numel())
+            if wspec.binary:
                 c = 2 * (c + 1) - 1
-            layer.weight_quant = wq
-            layer.weight.copy_(wq.dequantize(c.view_as(layer.weight).float()))
+            weight = qspec.dequantize(wspec, c.view_as(layer.weight))
         else:
             raise LowbitError(f"layer {name!r}: unknown weight kind {w['kind']!r}")
-        a = r["a"]
-        aq = layer.input_quant
+        a, aspec = r["a"], None
         if a is None:
-            aq.enabled = False
+            pass
         elif a["kind"] == "dmbq":
-            act = DmbqAct(ActQuantizer(a["bits"]).to(layer.weight.device), a["bits"], bool(a["signed"]))
-            act.alpha.copy_(params.take(a["bits"]).view(1, -1))
-            act.initialized.fill_(True)
-            act.frozen = True
-            layer.input_quant = act
+            aspec = TensorSpec("multibit", a["bits"], bool(a["signed"]), alphas=params.take(a["bits"]).view(1, -1).clone())
         elif a["kind"] == "uniform":
-            aq.bits, aq.enabled, aq.signed, aq.symmetric = a["bits"], True, bool(a["signed"]), bool(a["symmetric"])
-            aq.scale.copy_(params.take(1))
-            aq.zero_point.copy_(params.take(1))
+            aspec = TensorSpec("uniform", a["bits"], bool(a["signed"]), bool(a["signed"]), False,
+                               scale=params.take(1).clone(), zero_point=params.take(1).clone())
         else:
             raise LowbitError(f"layer {name!r}: unknown input kind {a['kind']!r}")
+        # the quantizers the specs describe (quant.layer_specs), then the stored weight values
+        apply_layer_spec(layer, LayerSpec(name, r["kind"], r["role"], tuple(r["shape"]), out_channels(layer),
+                                          wspec, aspec))
+        if weight is not None:
+            layer.weight.copy_(weight.to(layer.weight.device))
         if r["bias"]:
             if layer.bias is None:
                 layer.bias = nn.Parameter(torch.zeros(out_channels(layer), device=layer.weight.device))
@@ -308,37 +304,34 @@ def _rebuild(manifest: dict, meta: dict, tensors: dict[str, Tensor], model: nn.M
 
 
 class _PlaneWeight(nn.Module):
-    """Export form of a DMBQ weight: ``sum_i alpha_i * float(B_i)`` from int8 sign planes."""
+    """Export form of a multibit weight: ``sum_i alpha_i * float(B_i)`` from int8 sign planes."""
 
-    def __init__(self, quant: DmbqWeight, weight: Tensor) -> None:
+    def __init__(self, spec: TensorSpec, weight: Tensor) -> None:
         super().__init__()
-        planes, alpha = quant.levels_and_planes(weight)
-        m = max(quant.bits, 1)
-        n = quant.rows(weight).shape[1]
-        stack = torch.zeros(m, quant.channels, n, dtype=torch.int8)  # a pruned channel: planes 0, alphas 0
-        for c, p in enumerate(planes):
-            stack[:p.shape[0], c] = p.cpu()
-        moved = weight.movedim(quant.axis, 0) if quant.axis else weight
-        shape = (m,) + tuple(moved.shape)
-        planes_t = stack.view(shape)
-        if quant.axis:
-            planes_t = planes_t.movedim(1, quant.axis + 1)
+        m = max(spec.bits, 1)
+        planes = torch.zeros(m, *qspec.group_rows(spec, weight).shape, dtype=torch.int8)  # pruned: planes 0, alphas 0
+        planes[:spec.bits] = qspec.bit_planes(spec, qspec.codes(spec, weight.detach())).cpu()
+        moved = weight.movedim(spec.axis, 0) if spec.axis else weight
+        planes_t = planes.view((m,) + tuple(moved.shape))
+        if spec.axis:
+            planes_t = planes_t.movedim(1, spec.axis + 1)
         self.register_buffer("planes", planes_t.contiguous())
-        a = alpha[:, :m].T.contiguous().float().cpu()  # (m, C)
+        alpha = torch.zeros(spec.channels, m)
+        alpha[:, :spec.bits] = spec.alphas
         view = [m] + [1] * weight.dim()
-        view[quant.axis + 1] = quant.channels
-        self.register_buffer("alpha", a.view(view))
+        view[spec.axis + 1] = spec.channels
+        self.register_buffer("alpha", alpha.T.contiguous().view(view))
 
     def forward(self, w: Tensor) -> Tensor:
         return (self.planes.to(w.dtype) * self.alpha).sum(0)
 
 
 class _StepAct(nn.Module):
-    """Export form of a DMBQ input quantizer: ``L_0 + sum_k (L_k - L_(k-1)) * (x > t_k)``."""
+    """Export form of a multibit input: ``L_0 + sum_k (L_k - L_(k-1)) * (x > t_k)``."""
 
-    def __init__(self, quant: DmbqAct) -> None:
+    def __init__(self, spec: TensorSpec) -> None:
         super().__init__()
-        lv = dmbq.levels(quant.alpha.float().cpu(), quant.signed)[0].sort().values
+        lv = qspec.levels(spec)[0].sort().values
         self.register_buffer("low", lv[:1].clone())
         self.register_buffer("steps", (lv[1:] - lv[:-1]).clone())
         self.register_buffer("mids", ((lv[1:] + lv[:-1]) / 2).clone())
@@ -362,11 +355,13 @@ def export_multibit_onnx(qmodel: nn.Module, path: str | os.PathLike, opset: int 
     info = require_quantized(qmodel)
     path = Path(path)
     twin = copy.deepcopy(qmodel).cpu().eval()
-    for _, layer in quant_layers(twin):
-        if isinstance(layer.weight_quant, DmbqWeight) and layer.weight_quant.enabled:
-            layer.weight_quant = _PlaneWeight(layer.weight_quant, layer.weight)
-        if isinstance(layer.input_quant, DmbqAct) and layer.input_quant.enabled:
-            layer.input_quant = _StepAct(layer.input_quant)
+    layers = dict(quant_layers(twin))
+    for spec in layer_specs(twin):
+        layer = layers[spec.name]
+        if spec.weight is not None and spec.weight.kind == "multibit":
+            layer.weight_quant = _PlaneWeight(spec.weight, layer.weight)
+        if spec.input is not None and spec.input.kind == "multibit":
+            layer.input_quant = _StepAct(spec.input)
     shape = tuple(input_shape) if input_shape else tuple(info.get("input_shape") or ())
     if not shape:
         raise LowbitError("ONNX export of a multi-bit model needs input_shape= (the model has no recorded one)")

@@ -34,6 +34,9 @@ LowbitError. torch writes opset 18 and ``onnx.version_converter`` lifts the grap
 Markers make the node-to-layer mapping independent of the exporter's naming and keep it from
 fusing an unfolded BatchNorm into a quantized weight.
 
+What each marker becomes comes from the layer's ``quant.spec.LayerSpec`` (``quant.layer_specs``,
+checked to reproduce the simulation): the exporter never looks inside a quantizer.
+
 The deprecated TorchScript exporter (``dynamo=False``) is used only where the new one cannot be:
 a model that ``torch.export`` cannot capture (data-dependent Python control flow) and an
 explicit opset below 18 (the version converter has no downgrade adapters for common ops); a
@@ -59,10 +62,10 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LowbitError
-from ..quant.layers import QUANT_LAYERS, layer_kind, output_channel_scale, quant_layers
-from ..quant.quantizer import ActQuantizer, WeightQuantizer
-from ..quant.sparse import SparseActQuantizer, sparse_gate
-from ..quant.uniform import fake_quantize
+from ..quant import spec as qspec
+from ..quant.layer_specs import layer_specs
+from ..quant.layers import QUANT_LAYERS, layer_kind, quant_layers
+from ..quant.spec import LayerSpec, sparse_gate
 from ..files import atomic_write
 from .artifact import require_quantized
 
@@ -245,83 +248,57 @@ class InputSpec:
     threshold: float | None = None  # sparse codes (quant.sparse): 0 up to it, exported as a gate before Q
 
 
-@torch.no_grad()
-def weight_spec(name: str, layer: nn.Module) -> WeightSpec:
-    """Integer codes of a layer's simulated weight, checked to reproduce it exactly."""
-    wq = layer.weight_quant
-    if not isinstance(wq, WeightQuantizer):
-        raise LowbitError(f"layer {name}: weight quantizer {type(wq).__name__} has no ONNX export "
-                          "(only uniform integer quantizers are exportable)")
-    w = layer.weight.detach()
-    simulated = wq(w).float().cpu()
-    s, z = (t.detach().float().cpu() for t in wq.channel_params(w.dim()))
-    qmin, qmax = wq.qrange
-    # codes come from the simulated values themselves, so any quantizer whose forward is uniform
-    # (learned rounding, binary signs) exports its exact result
-    codes = torch.round(simulated.double() / s.double() + z.double())
-    if wq.binary:
-        codes = torch.where(codes >= 0, 1.0, -1.0).double()
-    rebuilt = ((codes - z.double()) * s.double()).float()
-    tol = 1e-4 * s.abs().expand_as(simulated)
-    if codes.min() < qmin or codes.max() > qmax or ((rebuilt - simulated).abs() > tol).any():
-        raise LowbitError(f"layer {name}: weight quantizer {type(wq).__name__} does not produce uniform "
-                          f"{wq.bits}-bit codes; it has no integer ONNX equivalent")
-    signed = wq.signed
-    dtype, min_opset = weight_type(wq.bits, signed)
-    codes = codes.to(torch.int64)
+def weight_spec(layer_spec: LayerSpec, weight: Tensor, custom_forward: bool = False) -> WeightSpec:
+    """The ONNX form of a layer's quantized weight: its spec's integer codes of ``weight`` (the layer's
+    parameter), in the container of their width, with per-channel DQ parameters."""
+    spec = layer_spec.weight
+    if spec is None or spec.kind != "uniform":
+        raise LowbitError(f"layer {layer_spec.name}: a {spec.kind if spec else 'float'} weight has no ONNX QDQ "
+                          "export (only uniform integer codes are exportable)")
+    codes = qspec.codes(spec, weight.detach().float().cpu()).to(torch.int64)
+    signed = spec.signed
+    dtype, min_opset = weight_type(spec.bits, signed)
     if dtype in _GUARDED_TYPES:
         # ORT 1.32 fuses DQ(2-bit weight) -> Conv/Gemm -> Q into QLinearConv/QGemm, which have no
         # 2-bit kernels; a trailing unit dim plus a Reshape keeps the DQ out of that fusion
         codes = codes.unsqueeze(-1)
-    scale = wq.scale.detach().float().cpu().repeat_interleave(wq.channels // wq.num_groups)
-    zero = wq.zero_point.detach().cpu().repeat_interleave(wq.channels // wq.num_groups)
-    out_scale = output_channel_scale(layer).detach().float().cpu()
-    if wq.num_groups == 1:
+    rep = spec.channels // spec.num_groups
+    scale = spec.scale.repeat_interleave(rep)
+    zero = spec.zero_point.repeat_interleave(rep)
+    out_scale = qspec.output_channel_scale(spec, layer_spec.out_channels)
+    if spec.num_groups == 1:
         scale, zero, out_scale = scale[:1], zero[:1], out_scale[:1]
     return WeightSpec(codes.numpy(), scale.numpy().astype(np.float32),
-                      zero.round().to(torch.int64).numpy(), wq.bits, signed, dtype, min_opset,
-                      wq.axis, w.dim(), out_scale.numpy().astype(np.float32), bool(layer.custom_forward))
+                      zero.round().to(torch.int64).numpy(), spec.bits, signed, dtype, min_opset,
+                      spec.axis, len(layer_spec.weight_shape), out_scale.numpy().astype(np.float32), custom_forward)
 
 
-@torch.no_grad()
-def input_spec(name: str, layer: nn.Module) -> InputSpec:
-    """Scalar Q/DQ parameters of a layer's input quantizer, checked to be plain uniform."""
-    aq = layer.input_quant
-    if not isinstance(aq, ActQuantizer) or aq.scale.numel() != 1 or aq.observer is not None:
-        raise LowbitError(f"layer {name}: input quantizer {type(aq).__name__} is not a calibrated per-tensor "
-                          "uniform quantizer; it has no ONNX QuantizeLinear equivalent")
-    scale, zero = aq.scale.detach().float().cpu(), aq.zero_point.detach().float().cpu()
-    qmin, qmax = aq.qrange
-    # a quantizer subclass (e.g. with a learned range) must still be the plain uniform function
-    probe = torch.linspace((qmin - zero.item() - 3) * scale.item(), (qmax - zero.item() + 3) * scale.item(), 1001)
-    sparse = isinstance(aq, SparseActQuantizer)
-    if sparse:  # the threshold region must be probed finely: the gate is part of what is checked
-        t = aq.threshold.detach().float().cpu()
-        probe = torch.cat([probe, torch.linspace(t.item() - scale.item(), t.item() + scale.item(), 201), t])
-    expected = fake_quantize(sparse_gate(probe, t, scale) if sparse else probe, scale, zero, qmin, qmax)
-    try:
-        got = aq(probe.to(aq.scale.device)).cpu()
-    except Exception as exc:  # any failure here means "not exportable"
-        raise LowbitError(f"layer {name}: input quantizer cannot be evaluated for export ({exc})") from None
-    if not torch.allclose(got.float(), expected, atol=1e-5 * scale.item(), rtol=0):
-        raise LowbitError(f"layer {name}: input quantizer {type(aq).__name__} is not uniform affine "
-                          f"quantization; it has no ONNX QuantizeLinear equivalent")
-    return InputSpec(scale.item(), int(round(zero.item())), qmin, qmax, aq.bits, aq.signed,
-                     aq.threshold.item() if sparse else None)
+def input_spec(layer_spec: LayerSpec) -> InputSpec:
+    """Scalar Q/DQ parameters of a layer's quantized input (uniform or sparse codes)."""
+    spec = layer_spec.input
+    if spec is None or spec.kind not in ("uniform", "sparse"):
+        raise LowbitError(f"layer {layer_spec.name}: a {spec.kind if spec else 'float'} input has no ONNX "
+                          "QuantizeLinear equivalent")
+    qmin, qmax = qspec.qrange(spec)
+    return InputSpec(spec.scale.item(), int(round(spec.zero_point.item())), qmin, qmax, spec.bits, spec.signed,
+                     spec.threshold.item() if spec.kind == "sparse" else None)
 
 
 def collect_specs(qmodel: nn.Module) -> tuple[dict[str, WeightSpec], dict[str, InputSpec]]:
-    """Export specs of every enabled quantizer; LowbitError for layers lowbit cannot export."""
+    """ONNX forms of every quantized weight and input, from the model's checked layer specs
+    (``quant.layer_specs``); LowbitError for layers lowbit cannot export."""
     for name, module in qmodel.named_modules():
         if (hasattr(module, "weight_quant") or hasattr(module, "input_quant")) and not isinstance(module, QUANT_LAYERS):
             raise LowbitError(f"layer {name} ({type(module).__name__}) is a quantized layer type that ONNX export "
                               "does not support (only lowbit's quantized Conv1d, Conv2d, ConvTranspose2d, Linear)")
+    layers = dict(quant_layers(qmodel))
     weights, inputs = {}, {}
-    for name, layer in quant_layers(qmodel):
-        if layer.weight_quant.enabled:
-            weights[name] = weight_spec(name, layer)
-        if layer.input_quant.enabled:
-            inputs[name] = input_spec(name, layer)
+    for spec in layer_specs(qmodel, verify=True):
+        layer = layers[spec.name]
+        if spec.weight is not None:
+            weights[spec.name] = weight_spec(spec, layer.weight, bool(layer.custom_forward))
+        if spec.input is not None:
+            inputs[spec.name] = input_spec(spec)
     return weights, inputs
 
 
@@ -387,13 +364,25 @@ def _marked_copy(qmodel: nn.Module, weights: dict[str, WeightSpec], inputs: dict
             with torch.no_grad():
                 layer.weight.copy_(torch.from_numpy(value).float())
         layer.weight_quant = _Marker(f"w:{name}") if name in weights else nn.Identity()
-        aq = layer.input_quant
         layer.input_quant = _Marker(f"in:{name}") if name in inputs else nn.Identity()
-        if name in inputs and isinstance(aq, SparseActQuantizer):
+        if name in inputs and inputs[name].threshold is not None:
             # sparse codes: the gate where(x > t, max(x, step), 0) is traced as ordinary float ops
             # (Greater, Max, Where) in front of the Q/DQ pair, which then yields the sparse codes exactly
-            layer.input_quant = nn.Sequential(aq.export_gate(), layer.input_quant)
+            layer.input_quant = nn.Sequential(_SparseGate(inputs[name].threshold, inputs[name].scale),
+                                              layer.input_quant)
     return marked
+
+
+class _SparseGate(nn.Module):
+    """``where(x > threshold, max(x, step), 0)`` with constants (exported as Greater / Max / Where)."""
+
+    def __init__(self, threshold: float, step: float) -> None:
+        super().__init__()
+        self.register_buffer("threshold", torch.tensor(threshold, dtype=torch.float32))
+        self.register_buffer("step", torch.tensor(step, dtype=torch.float32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return sparse_gate(x, self.threshold, self.step)
 
 
 def _per_channel(values: np.ndarray, ndim: int, axis: int = 0) -> np.ndarray:

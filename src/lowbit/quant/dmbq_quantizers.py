@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from ..errors import LowbitError
 from . import dmbq
 from .dmbq_table import table_alphas
-from .quantizer import ActQuantizer, WeightQuantizer
+from .quantizer import ActQuantizer, WeightQuantizer, spec_tensor
+from .spec import TensorSpec
 
 SOLVERS = ("table", "solve", "lqnet")
 SOLVE_SAMPLES = 1 << 16  # "solve" on activations fits on at most this many (evenly strided) elements
@@ -75,6 +76,8 @@ class DmbqWeight(nn.Module):
     canonical, zero-padded to ``MAX_BASES``), ``score`` / ``layer_score`` (LBA sensitivities
     accumulated since the last reallocation).
     """
+
+    CODE_BOOK = "multibit"  # the quant.spec kind that spec() returns
 
     def __init__(self, quant: WeightQuantizer, bits: int, solver: str = "table") -> None:
         super().__init__()
@@ -171,24 +174,6 @@ class DmbqWeight(nn.Module):
         self.layer_score += dot.sum().abs() / err.numel()
 
     @torch.no_grad()
-    def levels_and_planes(self, w: Tensor) -> tuple[list[Tensor], Tensor]:
-        """The ``+-1`` planes of every channel and its alphas, from the (baked) weight ``w``.
-
-        Returns ``planes`` (one ``(bits_c, n)`` int8 tensor per channel, pruned channels empty)
-        and the ``(channels, MAX_BASES)`` alphas.
-        """
-        rows = self.rows(w)
-        planes = []
-        for c in range(self.channels):
-            b = int(self.channel_bits[c])
-            if b == 0:
-                planes.append(torch.zeros(0, rows.shape[1], dtype=torch.int8, device=w.device))
-                continue
-            _, idx = dmbq.assign(rows[c:c + 1], self.alpha[c:c + 1, :b].to(rows.dtype), True)
-            planes.append(dmbq.planes_of(idx[0], b, True).to(torch.int8))
-        return planes, self.alpha.clone()
-
-    @torch.no_grad()
     def commit(self, layer: nn.Module) -> "DmbqWeight":
         """Freeze the alphas and write the quantized weights into ``layer.weight`` (exact levels)."""
         self.track = False
@@ -224,6 +209,14 @@ class DmbqWeight(nn.Module):
         q, _ = self.quantized_rows(self.rows(layer.weight))
         layer.weight.copy_(self.unrows(q, layer.weight))
 
+    def spec(self) -> TensorSpec:
+        """This quantizer's code book: a binary basis per channel (0 bases: pruned); only once committed."""
+        if not self.frozen:
+            raise LowbitError("its DMBQ quantizer is still training (finish the QAT run)")
+        bits = self.bits
+        return TensorSpec("multibit", bits, True, True, False, "channel", self.channels, self.channels, self.axis,
+                          tuple(int(b) for b in self.channel_bits.tolist()), alphas=spec_tensor(self.alpha[:, :bits]))
+
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, mean_bits={self.mean_bits:.3f}, pruned={self.pruned_channels}, "
                 f"solver={self.solver}, frozen={self.frozen}")
@@ -235,6 +228,8 @@ class DmbqAct(nn.Module):
     Training updates a moving average of the alphas (``momentum``) from every batch and quantizes
     with the average, as evaluation does; ``start`` sets it from calibration data first.
     """
+
+    CODE_BOOK = "multibit"  # the quant.spec kind that spec() returns
 
     def __init__(self, quant: ActQuantizer, bits: int, signed: bool, solver: str = "table",
                  momentum: float = 0.9) -> None:
@@ -285,10 +280,9 @@ class DmbqAct(nn.Module):
         self.frozen = True
         return self
 
+    def spec(self) -> TensorSpec:
+        """This quantizer's code book: one binary basis for the whole tensor."""
+        return TensorSpec("multibit", self.num_bases, self.signed, alphas=spec_tensor(self.alpha))
+
     def extra_repr(self) -> str:
         return f"bits={self.num_bases}, signed={self.signed}, solver={self.solver}, frozen={self.frozen}"
-
-
-def is_dmbq(module: nn.Module) -> bool:
-    return isinstance(module, (DmbqWeight, DmbqAct))
-

@@ -273,14 +273,6 @@ def out_channels(layer: nn.Module) -> int:
     return layer.out_features if layer_kind(layer).spatial == 0 else layer.out_channels
 
 
-def output_channel_scale(layer: nn.Module) -> Tensor:
-    """The weight scale of every output channel (``out_channels`` values; group scales repeated,
-    ConvTranspose scales tiled over the conv groups)."""
-    wq = layer.weight_quant
-    per_axis = wq.scale.repeat_interleave(wq.channels // wq.num_groups)
-    return per_axis.repeat(out_channels(layer) // wq.channels)
-
-
 def per_output_channel(layer: nn.Module, values: Tensor, ndim: int | None = None) -> Tensor:
     """``values`` (one per output channel) shaped to broadcast against ``layer.weight``.
 

@@ -7,29 +7,12 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LowbitError
+from .spec import GRANULARITIES, TensorSpec, effective_groups  # noqa: F401  (re-exported)
 from .uniform import QuantResult, check_bits, fake_quantize, int_range, qparams_from_range, to_int
 
-GRANULARITIES = ("tensor", "channel", "group")
-
-
-def effective_groups(channels: int, granularity: str, groups: int | None) -> int:
-    """Number of scale groups for a layer with ``channels`` outputs.
-
-    Groups are consecutive output channels of equal size; when ``groups`` does not divide the
-    channel count, the largest divisor of ``channels`` not above ``groups`` is used.
-    """
-    if granularity == "tensor":
-        return 1
-    if granularity == "channel":
-        return channels
-    if granularity != "group":
-        raise LowbitError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    if not groups or groups < 1:
-        raise LowbitError("granularity 'group' needs groups >= 1")
-    g = min(groups, channels)
-    while channels % g:
-        g -= 1
-    return g
+def spec_tensor(t: Tensor) -> Tensor:
+    """A quantizer parameter as a spec holds it: a detached float32 CPU copy."""
+    return t.detach().float().cpu().clone()
 
 
 class WeightQuantizer(nn.Module):
@@ -39,6 +22,8 @@ class WeightQuantizer(nn.Module):
     weights, 1 for ConvTranspose weights ``(in, out / groups, k...)``, as in PyTorch's and ONNX's
     per-axis quantization. ``channels`` is that dimension's size.
     """
+
+    CODE_BOOK = "uniform"  # the quant.spec kind that spec() returns
 
     def __init__(self, bits: int, channels: int, granularity: str = "channel", groups: int | None = None,
                  symmetric: bool = True, narrow: bool = True, axis: int = 0) -> None:
@@ -160,6 +145,12 @@ class WeightQuantizer(nn.Module):
         s, z = self.channel_params(q.dim())
         return q * s if self.binary else (q - z) * s
 
+    def spec(self) -> TensorSpec:
+        """This quantizer's code book: uniform codes, one scale and zero point per group (a CPU copy)."""
+        return TensorSpec("uniform", self.bits, self.signed, self.symmetric, self.narrow, self.granularity,
+                          self.channels, self.num_groups, self.axis, self.group_bits, spec_tensor(self.scale),
+                          spec_tensor(self.zero_point))
+
     def extra_repr(self) -> str:
         axis = f", axis={self.axis}" if self.axis else ""
         if self.group_bits:
@@ -201,6 +192,8 @@ class ActObserver:
 
 class ActQuantizer(nn.Module):
     """Per-tensor activation quantizer: unsigned after ReLU, asymmetric (or symmetric) otherwise."""
+
+    CODE_BOOK = "uniform"  # the quant.spec kind that spec() returns
 
     def __init__(self, bits: int | None, symmetric: bool = False) -> None:
         super().__init__()
@@ -254,6 +247,14 @@ class ActQuantizer(nn.Module):
             return x
         qmin, qmax = self.qrange
         return fake_quantize(x, self.scale, self.zero_point, qmin, qmax)
+
+    def spec(self) -> TensorSpec:
+        """This quantizer's code book: per-tensor uniform codes (a CPU copy); LowbitError while it observes."""
+        if self.observer is not None or self.bits is None:
+            raise LowbitError("an activation quantizer that is not calibrated has no spec")
+        # symmetric codes (zero point 0) exactly when signed: ``symmetric`` itself only steers calibration
+        return TensorSpec("uniform", self.bits, self.signed, self.signed, False, scale=spec_tensor(self.scale),
+                          zero_point=spec_tensor(self.zero_point))
 
     def quantize(self, x: Tensor) -> QuantResult:
         qmin, qmax = self.qrange

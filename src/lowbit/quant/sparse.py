@@ -27,12 +27,8 @@ from torch import Tensor, nn
 
 from ..errors import LowbitError
 from .learnable import scale_grad
-from .quantizer import ActQuantizer
-
-
-def sparse_gate(x: Tensor, threshold: Tensor, step: Tensor) -> Tensor:
-    """``where(x > threshold, max(x, step), 0)``: the input whose uniform codes are the sparse codes."""
-    return torch.where(x > threshold, torch.maximum(x, step), torch.zeros_like(x))
+from .quantizer import ActQuantizer, spec_tensor
+from .spec import TensorSpec, sparse_gate
 
 
 def sparse_codes(x: Tensor, threshold: Tensor, step: Tensor, qmax: int) -> Tensor:
@@ -80,6 +76,8 @@ def fit_sparse_step(values: Tensor, threshold: float, qmax: int, candidates: int
 class SparseActQuantizer(ActQuantizer):
     """Unsigned per-tensor activation quantizer whose codes are 0 up to ``threshold`` (TSQ's sparse codes)."""
 
+    CODE_BOOK = "sparse"  # the quant.spec kind that spec() returns
+
     def __init__(self, bits: int | None, threshold: float = 0.0) -> None:
         super().__init__(bits, symmetric=False)
         self.register_buffer("threshold", torch.full((1,), float(threshold)))
@@ -108,24 +106,15 @@ class SparseActQuantizer(ActQuantizer):
     def quantize(self, x: Tensor):
         return super().quantize(self.gate(x))
 
-    def export_gate(self) -> nn.Module:
-        """A module computing ``gate`` with this quantizer's values, placed before the Q/DQ pair on export."""
-        return SparseGate(self.threshold.item(), self.scale.item())
+    def spec(self) -> TensorSpec:
+        """This quantizer's code book: sparse codes (zero up to the threshold, uniform levels above)."""
+        if self.observer is not None or self.bits is None:
+            raise LowbitError("an activation quantizer that is not calibrated has no spec")
+        return TensorSpec("sparse", self.bits, False, False, False, scale=spec_tensor(self.scale),
+                          zero_point=spec_tensor(self.zero_point), threshold=spec_tensor(self.threshold))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, threshold={self.threshold.item():.4g}"
-
-
-class SparseGate(nn.Module):
-    """``where(x > threshold, max(x, step), 0)`` with constants (exported as Greater / Max / Where)."""
-
-    def __init__(self, threshold: float, step: float) -> None:
-        super().__init__()
-        self.register_buffer("threshold", torch.tensor(threshold, dtype=torch.float32))
-        self.register_buffer("step", torch.tensor(step, dtype=torch.float32))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return sparse_gate(x, self.threshold, self.step)
 
 
 class _SparseSTE(torch.autograd.Function):

@@ -1,0 +1,167 @@
+"""The bridge between quantized models and specs: read every layer's ``LayerSpec`` off a model, and
+build a layer's quantizers back from one.
+
+``layer_specs`` is the one interface deployment code reads (artifact, ONNX, integer path, multi-bit
+export); ``apply_layer_spec`` is how a loader rebuilds the simulation from stored specs. Only this
+module (and the quantizers' own ``spec()`` methods) knows which quantizer class implements which
+code book.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import LowbitError
+from .dmbq_quantizers import DmbqAct, DmbqWeight
+from .layers import LAYER_KINDS, out_channels, quant_layers
+from .quantizer import ActQuantizer, WeightQuantizer
+from .sparse import SparseActQuantizer
+from .spec import LayerSpec, TensorSpec, channel_view, codes, dequantize, fake_quantize, qrange
+
+
+def _spec_of(name: str, quantizer: nn.Module, what: str) -> TensorSpec:
+    make = getattr(quantizer, "spec", None)
+    if make is None:
+        raise LowbitError(f"layer {name}: its {what} quantizer {type(quantizer).__name__} declares no spec "
+                          "(a training stand-in: finish the run, or a quantizer lowbit cannot export)")
+    try:
+        return make()
+    except LowbitError as exc:
+        raise LowbitError(f"layer {name}: {exc}") from None
+
+
+@torch.no_grad()
+def layer_spec(name: str, layer: nn.Module, verify: bool = False) -> LayerSpec:
+    """The spec of one quantized layer; with ``verify``, LowbitError unless its quantizers compute
+    exactly what their specs say (a subclass may declare a spec its forward does not follow)."""
+    wq, aq = layer.weight_quant, layer.input_quant
+    weight = _spec_of(name, wq, "weight") if wq.enabled else None
+    inp = _spec_of(name, aq, "input") if aq.enabled else None
+    if verify and weight is not None:
+        _verify_weight(name, layer, weight)
+    if verify and inp is not None:
+        _verify_input(name, aq, inp)
+    return LayerSpec(name, layer.kind, layer.role, tuple(layer.weight.shape), out_channels(layer), weight, inp)
+
+
+def layer_specs(qmodel: nn.Module, verify: bool = False) -> list[LayerSpec]:
+    """``LayerSpec`` of every quantized layer of ``qmodel``, in module order (see ``layer_spec``)."""
+    return [layer_spec(name, layer, verify) for name, layer in quant_layers(qmodel)]
+
+
+def code_books(qmodel: nn.Module) -> set[str]:
+    """The code book kinds (``quant.spec.KINDS``) the quantizers of ``qmodel`` declare (``CODE_BOOK``),
+    committed or not: which exporter a model needs."""
+    return {m.CODE_BOOK for m in qmodel.modules() if isinstance(getattr(m, "CODE_BOOK", None), str)}
+
+
+def _verify_weight(name: str, layer: nn.Module, spec: TensorSpec) -> None:
+    """The quantizer's simulated weight must be the spec's dequantized codes of the layer's weight."""
+    w = layer.weight.detach()
+    simulated = layer.weight_quant(w).float().cpu()
+    rebuilt = dequantize(spec, codes(spec, w.float().cpu()))
+    if spec.kind == "multibit":
+        tol = 1e-6 * (spec.alphas.abs().sum(1).max().item() if spec.alphas.numel() else 0.0)
+        ok = bool(((rebuilt - simulated).abs() <= tol).all())
+    else:
+        s = channel_view(spec, spec.scale, w.dim()).abs().expand_as(simulated)
+        ok = bool(((rebuilt - simulated).abs() <= 1e-4 * s).all())
+    if not ok:
+        what = "multi-bit" if spec.kind == "multibit" else f"uniform {spec.bits}-bit"
+        raise LowbitError(f"layer {name}: weight quantizer {type(layer.weight_quant).__name__} does not produce "
+                          f"{what} codes; it has no integer ONNX equivalent")
+
+
+def _verify_input(name: str, aq: nn.Module, spec: TensorSpec) -> None:
+    """The quantizer's function must be the spec's on a fine probe around its code range (and threshold)."""
+    if spec.kind == "multibit":
+        lo, hi = spec.alphas.abs().sum().neg().item(), spec.alphas.abs().sum().item()
+        probe = torch.linspace(lo - 1, hi + 1, 1001)
+        scale = max(hi, 1e-8)
+    else:
+        scale, zero = spec.scale.item(), spec.zero_point.item()
+        qmin, qmax = qrange(spec)
+        probe = torch.linspace((qmin - zero - 3) * scale, (qmax - zero + 3) * scale, 1001)
+        if spec.kind == "sparse":  # the threshold region must be probed finely: the gate is part of what is checked
+            t = spec.threshold.item()
+            probe = torch.cat([probe, torch.linspace(t - scale, t + scale, 201), spec.threshold])
+    expected = fake_quantize(spec, probe)
+    device = next((b.device for b in aq.buffers()), torch.device("cpu"))
+    try:
+        got = aq(probe.to(device)).cpu()
+    except Exception as exc:  # any failure here means "not exportable"
+        raise LowbitError(f"layer {name}: input quantizer cannot be evaluated for export ({exc})") from None
+    if not torch.allclose(got.float(), expected, atol=1e-5 * scale, rtol=0):
+        raise LowbitError(f"layer {name}: input quantizer {type(aq).__name__} is not uniform affine "
+                          f"quantization; it has no ONNX QuantizeLinear equivalent")
+
+
+# ------------------------------------------------------------------------------ building from specs
+def weight_quantizer(spec: TensorSpec, device: torch.device | str = "cpu") -> nn.Module:
+    """The (enabled, committed) weight quantizer that implements ``spec``."""
+    if spec.kind == "multibit":
+        base = WeightQuantizer(1, spec.channels, "channel", axis=spec.axis).to(device)
+        q = DmbqWeight(base, 0)
+        q.channel_bits.copy_(torch.tensor(spec.widths, dtype=torch.int64))
+        q.alpha.zero_()
+        q.alpha[:, :spec.bits] = spec.alphas.to(q.alpha.device)
+        q.frozen = True
+        return q
+    if spec.kind != "uniform":
+        raise LowbitError(f"a {spec.kind} spec does not describe weights")
+    wq = WeightQuantizer(spec.bits, spec.channels, spec.granularity,
+                         spec.num_groups if spec.granularity == "group" else None, spec.symmetric, spec.narrow,
+                         axis=spec.axis).to(device)
+    if wq.num_groups != spec.num_groups:
+        raise LowbitError(f"{spec.num_groups} scale groups do not fit {spec.channels} channels at "
+                          f"granularity {spec.granularity!r}")
+    if spec.group_bits is not None:
+        wq.set_group_bits(spec.group_bits)
+    wq.scale.copy_(spec.scale)
+    wq.zero_point.copy_(spec.zero_point)
+    return wq
+
+
+def input_quantizer(spec: TensorSpec, device: torch.device | str = "cpu", symmetric: bool | None = None) -> nn.Module:
+    """The (enabled, calibrated) input quantizer that implements ``spec``; ``symmetric`` (default: the
+    spec's) is the calibration setting of a uniform one (signed codes for negative inputs), not part of its codes."""
+    if spec.kind == "multibit":
+        act = DmbqAct(ActQuantizer(spec.bits).to(device), spec.bits, spec.signed)
+        act.alpha.copy_(spec.alphas)
+        act.initialized.fill_(True)
+        act.frozen = True
+        return act
+    symmetric = spec.symmetric if symmetric is None else symmetric
+    aq = (SparseActQuantizer(spec.bits) if spec.kind == "sparse" else ActQuantizer(spec.bits, symmetric)).to(device)
+    aq.signed = spec.signed
+    aq.scale.copy_(spec.scale)
+    aq.zero_point.copy_(spec.zero_point)
+    if spec.kind == "sparse":
+        aq.threshold.copy_(spec.threshold)
+    return aq
+
+
+def apply_layer_spec(layer: nn.Module, spec: LayerSpec) -> None:
+    """Give a quantized layer (fresh from ``graph.surgery.wrap_layers``) the quantizers ``spec`` describes.
+
+    Float parts keep the layer's own quantizer, disabled. The weight values are the caller's
+    (e.g. the stored codes dequantized with ``quant.spec.dequantize``).
+    """
+    kind = LAYER_KINDS[layer.kind]
+    ws = spec.weight
+    if (spec.kind != layer.kind or tuple(layer.weight.shape) != spec.weight_shape
+            or spec.out_channels != out_channels(layer)
+            or (ws is not None and (ws.axis, ws.channels) != (kind.axis, layer.weight.shape[kind.axis]))):
+        raise LowbitError(f"layer {spec.name!r}: the spec describes another layer than the model's {layer.kind} "
+                          f"of weight {list(layer.weight.shape)} (kind {spec.kind}, weight {list(spec.weight_shape)}, "
+                          f"{spec.out_channels} outputs" + (f", {ws.channels} channels on axis {ws.axis})" if ws else ")"))
+    device = layer.weight.device
+    layer.role = spec.role
+    if spec.weight is None:
+        layer.weight_quant.enabled = False
+    else:
+        layer.weight_quant = weight_quantizer(spec.weight, device)
+    if spec.input is None:
+        layer.input_quant.enabled = False
+    else:
+        layer.input_quant = input_quantizer(spec.input, device, getattr(layer.input_quant, "symmetric", None))
