@@ -69,7 +69,13 @@ def dq_codes(model: onnx.ModelProto) -> dict[str, tuple[int, np.ndarray]]:
     for node in model.graph.node:
         if node.op_type == "DequantizeLinear" and node.input[0].endswith(".weight_q"):
             t = inits[node.input[0]]
-            out[node.input[0][: -len(".weight_q")]] = (t.data_type, numpy_helper.to_array(t).astype(np.int64))
+            codes = numpy_helper.to_array(t).astype(np.int64)
+            zero = numpy_helper.to_array(inits[node.input[2]]).astype(np.int64)
+            if t.data_type == TensorProto.UINT8 and (zero == 128).all():
+                # symmetric 8-bit codes the exporter shifted into UINT8 (onnx_qdq.as_unsigned_weight)
+                out[node.input[0][: -len(".weight_q")]] = (TensorProto.INT8, codes - 128)
+                continue
+            out[node.input[0][: -len(".weight_q")]] = (t.data_type, codes)
     return out
 
 
@@ -141,7 +147,7 @@ def test_other_widths_and_layouts(bits, a_bits, options, tmp_path) -> None:
         if options.get("w_symmetric") is False:
             assert row["type"].startswith("UINT") and 0 <= row["min"] and row["max"] <= 2 ** wq.bits - 1
         else:
-            assert row["type"] == weight_type(wq.bits)
+            assert row["type"] == (weight_type(wq.bits) if not row["offset"] else "UINT8")
             assert wq.qrange[0] <= row["min"] and row["max"] <= wq.qrange[1]
         if wq.binary:
             assert set(np.unique(numpy_helper.to_array(
@@ -275,7 +281,11 @@ def test_int32_bias_graph_and_folded_weight_sessions(tmp_path) -> None:
     plain = export(q, tmp_path / "plain.onnx")
     folded = torch.from_numpy(onnx_session(plain, fold_weights=True).run(None, {"input": images.numpy()})[0])
     default = torch.from_numpy(onnx_session(plain).run(None, {"input": images.numpy()})[0])
-    assert torch.allclose(folded, default, rtol=1e-4, atol=1e-5)
+    # folded weights run float convs, the default graph ORT's integer kernels: a value on a rounding
+    # boundary can requantize to the neighbouring code (see assert_matches_simulation)
+    assert torch.equal(folded.argmax(1), default.argmax(1))
+    same = torch.isclose(folded, default, rtol=1e-4, atol=1e-5).all(1).float().mean().item()
+    assert same >= 0.9, f"{same:.1%} of images with the same logits"
 
 
 def test_untraceable_model_exports_with_a_warning(tmp_path) -> None:
