@@ -1,6 +1,7 @@
 """ONNX QDQ export: round trips through ONNX Runtime, integer initializers, opsets, bad input."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -298,3 +299,18 @@ def test_untraceable_model_exports_with_a_warning(tmp_path) -> None:
     with pytest.warns(UserWarning, match="only be valid for inputs like the example"):
         path = export(q, tmp_path / "u.onnx")
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+def test_unsigned_weight_shift_is_exact_and_only_where_it_could_saturate() -> None:
+    from lowbit.deploy.onnx_qdq import InputSpec, WeightSpec, as_unsigned_weight, saturates_u8s8
+
+    codes = np.array([[-127, 3], [64, -64]], dtype=np.int64)
+    w = WeightSpec(codes, np.array([0.5, 0.25], np.float32), np.zeros(2, np.int64), 8, True, TensorProto.INT8, 13)
+    x8 = InputSpec(0.1, 0, 0, 255, 8, False)
+    x4 = InputSpec(0.1, 0, 0, 15, 4, False)
+    assert saturates_u8s8(w, x8) and not saturates_u8s8(w, x4) and not saturates_u8s8(w, None)
+    assert not saturates_u8s8(dataclasses.replace(w, codes=np.clip(codes, -64, 64)), x8)  # 2*255*64 fits int16
+    u = as_unsigned_weight(w)
+    assert u.dtype == TensorProto.UINT8 and u.codes.min() >= 0 and u.codes.max() <= 255
+    np.testing.assert_array_equal((u.codes - u.zero_point[:, None]) * u.scale[:, None],
+                                  (w.codes - w.zero_point[:, None]) * w.scale[:, None])
