@@ -4,8 +4,19 @@ Starting from the MSE-clipping baseline, each block of the quantized network is 
 floating-point network's block output, block after block, on the quantized network's own
 inputs (so earlier errors are compensated). What is learned: the rounding direction of every
 weight (AdaRound's soft rounding, annealed to hard 0/1 decisions) and the step size of every
-activation quantizer inside the block (LSQ). QDrop randomly keeps activations unquantized
-during the fit (``drop_prob=0.5``), which is the ``qdrop`` method.
+activation quantizer inside the block (LSQ), jointly, as in the QDrop code (wimh966/QDrop).
+
+QDrop (``drop_prob=0.5``, the ``qdrop`` method) follows the official code: each step, the
+block's input is, element by element, the floating-point network's block input with
+probability ``drop_prob`` and the quantized network's (quantized) block input otherwise; every
+activation quantizer inside the block likewise keeps each element unquantized with that
+probability. Nothing is dropped at evaluation: the learned quantizers are committed as plain
+ones. ``brecq`` is the same fit without dropping, on the quantized network's block inputs.
+
+The weight grid starts from an Lp (p = 2.4) clipping search, as both official codes do; qdrop
+searches clip width and integer zero point jointly (QDrop's MSE observer), brecq shrinks the
+min/max range (BRECQ's). The published 2-bit configs use asymmetric weights (four levels with a
+zero point, ``w_symmetric=False``); lowbit's symmetric narrow default is ternary at 2 bits.
 """
 from __future__ import annotations
 
@@ -31,8 +42,8 @@ class ReconOptions:
     """Options of block reconstruction.
 
     Attributes:
-        iters: optimisation steps per block (BRECQ uses 20000; a few hundred to a few thousand
-            suffice on small networks, see benchmarks/RESULTS.md).
+        iters: optimisation steps per block (the published BRECQ/QDrop setting is 20000; see
+            benchmarks/RESULTS.md, section recon-anchors, for what fewer give on the zoo models).
         batch_size: images per step.
         lr: Adam learning rate of the rounding variables.
         act_lr: Adam learning rate of activation step sizes (cosine-annealed); 0 keeps them fixed.
@@ -40,7 +51,8 @@ class ReconOptions:
         beta_start: initial sharpness exponent of the regulariser.
         beta_end: final sharpness exponent.
         warmup: fraction of steps without the regulariser.
-        drop_prob: QDrop probability of keeping an activation unquantized during the fit.
+        drop_prob: QDrop probability of keeping an activation unquantized during the fit (and of
+            taking the FP network's value at the block input).
         max_block_layers: larger modules are split into smaller blocks.
         cache_mb: in-memory budget per cached tensor; larger caches go to a temporary file.
     """
@@ -90,6 +102,41 @@ def beta_at(step: int, opts: ReconOptions) -> float | None:
     return opts.beta_end + (opts.beta_start - opts.beta_end) * max(0.0, 1.0 - t)
 
 
+# Initial grids (Lp clipping with p = 2.4 on weights and activations, as in both official codes)
+BRECQ_INIT = MseOptions(p_weight=2.4)
+QDROP_INIT = MseOptions(p_weight=2.4, zero_point_search=True)
+
+
+def mix_inputs(quant: Tensor, fp: Tensor, prob: float, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """QDrop's block input: ``fp`` where a uniform draw is below ``prob``, else ``quant``; and that mask."""
+    keep_fp = torch.rand(quant.shape, generator=generator, device=quant.device, dtype=quant.dtype) < prob
+    return torch.where(keep_fp, fp, quant), keep_fp
+
+
+@torch.no_grad()
+def block_input_layers(block: Block, example: Tensor) -> list[nn.Module]:
+    """The block's quantized layers that take the block's input tensor itself (not a value computed from it).
+
+    Their input quantizers quantize the block input, so QDrop's mask of FP elements applies to
+    them. Found by identity in one forward pass; a layer fed a copy (``x.contiguous()``, padding)
+    is not found and draws masks of its own.
+    """
+    x = example.clone()  # the block may change its input in place
+    found: list[nn.Module] = []
+
+    def pre_hook(module, args):
+        if args and args[0] is x:
+            found.append(module)
+
+    handles = [layer.register_forward_pre_hook(pre_hook) for _, layer in block.layers]
+    try:
+        block.module(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
 def _swap_in(block: Block, opts: ReconOptions, drop_gen: torch.Generator | None) -> tuple[list, list]:
     rounders, acts = [], []
     for _, layer in block.layers:
@@ -104,12 +151,18 @@ def _swap_in(block: Block, opts: ReconOptions, drop_gen: torch.Generator | None)
 
 
 def reconstruct_block(block: Block, inputs, targets, opts: ReconOptions, gen: torch.Generator,
-                      progress: bool | None = None, drop_gen: torch.Generator | None = None) -> dict[str, float]:
+                      progress: bool | None = None, drop_gen: torch.Generator | None = None,
+                      fp_inputs=None) -> dict[str, float]:
     """Fit one block's rounding and activation steps to ``targets``; returns first/last loss.
 
     ``gen`` (CPU) picks the batches; ``drop_gen`` (on the activations' device) draws the QDrop masks.
+    ``fp_inputs`` (the FP network's block inputs, with ``drop_prob`` > 0) are mixed into the
+    quantized network's ``inputs`` element-wise (QDrop).
     """
+    mixing = fp_inputs is not None and opts.drop_prob > 0
+    entry = {id(m) for m in block_input_layers(block, inputs.get(torch.arange(min(2, len(inputs)))))} if mixing else set()
     rounders, acts = _swap_in(block, opts, drop_gen)
+    entry_acts = [a for layer, a in acts if id(layer) in entry and a.dropping]
     saved = train_only(block.module, [r.v for _, r in rounders] + [a.scale for _, a in acts if opts.act_lr > 0])
     groups = []
     if rounders:
@@ -131,7 +184,12 @@ def reconstruct_block(block: Block, inputs, targets, opts: ReconOptions, gen: to
             bar = progress_bar(range(opts.iters), desc=f"reconstructing {block.name}", enable=progress)
             for step in bar:
                 idx = torch.randint(0, n, (min(opts.batch_size, n),), generator=gen)
-                out = block.module(inputs.get(idx))
+                x = inputs.get(idx)
+                if mixing:
+                    x, keep_fp = mix_inputs(x, fp_inputs.get(idx), opts.drop_prob, drop_gen)
+                    for a in entry_acts:  # FP elements of the block input stay FP through its quantizers
+                        a.shared_keep = keep_fp
+                out = block.module(x)
                 rec = block_loss(out, targets.get(idx))
                 loss = rec
                 beta = beta_at(step, opts)
@@ -148,6 +206,8 @@ def reconstruct_block(block: Block, inputs, targets, opts: ReconOptions, gen: to
                 if step % 50 == 0:
                     bar.set_postfix(rec=f"{history[-1]:.4g}")
     finally:
+        for a in entry_acts:
+            a.shared_keep = None
         commit_stand_ins(layer for _, layer in block.layers)
         restore_grad(saved)
         block.module.train(was_training)
@@ -155,7 +215,7 @@ def reconstruct_block(block: Block, inputs, targets, opts: ReconOptions, gen: to
 
 
 def reconstruct(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: ReconOptions,
-                init: MseOptions = MseOptions()) -> list[dict]:
+                init: MseOptions = BRECQ_INIT) -> list[dict]:
     """Block-by-block reconstruction of ``qmodel`` in place; returns per-block losses."""
     teacher = mse_start_with_teacher(qmodel, calib, cfg, init)
     device = torch.device(cfg.device)
@@ -173,14 +233,16 @@ def reconstruct(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: ReconO
         for block in progress_bar(blocks, desc="blocks", enable=cfg.progress if len(blocks) > 1 else False):
             inputs, _ = capture_block_io(qmodel, block.module, calib, cfg.batch_size, limit, device,
                                          want_output=False)
-            _, targets = capture_block_io(teacher, teacher_modules[block.name], calib, cfg.batch_size,
-                                          limit, device)
+            # QDrop mixes the FP network's block inputs in: captured in the same pass as the targets
+            fp_inputs, targets = capture_block_io(teacher, teacher_modules[block.name], calib, cfg.batch_size,
+                                                  limit, device, want_input=opts.drop_prob > 0)
             with torch.enable_grad():
                 losses = reconstruct_block(block, inputs, targets, opts, gen, progress=cfg.progress,
-                                           drop_gen=drop_gen)
+                                           drop_gen=drop_gen, fp_inputs=fp_inputs)
             report.append({"block": block.name, "layers": len(block.layers), **losses})
-            inputs.close()
-            targets.close()
+            for cache in (inputs, targets, fp_inputs):
+                if cache is not None:
+                    cache.close()
     qmodel.train(was_training)
     return report
 
@@ -194,5 +256,5 @@ def brecq(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: ReconOptions
 @register_method("qdrop", QDropOptions,
                  description="block reconstruction with random activation-quantization dropping (QDrop)")
 def qdrop(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: QDropOptions) -> None:
-    qmodel.lowbit_recon = reconstruct(qmodel, calib, cfg, opts)
+    qmodel.lowbit_recon = reconstruct(qmodel, calib, cfg, opts, init=QDROP_INIT)
 

@@ -61,6 +61,44 @@ def lp_search_range(x: Tensor, bits: int, signed: bool, symmetric: bool, narrow:
     return best_lo, best_hi
 
 
+def lp_grid_search_range(x: Tensor, bits: int, signed: bool, symmetric: bool, narrow: bool = False,
+                         p: float = 2.0, candidates: int = 100, **_) -> tuple[Tensor, Tensor]:
+    """Search clip width and integer zero point jointly, per row, for least Lp error (QDrop's observer).
+
+    Asymmetric codes place ``2^bits`` levels ``scale`` apart; widths ``i / candidates`` of the row's
+    span (which always holds 0) are tried with every integer zero point, so a 2-bit row can put
+    its four levels anywhere, not only on a range shrunk around its min and max. Signed symmetric
+    codes have no zero point to search: they take ``lp_search_range``.
+    """
+    if signed and symmetric:
+        return lp_search_range(x, bits, signed, symmetric, narrow, p=p, candidates=candidates)
+    qmin, qmax = int_range(bits, False)
+    lo0 = x.amin(1).clamp_max(0.0)
+    hi0 = x.amax(1).clamp_min(0.0)
+    span = (hi0 - lo0).clamp_min(1e-8)
+    best_err = torch.full_like(lo0, float("inf"))
+    best_lo, best_hi = lo0.clone(), hi0.clone()
+    # zero points in chunks (all at once where small): one tensor op per chunk, not per zero point,
+    # so that 8-bit layers (256 zero points) stay cheap
+    per_chunk = max(1, (1 << 22) // max(1, x.numel()))
+    zps = torch.arange(qmin, qmax + 1, dtype=x.dtype, device=x.device)
+    for i in range(1, candidates + 1):
+        scale = (span * (i / candidates) / (qmax - qmin)).clamp_min(1e-8)
+        s = scale.unsqueeze(1)
+        v = torch.round(x / s).unsqueeze(1)  # G x 1 x n
+        for start in range(0, len(zps), per_chunk):
+            z = zps[start:start + per_chunk].view(1, -1, 1)  # 1 x Z x 1
+            q = (torch.clamp(v + z, qmin, qmax) - z) * s.unsqueeze(1)
+            err, k = (q - x.unsqueeze(1)).abs().pow(p).mean(2).min(1)  # best zero point of the chunk, per row
+            zp = zps[start:start + per_chunk][k]
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            # these bounds give back exactly this scale and zero point in qparams_from_range
+            best_lo = torch.where(better, -zp * scale, best_lo)
+            best_hi = torch.where(better, (qmax - zp) * scale, best_hi)
+    return best_lo, best_hi
+
+
 def aciq_range(x: Tensor, bits: int, signed: bool, symmetric: bool, narrow: bool = False,
                dist: str = "laplace") -> tuple[Tensor, Tensor]:
     """Analytic clipping: alpha = k(bits) * b with b = mean|x - mean| (Laplace) or sigma (Gauss).
