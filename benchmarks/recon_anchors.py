@@ -2,8 +2,8 @@
 
 zoo model x {W2A4, ...} x {qdrop, brecq} x iteration budgets x weight grids, top-1 drop against the
 FP model on the Fashion-MNIST test set, 1024 calibration images, standard protocol (first conv and
-last FC at 8 bit, network input unquantized). Writes the "recon-anchors-<model>" section of
-benchmarks/RESULTS.md.
+last FC at 8 bit, network input unquantized). Writes the "recon-anchors-<model>-<methods>" section
+of benchmarks/RESULTS.md.
 
     python benchmarks/recon_anchors.py [--models resnet20] [--configs W2A4] [--methods qdrop brecq]
         [--iters 500 2000] [--weights asym sym] [--eval-size N] [--threads 1]
@@ -69,7 +69,7 @@ def main() -> None:
                 f"`s`: wall-clock seconds of `lowbit.quantize` with {args.threads} thread(s).\n\n"
                 + table(["config", "method", "iters/block", "grid", "top-1", "drop", "s"], rows))
         if not args.no_write:
-            write_section(f"recon-anchors-{name}", body, [name])
+            write_section(f"recon-anchors-{name}-{'-'.join(args.methods)}", body, [name])
         print(body)
 
 

@@ -15,8 +15,9 @@ ones. ``brecq`` is the same fit without dropping, on the quantized network's blo
 
 The weight grid starts from an Lp (p = 2.4) clipping search, as both official codes do; qdrop
 searches clip width and integer zero point jointly (QDrop's MSE observer), brecq shrinks the
-min/max range (BRECQ's). The published 2-bit configs use asymmetric weights (four levels with a
-zero point, ``w_symmetric=False``); lowbit's symmetric narrow default is ternary at 2 bits.
+min/max range (BRECQ's). Both default to asymmetric weights (unsigned codes with a zero point,
+``w_symmetric=False``), the grid of both official codes: four levels at 2 bits, where lowbit's
+symmetric narrow default would be ternary. ``w_symmetric=True`` (or ``config=``) overrides it.
 """
 from __future__ import annotations
 
@@ -247,13 +248,17 @@ def reconstruct(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: ReconO
     return report
 
 
-@register_method("brecq", ReconOptions,
+# Both official codes quantize weights with unsigned codes and a zero point (four levels at 2 bits)
+PUBLISHED_GRID = {"w_symmetric": False}
+
+
+@register_method("brecq", ReconOptions, config_defaults=PUBLISHED_GRID,
                  description="block reconstruction: learned rounding + activation steps per block (BRECQ)")
 def brecq(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: ReconOptions) -> None:
     qmodel.lowbit_recon = reconstruct(qmodel, calib, cfg, opts)
 
 
-@register_method("qdrop", QDropOptions,
+@register_method("qdrop", QDropOptions, config_defaults=PUBLISHED_GRID,
                  description="block reconstruction with random activation-quantization dropping (QDrop)")
 def qdrop(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: QDropOptions) -> None:
     qmodel.lowbit_recon = reconstruct(qmodel, calib, cfg, opts, init=QDROP_INIT)
