@@ -116,17 +116,19 @@ def mix_inputs(quant: Tensor, fp: Tensor, prob: float, generator: torch.Generato
 
 @torch.no_grad()
 def block_input_layers(block: Block, example: Tensor) -> list[nn.Module]:
-    """The block's quantized layers that take the block's input tensor itself (not a value computed from it).
+    """The block's quantized layers whose input is the block's input, value for value.
 
     Their input quantizers quantize the block input, so QDrop's mask of FP elements applies to
-    them. Found by identity in one forward pass; a layer fed a copy (``x.contiguous()``, padding)
-    is not found and draws masks of its own.
+    them. Found by comparing values in one forward pass (not by identity: a block that rewrites
+    its input in place, ``x.mul_(2)``, feeds its layers other values through the same tensor);
+    a layer fed anything else draws masks of its own.
     """
     x = example.clone()  # the block may change its input in place
+    ref = x.clone()
     found: list[nn.Module] = []
 
     def pre_hook(module, args):
-        if args and args[0] is x:
+        if args and isinstance(args[0], Tensor) and args[0].shape == ref.shape and torch.equal(args[0], ref):
             found.append(module)
 
     handles = [layer.register_forward_pre_hook(pre_hook) for _, layer in block.layers]
