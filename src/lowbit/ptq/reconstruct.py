@@ -11,7 +11,9 @@ block's input is, element by element, the floating-point network's block input w
 probability ``drop_prob`` and the quantized network's (quantized) block input otherwise; every
 activation quantizer inside the block likewise keeps each element unquantized with that
 probability. Nothing is dropped at evaluation: the learned quantizers are committed as plain
-ones. ``brecq`` is the same fit without dropping, on the quantized network's block inputs.
+ones. ``brecq`` is the same fit without dropping, on the quantized network's block inputs (the
+BRECQ baseline of the QDrop code; yhhhli/BRECQ itself fits the rounding with activations in float
+first, then the activation steps alone).
 
 The weight grid starts from an Lp (p = 2.4) clipping search, as both official codes do; qdrop
 searches clip width and integer zero point jointly (QDrop's MSE observer), brecq shrinks the
