@@ -63,7 +63,7 @@ def test_block_input_layers_are_the_layers_fed_the_block_input() -> None:
 
 
 def test_qdrop_leaves_no_dropping_quantizer_behind() -> None:
-    fp = make_model("resnet20")
+    fp = make_model("zoofree")
     calib, held = calib_tensor(8, seed=1), calib_tensor(4, seed=2)
     q = lowbit.quantize(fp, calib, 2, 4, method="qdrop", iters=4, batch_size=4, w_symmetric=False, progress=False)
     for _, layer in quant_layers(q):
@@ -120,3 +120,22 @@ def test_zero_point_search_finds_an_asymmetric_grid() -> None:
     sym = lp_grid_search_range(rows, bits=2, signed=True, symmetric=True, narrow=True, p=2.4)
     ref = lp_search_range(rows, bits=2, signed=True, symmetric=True, narrow=True, p=2.4)
     assert all(torch.equal(a, b) for a, b in zip(sym, ref))
+
+
+def test_brecq_and_qdrop_default_to_the_published_asymmetric_grid() -> None:
+    from lowbit.config import QuantConfig, build_config
+    from lowbit.ptq.registry import get_method
+
+    def w_symmetric(method: str, **options) -> bool:
+        spec = get_method(method)
+        cfg, _ = build_config(2, 4, options, spec.option_names, spec.config_defaults)
+        return cfg.w_symmetric
+
+    for method in ("brecq", "qdrop"):
+        assert w_symmetric(method) is False  # four levels at 2 bits, as both official codes
+        assert w_symmetric(method, w_symmetric=True) is True  # an explicit option wins
+        assert w_symmetric(method, config=QuantConfig()) is True  # so does a config= object
+    assert w_symmetric("mse") is True and w_symmetric("distill") is True  # other methods keep theirs
+    with pytest.raises(TypeError):
+        from lowbit.ptq.registry import register_method
+        register_method("never-registered", config_defaults={"w_symetric": False})

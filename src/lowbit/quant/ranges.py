@@ -76,26 +76,29 @@ def lp_grid_search_range(x: Tensor, bits: int, signed: bool, symmetric: bool, na
     lo0 = x.amin(1).clamp_max(0.0)
     hi0 = x.amax(1).clamp_min(0.0)
     span = (hi0 - lo0).clamp_min(1e-8)
-    best_err = torch.full_like(lo0, float("inf"))
-    best_lo, best_hi = lo0.clone(), hi0.clone()
-    # zero points in chunks (all at once where small): one tensor op per chunk, not per zero point,
-    # so that 8-bit layers (256 zero points) stay cheap
-    per_chunk = max(1, (1 << 22) // max(1, x.numel()))
+    # every (width, zero point) pair, evaluated in chunks of pairs: one tensor op per chunk rather
+    # than per pair keeps small layers (and the 256 zero points of 8-bit ones) cheap, and the
+    # chunk size bounds memory for large ones
+    widths = torch.arange(1, candidates + 1, dtype=x.dtype, device=x.device) / candidates
     zps = torch.arange(qmin, qmax + 1, dtype=x.dtype, device=x.device)
-    for i in range(1, candidates + 1):
-        scale = (span * (i / candidates) / (qmax - qmin)).clamp_min(1e-8)
-        s = scale.unsqueeze(1)
-        v = torch.round(x / s).unsqueeze(1)  # G x 1 x n
-        for start in range(0, len(zps), per_chunk):
-            z = zps[start:start + per_chunk].view(1, -1, 1)  # 1 x Z x 1
-            q = (torch.clamp(v + z, qmin, qmax) - z) * s.unsqueeze(1)
-            err, k = (q - x.unsqueeze(1)).abs().pow(p).mean(2).min(1)  # best zero point of the chunk, per row
-            zp = zps[start:start + per_chunk][k]
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            # these bounds give back exactly this scale and zero point in qparams_from_range
-            best_lo = torch.where(better, -zp * scale, best_lo)
-            best_hi = torch.where(better, (qmax - zp) * scale, best_hi)
+    pair_w = widths.repeat_interleave(len(zps))  # K pairs
+    pair_z = zps.repeat(len(widths))
+    per_chunk = max(1, (1 << 22) // max(1, x.numel()))
+    best_err = torch.full_like(lo0, float("inf"))
+    best_scale = (span / (qmax - qmin)).clamp_min(1e-8)
+    best_zp = torch.zeros_like(lo0)
+    for start in range(0, len(pair_w), per_chunk):
+        w, z = pair_w[start:start + per_chunk], pair_z[start:start + per_chunk]
+        scale = (span.unsqueeze(1) * w / (qmax - qmin)).clamp_min(1e-8)  # G x k
+        s3, z3 = scale.unsqueeze(2), z.view(1, -1, 1)
+        q = (torch.clamp(torch.round(x.unsqueeze(1) / s3) + z3, qmin, qmax) - z3) * s3  # G x k x n
+        err, k = (q - x.unsqueeze(1)).abs().pow(p).mean(2).min(1)  # best pair of the chunk, per row
+        better = err < best_err  # strict: the first (narrowest, lowest zero point) of equals wins
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale.gather(1, k.unsqueeze(1)).squeeze(1), best_scale)
+        best_zp = torch.where(better, z[k], best_zp)
+    # these bounds give back exactly this scale and zero point in qparams_from_range
+    best_lo, best_hi = -best_zp * best_scale, (qmax - best_zp) * best_scale
     return best_lo, best_hi
 
 
