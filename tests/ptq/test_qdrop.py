@@ -51,7 +51,6 @@ def test_block_input_layers_are_the_layers_fed_the_block_input() -> None:
     fp = make_model("resnet20")
     q = lowbit.quantize(fp, calib_tensor(8), 4, 4, method="minmax", progress=False)
     blocks = {b.name: b for b in find_blocks(q, calib_tensor(2))}
-    x = calib_tensor(2, channels=8, size=16)
     down = blocks["layers.1.0"]  # a stride-2 residual block with a projection shortcut
     names = {id(m): n for n, m in down.layers}
     x = torch.randn(2, down.layers[0][1].in_channels, 16, 16)
@@ -59,7 +58,7 @@ def test_block_input_layers_are_the_layers_fed_the_block_input() -> None:
     assert len(found) == 2 and found[0].endswith("conv1") and "conv2" not in " ".join(found)
     plain = blocks["layers.0.1"]
     x = torch.randn(2, plain.layers[0][1].in_channels, 16, 16)
-    assert [m for m in block_input_layers(plain, x)] == [plain.layers[0][1]]
+    assert block_input_layers(plain, x) == [plain.layers[0][1]]
 
 
 def test_qdrop_leaves_no_dropping_quantizer_behind() -> None:
