@@ -59,7 +59,7 @@ def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = DEFAULT_B
     spec = get_method(method)
     input_key = check_value(options.pop("input_key", None), str | None, "input_key", "lowbit")
     layer_bits = check_layer_bits(options.pop("layer_bits", None))
-    cfg, method_options = build_config(w_bits, a_bits, options, spec.option_names)
+    cfg, method_options = build_config(w_bits, a_bits, options, spec.option_names, spec.config_defaults)
     opts = spec.make_options(method_options)
     x = read_calibration(calib, cfg.calib_size, cfg.seed, input_key, input_ranks(model))
     try:

@@ -1,7 +1,7 @@
 """Quantization configuration: one frozen dataclass shared by every method."""
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Annotated, Any, Literal, get_args
 
@@ -102,7 +102,8 @@ DEFAULT_BITS = _DefaultBits(4)
 
 
 def build_config(w_bits: int, a_bits: int | None, options: dict[str, Any],
-                 method_options: Collection[str] = ()) -> tuple[QuantConfig, dict[str, Any]]:
+                 method_options: Collection[str] = (),
+                 config_defaults: Mapping[str, Any] | None = None) -> tuple[QuantConfig, dict[str, Any]]:
     """Split ``options`` into a QuantConfig and the method's own options.
 
     Understands every ``QuantConfig`` field, ``config=`` (a QuantConfig to start from) and
@@ -113,6 +114,9 @@ def build_config(w_bits: int, a_bits: int | None, options: dict[str, Any],
     A name in ``method_options`` (the method's option names) stays with the method even when
     ``QuantConfig`` has a field of that name (``batch_size`` of brecq, qdrop and distill is the
     images per optimisation step); the config's field is then set through ``config=``.
+
+    ``config_defaults`` (the method's own defaults for config fields, e.g. asymmetric weights for
+    brecq and qdrop) apply to the fields that neither an option nor ``config=`` sets.
 
     Returns:
         The config and the remaining options (the method's own, checked by its registry entry).
@@ -131,6 +135,7 @@ def build_config(w_bits: int, a_bits: int | None, options: dict[str, Any],
         common.update(implied)
     if base is None:
         base = QuantConfig()
+        common = {**{k: v for k, v in (config_defaults or {}).items() if k not in common}, **common}
     elif common.get("granularity", "group") != "group" and "groups" not in common:
         common["groups"] = None  # the config's groups belong to the granularity being replaced
     bits = {name: value for name, value in (("w_bits", w_bits), ("a_bits", a_bits))

@@ -1,12 +1,14 @@
 """Block reconstruction (brecq, qdrop) and two-stage distillation: losses fall, switches work, round trips."""
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 import torch
 
 import lowbit
 from lowbit.errors import LowbitError
-from lowbit.ptq.reconstruct import ReconOptions, beta_at
+from lowbit.ptq.reconstruct import BRECQ_INIT, QDROP_INIT, ReconOptions, beta_at
 from lowbit.quant.quantizer import effective_groups
 
 from ..conftest import calib_tensor, make_model
@@ -32,14 +34,18 @@ def test_reconstruction_beats_its_mse_start(method: str, data) -> None:
     calib, held = data
     fp = make_model("resnet20")
     before = [p.clone() for p in fp.parameters()]
-    base = lowbit.quantize(fp, calib, 2, 4, method="mse", progress=False)
+    # the start each method reconstructs from: asymmetric weights (their default, as published),
+    # Lp clipping with p = 2.4, and for qdrop the joint width / zero-point search
+    start = {"brecq": BRECQ_INIT, "qdrop": QDROP_INIT}[method]
+    base = lowbit.quantize(fp, calib, 2, 4, method="mse", w_symmetric=False, progress=False, **asdict(start))
     q = lowbit.quantize(fp, calib, 2, 4, method=method, iters=80, progress=False)
+    assert q.lowbit_info["config"]["w_symmetric"] is False
     assert _output_error(q, fp, held) < 0.8 * _output_error(base, fp, held)
     assert all(torch.equal(a, b) for a, b in zip(before, fp.parameters()))  # FP model untouched
     report = lowbit.record_of(q).reconstruction
     assert [r["block"] for r in report] == ["conv1", *(f"layers.{i}.{j}" for i in range(3) for j in range(3)), "fc"]
-    # the 8-bit first layer sees the FP input: nothing to reconstruct, its loss is float noise
-    assert report[0]["first"] < 1e-6 * report[1]["first"] and report[0]["last"] < 1e-6 * report[1]["first"]
+    # the 8-bit first layer sees the FP input: little to reconstruct, its loss is 8-bit rounding noise
+    assert report[0]["first"] < 1e-5 * report[1]["first"] and report[0]["last"] < 1e-5 * report[1]["first"]
     # every 2-bit body block ends below where it started (mean loss over the first / last fifth of
     # the steps), and on average by more than 5%; the 8-bit head is left out: at 8 bits its
     # rounding has little to gain and QDrop's random masks move its loss by about 2% either way
@@ -170,6 +176,6 @@ def test_distill_keeps_group_scales_and_round_trips(name: str, data, tmp_path) -
 def test_untraceable_model_reconstructs_with_unfolded_bn(data) -> None:
     calib, held = data
     fp = make_model("untraceable")
-    base = lowbit.quantize(fp, calib, 3, 4, method="mse", progress=False)
+    base = lowbit.quantize(fp, calib, 3, 4, method="mse", w_symmetric=False, progress=False, **asdict(QDROP_INIT))
     q = lowbit.quantize(fp, calib, 3, 4, method="qdrop", iters=60, progress=False)
     assert _output_error(q, fp, held) < _output_error(base, fp, held)

@@ -176,20 +176,26 @@ class _StopForward(Exception):
 @torch.no_grad()
 def capture_block_io(model: nn.Module, module: nn.Module, data: Tensor, batch_size: int,
                      limit_bytes: int, device: torch.device, want_output: bool = True,
-                     ) -> tuple[TensorCache, TensorCache | None]:
-    """Inputs (and outputs) of ``module`` inside ``model`` over ``data``; stops each pass early.
+                     want_input: bool = True) -> tuple[TensorCache | None, TensorCache | None]:
+    """Inputs and/or outputs of ``module`` inside ``model`` over ``data``; stops each pass early.
 
     The input is copied before ``module`` runs: a forward hook would see it after the module,
     which may have changed it in place (e.g. ``x.mul_(2)`` or ``x += ...`` on its input).
+    What is not wanted comes back as None.
     """
+    if not (want_input or want_output):
+        raise LowbitError("capture_block_io needs want_input or want_output")
     caches: list[TensorCache | None] = [None, None]
     start = [0]
+    reached = [False]
 
     def pre_hook(_, args):
         x = args[0]
-        if caches[0] is None:
-            caches[0] = TensorCache(len(data), x.shape[1:], limit_bytes, device)
-        caches[0].write(start[0], x)
+        reached[0] = True
+        if want_input:
+            if caches[0] is None:
+                caches[0] = TensorCache(len(data), x.shape[1:], limit_bytes, device)
+            caches[0].write(start[0], x)
         if not want_output:
             raise _StopForward
 
@@ -212,6 +218,6 @@ def capture_block_io(model: nn.Module, module: nn.Module, data: Tensor, batch_si
     finally:
         for handle in handles:
             handle.remove()
-    if caches[0] is None:
+    if not reached[0]:
         raise LowbitError("a block was not reached by the forward pass")
     return caches[0], caches[1]

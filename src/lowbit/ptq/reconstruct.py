@@ -4,8 +4,22 @@ Starting from the MSE-clipping baseline, each block of the quantized network is 
 floating-point network's block output, block after block, on the quantized network's own
 inputs (so earlier errors are compensated). What is learned: the rounding direction of every
 weight (AdaRound's soft rounding, annealed to hard 0/1 decisions) and the step size of every
-activation quantizer inside the block (LSQ). QDrop randomly keeps activations unquantized
-during the fit (``drop_prob=0.5``), which is the ``qdrop`` method.
+activation quantizer inside the block (LSQ), jointly, as in the QDrop code (wimh966/QDrop).
+
+QDrop (``drop_prob=0.5``, the ``qdrop`` method) follows the official code: each step, the
+block's input is, element by element, the floating-point network's block input with
+probability ``drop_prob`` and the quantized network's (quantized) block input otherwise; every
+activation quantizer inside the block likewise keeps each element unquantized with that
+probability. Nothing is dropped at evaluation: the learned quantizers are committed as plain
+ones. ``brecq`` is the same fit without dropping, on the quantized network's block inputs (the
+BRECQ baseline of the QDrop code; yhhhli/BRECQ itself fits the rounding with activations in float
+first, then the activation steps alone).
+
+The weight grid starts from an Lp (p = 2.4) clipping search, as both official codes do; qdrop
+searches clip width and integer zero point jointly (QDrop's MSE observer), brecq shrinks the
+min/max range (BRECQ's). Both default to asymmetric weights (unsigned codes with a zero point,
+``w_symmetric=False``), the grid of both official codes: four levels at 2 bits, where lowbit's
+symmetric narrow default would be ternary. ``w_symmetric=True`` (or ``config=``) overrides it.
 """
 from __future__ import annotations
 
@@ -32,8 +46,8 @@ class ReconOptions:
     """Options of block reconstruction.
 
     Attributes:
-        iters: optimisation steps per block (BRECQ uses 20000; a few hundred to a few thousand
-            suffice on small networks, see benchmarks/RESULTS.md).
+        iters: optimisation steps per block (the published BRECQ/QDrop setting is 20000; see
+            benchmarks/RESULTS.md, section recon-anchors, for what fewer give on the zoo models).
         batch_size: images per step.
         lr: Adam learning rate of the rounding variables.
         act_lr: Adam learning rate of activation step sizes (cosine-annealed); 0 keeps them fixed.
@@ -41,7 +55,8 @@ class ReconOptions:
         beta_start: initial sharpness exponent of the regulariser.
         beta_end: final sharpness exponent.
         warmup: fraction of steps without the regulariser.
-        drop_prob: QDrop probability of keeping an activation unquantized during the fit.
+        drop_prob: QDrop probability of keeping an activation unquantized during the fit (and of
+            taking the FP network's value at the block input).
         max_block_layers: larger modules are split into smaller blocks.
         cache_mb: in-memory budget per cached tensor; larger caches go to a temporary file.
     """
@@ -91,6 +106,43 @@ def beta_at(step: int, opts: ReconOptions) -> float | None:
     return opts.beta_end + (opts.beta_start - opts.beta_end) * max(0.0, 1.0 - t)
 
 
+# Initial grids (Lp clipping with p = 2.4 on weights and activations, as in both official codes)
+BRECQ_INIT = MseOptions(p_weight=2.4)
+QDROP_INIT = MseOptions(p_weight=2.4, zero_point_search=True)
+
+
+def mix_inputs(quant: Tensor, fp: Tensor, prob: float, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """QDrop's block input: ``fp`` where a uniform draw is below ``prob``, else ``quant``; and that mask."""
+    keep_fp = torch.rand(quant.shape, generator=generator, device=quant.device, dtype=quant.dtype) < prob
+    return torch.where(keep_fp, fp, quant), keep_fp
+
+
+@torch.no_grad()
+def block_input_layers(block: Block, example: Tensor) -> list[nn.Module]:
+    """The block's quantized layers whose input is the block's input, value for value.
+
+    Their input quantizers quantize the block input, so QDrop's mask of FP elements applies to
+    them. Found by comparing values in one forward pass (not by identity: a block that rewrites
+    its input in place, ``x.mul_(2)``, feeds its layers other values through the same tensor);
+    a layer fed anything else draws masks of its own.
+    """
+    x = example.clone()  # the block may change its input in place
+    ref = x.clone()
+    found: list[nn.Module] = []
+
+    def pre_hook(module, args):
+        if args and isinstance(args[0], Tensor) and args[0].shape == ref.shape and torch.equal(args[0], ref):
+            found.append(module)
+
+    handles = [layer.register_forward_pre_hook(pre_hook) for _, layer in block.layers]
+    try:
+        block.module(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
 def _swap_in(block: Block, opts: ReconOptions, drop_gen: torch.Generator | None) -> tuple[list, list]:
     rounders, acts = [], []
     for _, layer in block.layers:
@@ -105,12 +157,18 @@ def _swap_in(block: Block, opts: ReconOptions, drop_gen: torch.Generator | None)
 
 
 def reconstruct_block(block: Block, inputs, targets, opts: ReconOptions, gen: torch.Generator,
-                      progress: bool | None = None, drop_gen: torch.Generator | None = None) -> dict[str, float]:
+                      progress: bool | None = None, drop_gen: torch.Generator | None = None,
+                      fp_inputs=None) -> dict[str, float]:
     """Fit one block's rounding and activation steps to ``targets``; returns first/last loss.
 
     ``gen`` (CPU) picks the batches; ``drop_gen`` (on the activations' device) draws the QDrop masks.
+    ``fp_inputs`` (the FP network's block inputs, with ``drop_prob`` > 0) are mixed into the
+    quantized network's ``inputs`` element-wise (QDrop).
     """
+    mixing = fp_inputs is not None and opts.drop_prob > 0
+    entry = {id(m) for m in block_input_layers(block, inputs.get(torch.arange(min(2, len(inputs)))))} if mixing else set()
     rounders, acts = _swap_in(block, opts, drop_gen)
+    entry_acts = [a for layer, a in acts if id(layer) in entry and a.dropping]
     saved = train_only(block.module, [r.v for _, r in rounders] + [a.scale for _, a in acts if opts.act_lr > 0])
     groups = []
     if rounders:
@@ -132,7 +190,12 @@ def reconstruct_block(block: Block, inputs, targets, opts: ReconOptions, gen: to
             bar = progress_bar(range(opts.iters), desc=f"reconstructing {block.name}", enable=progress)
             for step in bar:
                 idx = torch.randint(0, n, (min(opts.batch_size, n),), generator=gen)
-                out = block.module(inputs.get(idx))
+                x = inputs.get(idx)
+                if mixing:
+                    x, keep_fp = mix_inputs(x, fp_inputs.get(idx), opts.drop_prob, drop_gen)
+                    for a in entry_acts:  # FP elements of the block input stay FP through its quantizers
+                        a.shared_keep = keep_fp
+                out = block.module(x)
                 rec = block_loss(out, targets.get(idx))
                 loss = rec
                 beta = beta_at(step, opts)
@@ -149,6 +212,8 @@ def reconstruct_block(block: Block, inputs, targets, opts: ReconOptions, gen: to
                 if step % 50 == 0:
                     bar.set_postfix(rec=f"{history[-1]:.4g}")
     finally:
+        for a in entry_acts:
+            a.shared_keep = None
         commit_stand_ins(layer for _, layer in block.layers)
         restore_grad(saved)
         block.module.train(was_training)
@@ -156,7 +221,7 @@ def reconstruct_block(block: Block, inputs, targets, opts: ReconOptions, gen: to
 
 
 def reconstruct(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: ReconOptions,
-                init: MseOptions = MseOptions()) -> list[dict]:
+                init: MseOptions = BRECQ_INIT) -> list[dict]:
     """Block-by-block reconstruction of ``qmodel`` in place; returns per-block losses."""
     teacher = mse_start_with_teacher(qmodel, calib, cfg, init)
     device = torch.device(cfg.device)
@@ -174,26 +239,32 @@ def reconstruct(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: ReconO
         for block in progress_bar(blocks, desc="blocks", enable=cfg.progress if len(blocks) > 1 else False):
             inputs, _ = capture_block_io(qmodel, block.module, calib, cfg.batch_size, limit, device,
                                          want_output=False)
-            _, targets = capture_block_io(teacher, teacher_modules[block.name], calib, cfg.batch_size,
-                                          limit, device)
+            # QDrop mixes the FP network's block inputs in: captured in the same pass as the targets
+            fp_inputs, targets = capture_block_io(teacher, teacher_modules[block.name], calib, cfg.batch_size,
+                                                  limit, device, want_input=opts.drop_prob > 0)
             with torch.enable_grad():
                 losses = reconstruct_block(block, inputs, targets, opts, gen, progress=cfg.progress,
-                                           drop_gen=drop_gen)
+                                           drop_gen=drop_gen, fp_inputs=fp_inputs)
             report.append({"block": block.name, "layers": len(block.layers), **losses})
-            inputs.close()
-            targets.close()
+            for cache in (inputs, targets, fp_inputs):
+                if cache is not None:
+                    cache.close()
     qmodel.train(was_training)
     return report
 
 
-@register_method("brecq", ReconOptions,
+# Both official codes quantize weights with unsigned codes and a zero point (four levels at 2 bits)
+PUBLISHED_GRID = {"w_symmetric": False}
+
+
+@register_method("brecq", ReconOptions, config_defaults=PUBLISHED_GRID,
                  description="block reconstruction: learned rounding + activation steps per block (BRECQ)")
 def brecq(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: ReconOptions) -> None:
     record_of(qmodel).reconstruction = reconstruct(qmodel, calib, cfg, opts)
 
 
-@register_method("qdrop", QDropOptions,
+@register_method("qdrop", QDropOptions, config_defaults=PUBLISHED_GRID,
                  description="block reconstruction with random activation-quantization dropping (QDrop)")
 def qdrop(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: QDropOptions) -> None:
-    record_of(qmodel).reconstruction = reconstruct(qmodel, calib, cfg, opts)
+    record_of(qmodel).reconstruction = reconstruct(qmodel, calib, cfg, opts, init=QDROP_INIT)
 

@@ -1,7 +1,8 @@
 """Method registry: every quantization method is a named handler with its own options dataclass."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 from torch import Tensor, nn
@@ -19,6 +20,9 @@ class Method:
     handler: Handler
     options: type | None
     description: str
+    # QuantConfig fields this method defaults differently (e.g. brecq/qdrop: asymmetric weights, as
+    # published); an explicit option or a config= object wins over them
+    config_defaults: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def option_names(self) -> frozenset[str]:
@@ -48,19 +52,28 @@ class Method:
 _METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, options: type | None = None, description: str = "") -> Callable[[Handler], Handler]:
+def register_method(name: str, options: type | None = None, description: str = "",
+                    config_defaults: Mapping[str, Any] | None = None) -> Callable[[Handler], Handler]:
     """Decorator registering ``handler(qmodel, calib, cfg, opts)`` under ``name``.
 
     ``options`` is a dataclass whose field annotations declare each option's type (see
     ``lowbit.options``); they are resolved here, so an annotation lowbit cannot check fails at
     registration with a TypeError rather than when the method is used. A handler that reports
     results keeps them in the model's record, ``lowbit.record_of(qmodel).extra[name]``.
+    ``config_defaults`` are QuantConfig fields the method defaults differently from ``QuantConfig``
+    (checked on use, like any config value).
     """
     if options is not None:
         option_types(options)
+    from ..config import CONFIG_FIELDS  # late: config imports the quantizers, not the registry
+
+    unknown = sorted(set(config_defaults or {}) - CONFIG_FIELDS)
+    if unknown:
+        raise TypeError(f"config_defaults of method {name!r} name no QuantConfig field: {unknown}")
 
     def deco(fn: Handler) -> Handler:
-        _METHODS[name] = Method(name, fn, options, description or (fn.__doc__ or "").strip().split("\n")[0])
+        _METHODS[name] = Method(name, fn, options, description or (fn.__doc__ or "").strip().split("\n")[0],
+                                dict(config_defaults or {}))
         return fn
     return deco
 

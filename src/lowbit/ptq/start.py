@@ -19,7 +19,7 @@ from ..config import QuantConfig
 from ..errors import LowbitError
 from ..options import Range
 from ..quant.quantizer import ActObserver
-from ..quant.ranges import lp_search_range
+from ..quant.ranges import lp_grid_search_range, lp_search_range
 from .common import calibrate_inputs, calibrate_weights, observe_fp_inputs
 
 
@@ -32,12 +32,15 @@ class MseOptions:
         p_act: norm of the activation error (2.4 as in LAPQ, BRECQ, QDrop).
         candidates: clip ratios tried, shrinking the min/max range by ``shrink`` each.
         shrink: step of the clip ratio.
+        zero_point_search: weights with a zero point (``w_symmetric=False``) search clip width and
+            integer zero point jointly (QDrop's observer) instead of shrinking their min/max.
     """
 
     p_weight: Annotated[float, Range(gt=0)] = 2.0
     p_act: Annotated[float, Range(gt=0)] = 2.4
     candidates: Annotated[int, Range(ge=1)] = 100
     shrink: Annotated[float, Range(gt=0, lt=1)] = 0.01
+    zero_point_search: bool = False
 
     def __post_init__(self) -> None:
         if self.p_weight <= 0 or self.p_act <= 0 or self.candidates < 1 or not 0 < self.shrink < 1:
@@ -47,7 +50,10 @@ class MseOptions:
 def mse_start(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig,
               opts: MseOptions = MseOptions()) -> dict[str, ActObserver]:
     """Calibrate every range by Lp-error search; returns the FP input statistics it searched on."""
-    calibrate_weights(qmodel, lp_search_range, p=opts.p_weight, candidates=opts.candidates, shrink=opts.shrink)
+    if opts.zero_point_search:
+        calibrate_weights(qmodel, lp_grid_search_range, p=opts.p_weight, candidates=opts.candidates)
+    else:
+        calibrate_weights(qmodel, lp_search_range, p=opts.p_weight, candidates=opts.candidates, shrink=opts.shrink)
     observers = observe_fp_inputs(qmodel, calib, cfg)
     calibrate_inputs(qmodel, observers, lp_search_range, p=opts.p_act, candidates=opts.candidates,
                      shrink=opts.shrink)

@@ -86,11 +86,14 @@ class LearnedStepWeight(nn.Module):
 class LearnedStepAct(nn.Module):
     """Activation fake-quantizer with a trainable step size and optional QDrop.
 
-    With ``drop_prob`` > 0 and ``dropping`` on, each element keeps its unquantized value with that
-    probability (QDrop, Wei et al. 2022), which flattens the loss landscape seen by later blocks.
-    The masks come from ``generator`` (on the activations' device), never from torch's global
-    RNG, so a run is reproducible and leaves the caller's random state alone; without one, a
-    generator seeded with 0 is made on first use.
+    With ``drop_prob`` > 0 and ``dropping`` on, in training mode, each element keeps its unquantized
+    value with that probability (QDrop, Wei et al. 2022), which flattens the loss landscape seen by
+    later blocks; in eval mode (and once committed) it always quantizes. The masks come from
+    ``generator`` (on the activations' device), never from torch's global RNG, so a run is
+    reproducible and leaves the caller's random state alone; without one, a generator seeded
+    with 0 is made on first use. ``shared_keep``, when set (and of the input's shape), is used
+    instead of a fresh mask: block reconstruction sets it on the quantizers of the block's input
+    to the mask that chose FP elements there, so that those stay FP (QDrop's input mixing).
     """
 
     def __init__(self, quant: ActQuantizer, drop_prob: float = 0.0, lsq_grad_scale: bool = False,
@@ -102,6 +105,7 @@ class LearnedStepAct(nn.Module):
         self.dropping = drop_prob > 0
         self.lsq_grad_scale = lsq_grad_scale
         self.generator = generator
+        self.shared_keep: Tensor | None = None
 
     def _keep_mask(self, x: Tensor) -> Tensor:
         """Elements that stay unquantized: each with probability ``drop_prob``."""
@@ -117,7 +121,10 @@ class LearnedStepAct(nn.Module):
         s = self.scale.abs().clamp_min(1e-8)
         if self.lsq_grad_scale:
             s = scale_grad(s, 1.0 / math.sqrt(x[0].numel() * max(abs(qmin), qmax)))
-        keep = self._keep_mask(x) if self.dropping and self.training else None
+        keep = None
+        if self.dropping and self.training:
+            shared = self.shared_keep
+            keep = shared if shared is not None and shared.shape == x.shape else self._keep_mask(x)
         return _LsqFakeQuant.apply(x, s, q.zero_point, qmin, qmax, keep)
 
     @torch.no_grad()

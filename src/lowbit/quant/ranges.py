@@ -61,6 +61,47 @@ def lp_search_range(x: Tensor, bits: int, signed: bool, symmetric: bool, narrow:
     return best_lo, best_hi
 
 
+def lp_grid_search_range(x: Tensor, bits: int, signed: bool, symmetric: bool, narrow: bool = False,
+                         p: float = 2.0, candidates: int = 100, **_) -> tuple[Tensor, Tensor]:
+    """Search clip width and integer zero point jointly, per row, for least Lp error (QDrop's observer).
+
+    Asymmetric codes place ``2^bits`` levels ``scale`` apart; widths ``i / candidates`` of the row's
+    span (which always holds 0) are tried with every integer zero point, so a 2-bit row can put
+    its four levels anywhere, not only on a range shrunk around its min and max. Signed symmetric
+    codes have no zero point to search: they take ``lp_search_range``.
+    """
+    if signed and symmetric:
+        return lp_search_range(x, bits, signed, symmetric, narrow, p=p, candidates=candidates)
+    qmin, qmax = int_range(bits, False)
+    lo0 = x.amin(1).clamp_max(0.0)
+    hi0 = x.amax(1).clamp_min(0.0)
+    span = (hi0 - lo0).clamp_min(1e-8)
+    # every (width, zero point) pair, evaluated in chunks of pairs: one tensor op per chunk rather
+    # than per pair keeps small layers (and the 256 zero points of 8-bit ones) cheap, and the
+    # chunk size bounds memory for large ones
+    widths = torch.arange(1, candidates + 1, dtype=x.dtype, device=x.device) / candidates
+    zps = torch.arange(qmin, qmax + 1, dtype=x.dtype, device=x.device)
+    pair_w = widths.repeat_interleave(len(zps))  # K pairs
+    pair_z = zps.repeat(len(widths))
+    per_chunk = max(1, (1 << 22) // max(1, x.numel()))
+    best_err = torch.full_like(lo0, float("inf"))
+    best_scale = (span / (qmax - qmin)).clamp_min(1e-8)
+    best_zp = torch.zeros_like(lo0)
+    for start in range(0, len(pair_w), per_chunk):
+        w, z = pair_w[start:start + per_chunk], pair_z[start:start + per_chunk]
+        scale = (span.unsqueeze(1) * w / (qmax - qmin)).clamp_min(1e-8)  # G x k
+        s3, z3 = scale.unsqueeze(2), z.view(1, -1, 1)
+        q = (torch.clamp(torch.round(x.unsqueeze(1) / s3) + z3, qmin, qmax) - z3) * s3  # G x k x n
+        err, k = (q - x.unsqueeze(1)).abs().pow(p).mean(2).min(1)  # best pair of the chunk, per row
+        better = err < best_err  # strict: the first (narrowest, lowest zero point) of equals wins
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale.gather(1, k.unsqueeze(1)).squeeze(1), best_scale)
+        best_zp = torch.where(better, z[k], best_zp)
+    # these bounds give back exactly this scale and zero point in qparams_from_range
+    best_lo, best_hi = -best_zp * best_scale, (qmax - best_zp) * best_scale
+    return best_lo, best_hi
+
+
 def aciq_range(x: Tensor, bits: int, signed: bool, symmetric: bool, narrow: bool = False,
                dist: str = "laplace") -> tuple[Tensor, Tensor]:
     """Analytic clipping: alpha = k(bits) * b with b = mean|x - mean| (Laplace) or sigma (Gauss).
