@@ -83,12 +83,14 @@ def _managed(qmodel):
     return [(m, m.weight_quant) for _, m in quant_layers(qmodel) if isinstance(m.weight_quant, DmbqWeight)]
 
 
-@pytest.mark.parametrize("mode,budget", [("channel", 0.7), ("channel", 1.5), ("layer", 1.5), ("channel", 2.0)])
-def test_lba_budget_invariant_over_many_steps(mode, budget):
+@pytest.mark.parametrize("mode,budget,fraction", [("channel", 0.7, 0.0), ("channel", 1.5, 0.0), ("layer", 1.5, 0.0),
+                                                  ("channel", 2.0, 0.0), ("channel", 0.7, 0.05),
+                                                  ("layer", 1.5, 0.2)])
+def test_lba_budget_invariant_over_many_steps(mode, budget, fraction):
     """Random sensitivities, 300 reallocations: the true average never exceeds the budget, bits move."""
     fp, x, _ = _data(16)
     qmodel, _ = _setup(fp, x, DmbqOptions())
-    state = LbaState(_managed(qmodel), mode, budget, every=1, max_bits=4)
+    state = LbaState(_managed(qmodel), mode, budget, every=1, max_bits=4, fraction=fraction)
     state.initial_allocation()
     cap = Fraction(budget).limit_denominator(10 ** 6) * state.params()
     assert state.total_bits() <= cap
@@ -123,6 +125,30 @@ def test_lba_moves_a_bit_toward_the_sensitive_unit():
     state.reallocate()
     assert int(first.channel_bits[0]) == 3
     assert int(last.channel_bits.min()) == 1 and int(state.total_bits()) <= 2 * state.params()
+
+
+def test_lba_fraction_moves_several_units_per_reallocation():
+    """fraction=0.05 of ResNet-20's channels: the 5% most sensitive gain a bit, the least sensitive pay."""
+    fp, x, _ = _data(16)
+    qmodel, _ = _setup(fp, x, DmbqOptions())
+    state = LbaState(_managed(qmodel), "channel", 2.0, every=1, max_bits=4, fraction=0.05)
+    state.initial_allocation()
+    units = len(state._units())
+    k = round(0.05 * units)
+    assert state.moves_per_step() == k > 1
+    gen = torch.Generator().manual_seed(1)
+    for _, q in state._layers:
+        q.score.copy_(torch.rand(q.score.shape, generator=gen, dtype=torch.float64) + 1)
+    flat = torch.cat([q.score for _, q in state._layers])
+    top = set(flat.argsort(descending=True)[:k].tolist())
+    state.reallocate()
+    bits = torch.cat([q.channel_bits for _, q in state._layers])
+    assert set((bits == 3).nonzero().squeeze(1).tolist()) == top and int(state.moves) == k
+    lost = bits < 2  # donors (channel sizes differ, so not exactly k of them): the least sensitive
+    assert bool(lost[flat.argmin()]) and float(flat[lost].max()) < float(flat[bits == 3].min())
+    assert state.total_bits() <= 2 * state.params()
+    with pytest.raises(LowbitError, match="fraction"):
+        LbaState(_managed(qmodel), "channel", 2.0, every=1, max_bits=4, fraction=1.5)
 
 
 def test_lba_through_qat_fractional_budget_and_summary():

@@ -48,6 +48,8 @@ class DmbqOptions:
         lba: bit allocation during training: "channel" (CP), "layer" (LP), "global" (GP), or
             None (every body layer at ``w_bits``).
         lba_every: training steps between two reallocations.
+        lba_fraction: share of the units that may gain a bit at one reallocation (at least one):
+            with CP's thousands of channels one move per reallocation barely changes anything.
         max_bits: most bits LBA gives a unit.
         w_budget: average weight bits of the body layers under LBA (set from a fractional
             ``w_bits``; None: ``w_bits``).
@@ -57,6 +59,7 @@ class DmbqOptions:
     act_momentum: Annotated[float, Range(ge=0, lt=1)] = 0.9
     lba: Literal["channel", "layer", "global"] | None = None
     lba_every: Annotated[int, Range(ge=1)] = 20
+    lba_fraction: Annotated[float, Range(ge=0, le=1)] = 0.0
     max_bits: Annotated[int, Range(ge=1, le=dmbq.MAX_BASES)] = dmbq.MAX_BASES
     w_budget: Annotated[float, Range(gt=0, le=dmbq.MAX_BASES)] | None = None
 
@@ -96,7 +99,7 @@ def dmbq_setup(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: DmbqOpt
         budget = opts.w_budget if opts.w_budget is not None else float(cfg.w_bits)
         if budget > opts.max_bits:
             raise LowbitError(f"dmbq: the weight budget {budget} exceeds max_bits={opts.max_bits}")
-        state = LbaState(managed, opts.lba, budget, opts.lba_every, opts.max_bits)
+        state = LbaState(managed, opts.lba, budget, opts.lba_every, opts.max_bits, opts.lba_fraction)
         qmodel.lowbit_lba = state
         state.start(qmodel)
 

@@ -3,10 +3,11 @@
 Sensitivity of a unit (an output channel, a layer): ``|(x - x_hat)^T g(x_hat)| / n``, the
 first-order change of the loss if the unit's quantization error were removed, summed over the
 backward passes since the last reallocation (``DmbqWeight`` accumulates it in a tensor hook).
-Every ``every`` training steps the most sensitive unit that can grow gains one bit and the least
-sensitive units (one bit each, least sensitive first) give up enough bits that the
-parameter-weighted average stays within the budget; 0 bits prunes the unit. A move that no set
-of donors can pay for is skipped, so the true average never exceeds the budget.
+Every ``every`` training steps the most sensitive units that can grow (``fraction`` of the
+units, at least one) gain one bit each and the least sensitive units (one bit each, least
+sensitive first) give up enough bits that the parameter-weighted average stays within the
+budget; 0 bits prunes the unit. A move that no set of donors can pay for is skipped, so the true
+average never exceeds the budget.
 
 Granularity (``mode``): "channel" (CP: every output channel of every body layer is a unit),
 "layer" (LP: every layer), "global" (GP: the whole network shares one width, so nothing moves;
@@ -49,10 +50,13 @@ class LbaState(nn.Module):
         budget: average bits per weight over those layers (parameter-weighted).
         every: training steps between reallocations.
         max_bits: most bases a unit may hold.
+        fraction: share of the units that may gain a bit at one reallocation (at least one unit):
+            CP has thousands of channels, so one move per reallocation would leave it at its
+            initial allocation over any short schedule.
     """
 
     def __init__(self, layers: list[tuple[nn.Module, DmbqWeight]], mode: str, budget: float, every: int,
-                 max_bits: int) -> None:
+                 max_bits: int, fraction: float = 0.0) -> None:
         super().__init__()
         if mode not in MODES:
             raise LowbitError(f"lba must be one of {MODES}, got {mode!r}")
@@ -68,6 +72,9 @@ class LbaState(nn.Module):
         self.budget = Fraction(budget).limit_denominator(10 ** 6)
         self.every = every
         self.max_bits = max_bits
+        if not 0 <= fraction <= 1:
+            raise LowbitError(f"lba: the fraction of units moved per reallocation must be in [0, 1], got {fraction}")
+        self.fraction = fraction
         self.hook_id: int | None = None
         self.register_buffer("clock", torch.zeros((), dtype=torch.int64))
         self.register_buffer("moves", torch.zeros((), dtype=torch.int64))
@@ -151,8 +158,11 @@ class LbaState(nn.Module):
 
     @torch.no_grad()
     def reallocate(self) -> bool:
-        """Move one bit to the most sensitive unit that can grow, paid by the least sensitive ones.
+        """Move bits to the most sensitive units that can grow, paid by the least sensitive ones.
 
+        Up to ``moves_per_step`` units (``fraction`` of the units, at least one) gain one bit
+        each, most sensitive first; every donor gives at most one bit and must be less sensitive
+        than the unit it pays for. A receiver that no remaining donors can pay for ends the round.
         Returns whether anything moved. Sensitivities are reset either way.
         """
         moved = False
@@ -161,27 +171,35 @@ class LbaState(nn.Module):
             scores = self._scores()
             bits = self._all_bits()
             order = sorted(range(len(units)), key=lambda k: (-scores[k], k))
-            receiver = next((k for k in order if bits[k] < self.max_bits and scores[k] > 0), None)
-            if receiver is not None:
-                total = self.total_bits() + units[receiver][2]
-                cap = self.cap()
-                donors = []
-                for k in reversed(order):
-                    if total <= cap:
-                        break
-                    if k != receiver and bits[k] > 0 and scores[k] < scores[receiver]:
-                        donors.append(k)
-                        total -= units[k][2]
-                if total <= cap:
-                    self._set(units[receiver], bits[receiver] + 1)
-                    for k in donors:
-                        self._set(units[k], bits[k] - 1)
-                    moved = True
-                    self.moves += 1
+            receivers = [k for k in order if bits[k] < self.max_bits and scores[k] > 0][:self.moves_per_step()]
+            taken = set(receivers)  # a unit gains or gives in one round, never both
+            donor_pool = [k for k in reversed(order) if k not in taken and bits[k] > 0]
+            total = self.total_bits()
+            cap = self.cap()
+            for receiver in receivers:
+                need = total + units[receiver][2]
+                paid = []
+                while need > cap and donor_pool and scores[donor_pool[0]] < scores[receiver]:
+                    k = donor_pool.pop(0)
+                    paid.append(k)
+                    need -= units[k][2]
+                if need > cap:  # the rest cannot be paid for: give the donors back, stop here
+                    donor_pool[:0] = paid
+                    break
+                total = need
+                self._set(units[receiver], bits[receiver] + 1)
+                for k in paid:
+                    self._set(units[k], bits[k] - 1)
+                moved = True
+                self.moves += 1
         for _, q in self._layers:
             q.score.zero_()
             q.layer_score.zero_()
         return moved
+
+    def moves_per_step(self) -> int:
+        """Units that may gain a bit at one reallocation: ``fraction`` of the units, at least one."""
+        return max(1, round(self.fraction * len(self._units()))) if self.mode != "global" else 0
 
     def before_forward(self, module: nn.Module, args: tuple) -> None:
         """Forward pre-hook of the model: count training steps, reallocate every ``every`` of them."""
@@ -208,7 +226,8 @@ class LbaState(nn.Module):
             self.hook_id = None
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode}, budget={float(self.budget)}, every={self.every}, max_bits={self.max_bits}"
+        return (f"mode={self.mode}, budget={float(self.budget)}, every={self.every}, max_bits={self.max_bits}, "
+                f"fraction={self.fraction}")
 
 
 def bit_map(qmodel: nn.Module) -> list[dict]:
