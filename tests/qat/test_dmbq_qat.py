@@ -173,7 +173,7 @@ def test_lba_through_qat_fractional_budget_and_summary():
 
 def test_resume_with_lba_gives_the_same_model(tmp_path):
     fp, x, y = _data()
-    kw = dict(w_bits=1.5, lba="channel", lba_every=2, epochs=2)
+    kw = dict(w_bits=1.5, lba="channel", lba_every=2, lba_fraction=0.05, epochs=2)
     full = _qat(fp, x, y, **kw)
     ckpt = tmp_path / "run.ckpt"
     part = _qat(fp, x, y, checkpoint=str(ckpt), max_steps=3, checkpoint_every=1, **kw)
