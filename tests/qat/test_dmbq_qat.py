@@ -15,6 +15,7 @@ from lowbit.qat.dmbq import DmbqOptions, dmbq_finalize, dmbq_setup
 from lowbit.qat.lba import LbaState
 from lowbit.quant import dmbq
 from lowbit.quant.dmbq_quantizers import DmbqAct, DmbqWeight
+from lowbit.quant.dmbq_table import table_alphas
 from lowbit.quant.layers import quant_layers
 
 from ..conftest import calib_tensor, make_model, randomize_bn
@@ -151,6 +152,24 @@ def test_lba_fraction_moves_several_units_per_reallocation():
         LbaState(_managed(qmodel), "layer", 0.7, every=1, max_bits=4)
     with pytest.raises(LowbitError, match="fraction"):
         LbaState(_managed(qmodel), "channel", 2.0, every=1, max_bits=4, fraction=1.5)
+
+
+def test_lba_move_score_ranks_givers_by_the_cost_of_their_move():
+    """score="move": shifted widths are the table quantization one base up/down (1 -> 0: zeros), and a
+    QAT run tracks them, keeps the budget and moves bits."""
+    fp, x, y = _data()
+    qmodel, _ = _setup(fp, x, DmbqOptions())
+    _, wq = _managed(qmodel)[1]
+    rows = wq.rows(_managed(qmodel)[1][0].weight.detach())
+    wq.channel_bits[:2] = 1
+    down, up = wq.shifted_rows(rows, -1), wq.shifted_rows(rows, 1)
+    assert bool((down[:2] == 0).all())
+    up3 = dmbq.assign(rows[2:], table_alphas(rows[2:], 3, True), True)[0]
+    assert torch.equal(up[2:], up3)
+    q = _qat(fp, x, y, w_bits=1.5, lba="channel", lba_every=1, lba_fraction=0.05, lba_score="move")
+    managed = [(m, m.weight_quant) for _, m in quant_layers(q) if isinstance(m.weight_quant, DmbqWeight)]
+    bits = sum(int(wq.channel_bits.sum()) * (m.weight.numel() // wq.channels) for m, wq in managed)
+    assert bits / sum(m.weight.numel() for m, _ in managed) <= 1.5 and q.lowbit_lba_moves > 0
 
 
 def test_lba_through_qat_fractional_budget_and_summary():

@@ -50,6 +50,9 @@ class DmbqOptions:
         lba_every: training steps between two reallocations.
         lba_fraction: share of the units that may gain a bit at one reallocation (at least one):
             with CP's thousands of channels one move per reallocation barely changes anything.
+        lba_score: "error" (the paper's ``|(x - x_hat)^T g| / n`` ranks givers and takers alike) or
+            "move" (``|(x_hat' - x_hat)^T g| / n`` of the move itself: one base more for a taker,
+            one less, down to pruning, for a giver).
         max_bits: most bits LBA gives a unit.
         w_budget: average weight bits of the body layers under LBA (set from a fractional
             ``w_bits``; None: ``w_bits``).
@@ -60,6 +63,7 @@ class DmbqOptions:
     lba: Literal["channel", "layer", "global"] | None = None
     lba_every: Annotated[int, Range(ge=1)] = 20
     lba_fraction: Annotated[float, Range(ge=0, le=1)] = 0.0
+    lba_score: Literal["error", "move"] = "error"
     max_bits: Annotated[int, Range(ge=1, le=dmbq.MAX_BASES)] = dmbq.MAX_BASES
     w_budget: Annotated[float, Range(gt=0, le=dmbq.MAX_BASES)] | None = None
 
@@ -99,7 +103,8 @@ def dmbq_setup(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: DmbqOpt
         budget = opts.w_budget if opts.w_budget is not None else float(cfg.w_bits)
         if budget > opts.max_bits:
             raise LowbitError(f"dmbq: the weight budget {budget} exceeds max_bits={opts.max_bits}")
-        state = LbaState(managed, opts.lba, budget, opts.lba_every, opts.max_bits, opts.lba_fraction)
+        state = LbaState(managed, opts.lba, budget, opts.lba_every, opts.max_bits, opts.lba_fraction,
+                         opts.lba_score)
         qmodel.lowbit_lba = state
         state.start(qmodel)
 

@@ -30,6 +30,7 @@ from ..quant.dmbq_quantizers import DmbqWeight
 from ..quant.dmbq_table import table_alphas
 
 MODES = ("channel", "layer", "global")
+SCORES = ("error", "move")  # the paper's |(x - x_hat)^T g| / n, or the loss change of the move itself
 
 
 def _units_error(quant: DmbqWeight, weight: Tensor, bits: int) -> Tensor:
@@ -56,7 +57,7 @@ class LbaState(nn.Module):
     """
 
     def __init__(self, layers: list[tuple[nn.Module, DmbqWeight]], mode: str, budget: float, every: int,
-                 max_bits: int, fraction: float = 0.0) -> None:
+                 max_bits: int, fraction: float = 0.0, score: str = "error") -> None:
         super().__init__()
         if mode not in MODES:
             raise LowbitError(f"lba must be one of {MODES}, got {mode!r}")
@@ -78,6 +79,9 @@ class LbaState(nn.Module):
         if not 0 <= fraction <= 1:
             raise LowbitError(f"lba: the fraction of units moved per reallocation must be in [0, 1], got {fraction}")
         self.fraction = fraction
+        if score not in SCORES:
+            raise LowbitError(f"lba score must be one of {SCORES}, got {score!r}")
+        self.score = score
         self.hook_id: int | None = None
         self.register_buffer("clock", torch.zeros((), dtype=torch.int64))
         self.register_buffer("moves", torch.zeros((), dtype=torch.int64))
@@ -150,10 +154,13 @@ class LbaState(nn.Module):
                 slack -= size
         assert self.total_bits() <= self.cap()
 
-    def _scores(self) -> list[float]:
+    def _scores(self, kind: str = "score") -> list[float]:
+        """Per-unit scores: ``kind`` "score" (the paper's), "up" or "down" (the move scores)."""
+        names = {"score": ("score", "layer_score"), "up": ("score_up", "layer_up"),
+                 "down": ("score_down", "layer_down")}[kind]
         scores: list[Tensor] = []
         for _, q in self._layers:
-            scores.append(q.score if self.mode == "channel" else q.layer_score.reshape(1))
+            scores.append(getattr(q, names[0]) if self.mode == "channel" else getattr(q, names[1]).reshape(1))
         flat = torch.cat([s.reshape(-1) for s in scores])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(flat)  # every process decides on the same, global, sensitivities
@@ -171,18 +178,22 @@ class LbaState(nn.Module):
         moved = False
         if self.mode != "global":
             units = self._units()
-            scores = self._scores()
             bits = self._all_bits()
-            order = sorted(range(len(units)), key=lambda k: (-scores[k], k))
-            receivers = [k for k in order if bits[k] < self.max_bits and scores[k] > 0][:self.moves_per_step()]
+            if self.score == "move":  # gain of one bit more against the loss of one bit less
+                gain, cost = self._scores("up"), self._scores("down")
+            else:
+                gain = cost = self._scores()
+            order = sorted(range(len(units)), key=lambda k: (-gain[k], k))
+            receivers = [k for k in order if bits[k] < self.max_bits and gain[k] > 0][:self.moves_per_step()]
             taken = set(receivers)  # a unit gains or gives in one round, never both
-            donor_pool = [k for k in reversed(order) if k not in taken and bits[k] > self.min_bits]
+            donor_pool = sorted((k for k in range(len(units)) if k not in taken and bits[k] > self.min_bits),
+                                key=lambda k: (cost[k], -k))
             total = self.total_bits()
             cap = self.cap()
             for receiver in receivers:
                 need = total + units[receiver][2]
                 paid = []
-                while need > cap and donor_pool and scores[donor_pool[0]] < scores[receiver]:
+                while need > cap and donor_pool and cost[donor_pool[0]] < gain[receiver]:
                     k = donor_pool.pop(0)
                     paid.append(k)
                     need -= units[k][2]
@@ -196,8 +207,8 @@ class LbaState(nn.Module):
                 moved = True
                 self.moves += 1
         for _, q in self._layers:
-            q.score.zero_()
-            q.layer_score.zero_()
+            for b in (q.score, q.layer_score, q.score_up, q.score_down, q.layer_up, q.layer_down):
+                b.zero_()
         return moved
 
     @property
@@ -227,19 +238,21 @@ class LbaState(nn.Module):
         self.initial_allocation()
         for _, q in self._layers:
             q.track = True
+            q.track_moves = self.score == "move"
         self.hook_id = model.register_forward_pre_hook(self.before_forward).id
 
     def stop(self, model: nn.Module) -> None:
         """Remove the hook and the sensitivity tracking (the bits stay)."""
         for _, q in self._layers:
             q.track = False
+            q.track_moves = False
         if self.hook_id is not None:
             model._forward_pre_hooks.pop(self.hook_id, None)
             self.hook_id = None
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode}, budget={float(self.budget)}, every={self.every}, max_bits={self.max_bits}, "
-                f"fraction={self.fraction}")
+                f"fraction={self.fraction}, score={self.score}")
 
 
 def bit_map(qmodel: nn.Module) -> list[dict]:
