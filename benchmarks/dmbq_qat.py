@@ -53,7 +53,8 @@ def main() -> None:
     ap.add_argument("--lba-every", type=int, default=4)
     ap.add_argument("--runs", default="fp,lsq0,dmbq0,lsq1,dmbq1,gp,lp,cp",
                     help="comma-separated runs: fp and NAME or NAME:SEED, NAME one of lsq, dmbq, solve, lqnet, "
-                         "table, lsq3, dmbq3, lsq4, dmbq4, gp, lp, cp, cpone, cp15, gp10, lp10, cp10 (lsq0, lsq1, "
+                         "table, lsq3, dmbq3, lsq4, dmbq4, gp, lp, cp, cpone, cpm, cp15, gp10, lp10, cp10, cp10m "
+                         "(cpm, cp10m: LBA score 'move'; lsq0, lsq1, "
                          "dmbq0, dmbq1 = lsq:0, ...)")
     ap.add_argument("--lba-fraction", type=float, default=None,
                     help="share of LBA units that may gain a bit per reallocation (default: the method's)")
@@ -87,6 +88,10 @@ def main() -> None:
         "cp": ("DMBQ+LBA CP", "2.0/2", dict(method="dmbq", w_bits=2.0, a_bits=2, lba="channel", **lba)),
         "cpone": ("DMBQ+LBA CP, 1 unit per move", "2.0/2",
                   dict(method="dmbq", w_bits=2.0, a_bits=2, lba="channel", **dict(lba, lba_fraction=0.0))),
+        "cpm": ("DMBQ+LBA CP, move score", "2.0/2",
+                dict(method="dmbq", w_bits=2.0, a_bits=2, lba="channel", lba_score="move", **lba)),
+        "cp10m": ("DMBQ+LBA CP, move score", "1.0/2",
+                  dict(method="dmbq", w_bits=1.0, a_bits=2, lba="channel", lba_score="move", **lba)),
         "cp15": ("DMBQ+LBA CP", "1.5/2", dict(method="dmbq", w_bits=1.5, a_bits=2, lba="channel", **lba)),
         "gp10": ("DMBQ+LBA GP", "1.0/2", dict(method="dmbq", w_bits=1.0, a_bits=2, lba="global")),
         "lp10": ("DMBQ+LBA LP", "1.0/2", dict(method="dmbq", w_bits=1.0, a_bits=2, lba="layer", **lba)),
