@@ -115,7 +115,7 @@ def main() -> None:
     fp_acc = accuracy(fp, xt, yt)
     fp_sec = fp_epoch_seconds(fp, x, y, 128, 0.01) if "fp" in wanted else float("nan")
     rows, results, maps = [], {}, {}
-    lsq_sec = []
+    lsq_sec: dict[str, list[float]] = {}  # LSQ seconds per epoch by W/A: the "vs LSQ" reference
     for key in runs:
         label, prec, kw, name = runs[key]
         start = time.perf_counter()
@@ -129,16 +129,16 @@ def main() -> None:
         body_bits = sum(r.params * r.w_bits for r in body) / sum(r.params for r in body)
         results.setdefault((label, prec), []).append(acc)
         if kw["method"] == "lsq":
-            lsq_sec.append(sec)
+            lsq_sec.setdefault(prec, []).append(sec)
         if kw.get("lba") in ("channel", "layer") and name not in maps:
             maps[name] = (bit_map(q), label, prec)
         rows.append([label, prec, kw.get("seed", 0), f"{acc:.2f}", f"{body_bits:.3f}",
                      f"{s.totals['model_bytes'] / 2**20:.4f}", s.totals["pruned_channels"], f"{sec:.1f}",
                      f"{sec / fp_sec:.2f}x" if fp_sec == fp_sec else "-", f"{wall:.0f}"])
         print(rows[-1], flush=True)
-    lsq_ref = sum(lsq_sec) / len(lsq_sec) if lsq_sec else float("nan")
-    for r in rows:
-        r.insert(9, f"{float(r[7]) / lsq_ref:.2f}x" if lsq_ref == lsq_ref else "-")
+    for r in rows:  # against LSQ at the same W/A (2.0/2 compares with 2/2), "-" without one
+        ref = lsq_sec.get(r[1].replace(".0/", "/"))
+        r.insert(9, f"{float(r[7]) / (sum(ref) / len(ref)):.2f}x" if ref else "-")
     defaults = DmbqOptions()
     solver = args.solver or defaults.solver
     fraction = args.lba_fraction if args.lba_fraction is not None else defaults.lba_fraction
@@ -153,7 +153,7 @@ def main() -> None:
             f"reallocates every {args.lba_every} steps, each time up to max(1, {fraction} x units) units gain "
             f"a bit (LP: 18 layer units, CP: one per output channel); GP = one width for the whole "
             f"network (no move possible at a whole budget). FP epoch (same loop, unquantized): "
-            f"{fp_sec:.1f} s.\n\n" + table(header, rows))
+            + (f"{fp_sec:.1f} s." if fp_sec == fp_sec else "not measured in this run.") + "\n\n" + table(header, rows))
     multi = [(k, v) for k, v in results.items() if len(v) > 1]
     if multi:
         text += "\n\nMean top-1 over seeds:\n\n" + table(
