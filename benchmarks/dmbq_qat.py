@@ -24,6 +24,7 @@ import torch
 import lowbit
 from lowbit.data import load_fashion_mnist
 from lowbit.evaluate import accuracy
+from lowbit.qat.dmbq import DmbqOptions
 from lowbit.qat.lba import bit_map, bit_map_markdown, bit_map_png
 from lowbit.train import train_step
 
@@ -51,7 +52,14 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lba-every", type=int, default=4)
     ap.add_argument("--runs", default="fp,lsq0,dmbq0,lsq1,dmbq1,gp,lp,cp",
-                    help="comma-separated subset of fp,lsq0,lsq1,dmbq0,dmbq1,solve,lqnet,gp,lp,cp,cp15")
+                    help="comma-separated runs: fp and NAME or NAME:SEED, NAME one of lsq, dmbq, solve, lqnet, "
+                         "table, lsq3, dmbq3, lsq4, dmbq4, gp, lp, cp, cpone, cpm, cp15, gp10, lp10, cp10, cp10m "
+                         "(cpm, cp10m: LBA score 'move'; lsq0, lsq1, "
+                         "dmbq0, dmbq1 = lsq:0, ...)")
+    ap.add_argument("--lba-fraction", type=float, default=None,
+                    help="share of LBA units that may gain a bit per reallocation (default: the method's)")
+    ap.add_argument("--solver", default=None, help="DMBQ solver of the runs that do not name one "
+                    "(default: the method's)")
     ap.add_argument("--section", default="dmbq-qat", help="RESULTS.md section to write")
     ap.add_argument("--no-write", action="store_true")
     args = parse_args(ap)
@@ -62,30 +70,54 @@ def main() -> None:
     x, y = x_train[:args.train], y_train[:args.train]
     xt, yt = x_test[:args.test], y_test[:args.test]
     common = dict(epochs=args.epochs, batch_size=128, lr=0.01, progress=False, log=lambda s: None)
-    runs = {
-        "lsq0": ("Uniform (LSQ)", "2/2", dict(method="lsq", w_bits=2, a_bits=2, seed=0)),
-        "lsq1": ("Uniform (LSQ)", "2/2", dict(method="lsq", w_bits=2, a_bits=2, seed=1)),
-        "dmbq0": ("DMBQ", "2/2", dict(method="dmbq", w_bits=2, a_bits=2, seed=0)),
-        "dmbq1": ("DMBQ", "2/2", dict(method="dmbq", w_bits=2, a_bits=2, seed=1)),
-        "solve": ("DMBQ, solve per step", "2/2", dict(method="dmbq", w_bits=2, a_bits=2, solver="solve", seed=0)),
-        "lqnet": ("DMBQ, LQ-Net step", "2/2", dict(method="dmbq", w_bits=2, a_bits=2, solver="lqnet", seed=0)),
-        "gp": ("DMBQ+LBA GP", "2.0/2", dict(method="dmbq", w_bits=2.0, a_bits=2, lba="global", seed=0)),
-        "lp": ("DMBQ+LBA LP", "2.0/2", dict(method="dmbq", w_bits=2.0, a_bits=2, lba="layer",
-                                            lba_every=args.lba_every, seed=0)),
-        "cp": ("DMBQ+LBA CP", "2.0/2", dict(method="dmbq", w_bits=2.0, a_bits=2, lba="channel",
-                                            lba_every=args.lba_every, seed=0)),
-        "cp15": ("DMBQ+LBA CP", "1.5/2", dict(method="dmbq", w_bits=1.5, a_bits=2, lba="channel",
-                                              lba_every=args.lba_every, seed=0)),
+    lba = dict(lba_every=args.lba_every)
+    if args.lba_fraction is not None:
+        lba["lba_fraction"] = args.lba_fraction
+    configs = {  # name -> (label, W/A, qat keywords); a run is NAME or NAME:SEED (seed 0 by default)
+        "lsq": ("Uniform (LSQ)", "2/2", dict(method="lsq", w_bits=2, a_bits=2)),
+        "dmbq": ("DMBQ", "2/2", dict(method="dmbq", w_bits=2, a_bits=2)),
+        "solve": ("DMBQ, solve per step", "2/2", dict(method="dmbq", w_bits=2, a_bits=2, solver="solve")),
+        "lqnet": ("DMBQ, LQ-Net step", "2/2", dict(method="dmbq", w_bits=2, a_bits=2, solver="lqnet")),
+        "table": ("DMBQ, table", "2/2", dict(method="dmbq", w_bits=2, a_bits=2, solver="table")),
+        "lsq3": ("Uniform (LSQ)", "3/3", dict(method="lsq", w_bits=3, a_bits=3)),
+        "dmbq3": ("DMBQ", "3/3", dict(method="dmbq", w_bits=3, a_bits=3)),
+        "lsq4": ("Uniform (LSQ)", "4/4", dict(method="lsq", w_bits=4, a_bits=4)),
+        "dmbq4": ("DMBQ", "4/4", dict(method="dmbq", w_bits=4, a_bits=4)),
+        "gp": ("DMBQ+LBA GP", "2.0/2", dict(method="dmbq", w_bits=2.0, a_bits=2, lba="global")),
+        "lp": ("DMBQ+LBA LP", "2.0/2", dict(method="dmbq", w_bits=2.0, a_bits=2, lba="layer", **lba)),
+        "cp": ("DMBQ+LBA CP", "2.0/2", dict(method="dmbq", w_bits=2.0, a_bits=2, lba="channel", **lba)),
+        "cpone": ("DMBQ+LBA CP, 1 unit per move", "2.0/2",
+                  dict(method="dmbq", w_bits=2.0, a_bits=2, lba="channel", **dict(lba, lba_fraction=0.0))),
+        "cpm": ("DMBQ+LBA CP, move score", "2.0/2",
+                dict(method="dmbq", w_bits=2.0, a_bits=2, lba="channel", lba_score="move", **lba)),
+        "cp10m": ("DMBQ+LBA CP, move score", "1.0/2",
+                  dict(method="dmbq", w_bits=1.0, a_bits=2, lba="channel", lba_score="move", **lba)),
+        "cp15": ("DMBQ+LBA CP", "1.5/2", dict(method="dmbq", w_bits=1.5, a_bits=2, lba="channel", **lba)),
+        "gp10": ("DMBQ+LBA GP", "1.0/2", dict(method="dmbq", w_bits=1.0, a_bits=2, lba="global")),
+        "lp10": ("DMBQ+LBA LP", "1.0/2", dict(method="dmbq", w_bits=1.0, a_bits=2, lba="layer", **lba)),
+        "cp10": ("DMBQ+LBA CP", "1.0/2", dict(method="dmbq", w_bits=1.0, a_bits=2, lba="channel", **lba)),
     }
+    legacy = {"lsq0": "lsq:0", "lsq1": "lsq:1", "dmbq0": "dmbq:0", "dmbq1": "dmbq:1"}  # older command lines
+    runs = {}
+    for key in args.runs.split(","):
+        name, _, seed = legacy.get(key, key).partition(":")
+        if key == "fp":
+            continue
+        if name not in configs:
+            ap.error(f"unknown run {key!r}: one of fp, {', '.join(configs)} (optionally NAME:SEED)")
+        label, prec, kw = configs[name]
+        runs[key] = (label, prec, dict(kw, seed=int(seed or 0)), name)
     wanted = args.runs.split(",")
+    if args.solver:  # the solver of every DMBQ run that does not name its own
+        for key, (label, prec, kw, name) in runs.items():
+            if kw["method"] == "dmbq" and name not in ("solve", "lqnet", "table"):
+                kw.setdefault("solver", args.solver)
     fp_acc = accuracy(fp, xt, yt)
     fp_sec = fp_epoch_seconds(fp, x, y, 128, 0.01) if "fp" in wanted else float("nan")
     rows, results, maps = [], {}, {}
-    lsq_sec = []
-    for key in wanted:
-        if key == "fp":
-            continue
-        label, prec, kw = runs[key]
+    lsq_sec: dict[str, list[float]] = {}  # LSQ seconds per epoch by W/A: the "vs LSQ" reference
+    for key in runs:
+        label, prec, kw, name = runs[key]
         start = time.perf_counter()
         q = lowbit.qat(fp, (x, y), **common, **kw)
         wall = time.perf_counter() - start
@@ -95,18 +127,21 @@ def main() -> None:
         s = lowbit.summary(q)
         body = [r for r in s.layers if r.role == "body"]
         body_bits = sum(r.params * r.w_bits for r in body) / sum(r.params for r in body)
-        results[key] = (acc, sec)
+        results.setdefault((label, prec), []).append(acc)
         if kw["method"] == "lsq":
-            lsq_sec.append(sec)
-        if key in ("cp", "lp", "cp15"):
-            maps[key] = bit_map(q)
+            lsq_sec.setdefault(prec, []).append(sec)
+        if kw.get("lba") in ("channel", "layer") and name not in maps:
+            maps[name] = (bit_map(q), label, prec)
         rows.append([label, prec, kw.get("seed", 0), f"{acc:.2f}", f"{body_bits:.3f}",
                      f"{s.totals['model_bytes'] / 2**20:.4f}", s.totals["pruned_channels"], f"{sec:.1f}",
                      f"{sec / fp_sec:.2f}x" if fp_sec == fp_sec else "-", f"{wall:.0f}"])
         print(rows[-1], flush=True)
-    lsq_ref = sum(lsq_sec) / len(lsq_sec) if lsq_sec else float("nan")
-    for r in rows:
-        r.insert(9, f"{float(r[7]) / lsq_ref:.2f}x" if lsq_ref == lsq_ref else "-")
+    for r in rows:  # against LSQ at the same W/A (2.0/2 compares with 2/2), "-" without one
+        ref = lsq_sec.get(r[1].replace(".0/", "/"))
+        r.insert(9, f"{float(r[7]) / (sum(ref) / len(ref)):.2f}x" if ref else "-")
+    defaults = DmbqOptions()
+    solver = args.solver or defaults.solver
+    fraction = args.lba_fraction if args.lba_fraction is not None else defaults.lba_fraction
     header = ["method", "W/A", "seed", "top-1", "avg body W bits", "size MB", "pruned ch.", "s/epoch",
               "vs FP", "vs LSQ", "wall s"]
     text = (f"### DMBQ + LBA QAT, zoo ResNet-20, Fashion-MNIST (seed 002 table shapes)\n\n"
@@ -114,14 +149,22 @@ def main() -> None:
             f"contended, not speed claims): {args.epochs} epochs on the first {args.train} training images, "
             f"batch 128, SGD lr 0.01 cosine, from the pretrained FP model (FP top-1 {fp_acc:.2f} on the "
             f"first {args.test} test images, where every top-1 here is measured). First conv and last FC at "
-            f"8 bit (protocol). LBA moves a bit every {args.lba_every} steps; GP = one width for the whole "
+            f"8 bit (protocol). DMBQ rows without a solver in their label use solver={solver}. LBA "
+            f"reallocates every {args.lba_every} steps, each time up to max(1, {fraction} x units) units gain "
+            f"a bit (LP: 18 layer units, CP: one per output channel); GP = one width for the whole "
             f"network (no move possible at a whole budget). FP epoch (same loop, unquantized): "
-            f"{fp_sec:.1f} s.\n\n" + table(header, rows))
-    for key, m in maps.items():
-        FIGURES.mkdir(exist_ok=True)
-        png = FIGURES / f"dmbq_bits_{key}.png"
-        bit_map_png(m, str(png), f"ResNet-20 {runs[key][0]} {runs[key][1]}: bits per output channel")
-        text += f"\n\nBit map, {runs[key][0]} {runs[key][1]} (`benchmarks/figures/{png.name}`):\n\n" + bit_map_markdown(m)
+            + (f"{fp_sec:.1f} s." if fp_sec == fp_sec else "not measured in this run.") + "\n\n" + table(header, rows))
+    multi = [(k, v) for k, v in results.items() if len(v) > 1]
+    if multi:
+        text += "\n\nMean top-1 over seeds:\n\n" + table(
+            ["method", "W/A", "seeds", "mean top-1", "min", "max"],
+            [[k[0], k[1], len(v), f"{sum(v) / len(v):.2f}", f"{min(v):.2f}", f"{max(v):.2f}"] for k, v in multi])
+    for name, (m, label, prec) in maps.items():
+        png = FIGURES / f"dmbq_bits_{name}.png"
+        if not args.no_write:  # a --no-write run leaves the committed figures alone too
+            FIGURES.mkdir(exist_ok=True)
+            bit_map_png(m, str(png), f"ResNet-20 {label} {prec}: bits per output channel")
+        text += f"\n\nBit map, {label} {prec} (`benchmarks/figures/{png.name}`):\n\n" + bit_map_markdown(m)
     print(text)
     if not args.no_write:
         write_section(args.section, text, ["resnet20"])

@@ -116,13 +116,22 @@ TABLES: tuple[Table, ...] = (
              "--train-size", "256", "--kd", "1", "--eval-size", "500")),
         Run("scale_clip_hist.py", (), ()),
     ), ("qat-", "scale-clip-"), ("resnet20",)),
-    Table("002-dmbq", "002", "DMBQ alpha fits; DMBQ vs uniform (LSQ) at 2/2 over 2 seeds; LBA GP/LP/CP; solvers", (
+    Table("002-dmbq", "002", "DMBQ alpha fits; DMBQ solvers and uniform (LSQ) at 2/2 over 2 seeds; "
+          "LBA GP/LP/CP at 2.0 and 1.0 bits; 3/3, 4/4", (
         Run("dmbq_fit.py", (), None),
-        Run("dmbq_qat.py", ("--train", "1000", "--test", "1000", "--epochs", "2", "--lba-every", "1",
-                            "--runs", "fp,lsq0,dmbq0,lsq1,dmbq1,gp,lp,cp"),
-            ("--train", "64", "--test", "100", "--epochs", "1", "--runs", "fp,lsq0,dmbq0")),
-        Run("dmbq_qat.py", ("--train", "1000", "--test", "1000", "--epochs", "2", "--runs",
-                            "fp,lsq0,dmbq0,solve,lqnet", "--section", "dmbq-qat-solvers"), None),
+        Run("dmbq_qat.py", ("--train", "2000", "--test", "2000", "--epochs", "2", "--lba-every", "2",
+                            "--lba-fraction", "0.02", "--runs",
+                            "fp,gp:0,lp:0,cp:0,cpone:0,lp:1,cp:1,gp10:0,lp10:0,cp10:0"),
+            ("--train", "64", "--test", "100", "--epochs", "1", "--runs", "fp,lsq:0,dmbq:0")),
+        Run("dmbq_qat.py", ("--train", "2000", "--test", "2000", "--epochs", "2", "--runs",
+                            "fp,lsq:0,lsq:1,table:0,table:1,lqnet:0,lqnet:1,solve:0,solve:1",
+                            "--section", "dmbq-qat-solvers"), None),
+        Run("dmbq_qat.py", ("--train", "2000", "--test", "2000", "--epochs", "2", "--lba-every", "2",
+                            "--lba-fraction", "0.02", "--runs", "lp10:0,lsq3:0,dmbq3:0,lsq4:0,dmbq4:0",
+                            "--section", "dmbq-qat-bits"), None),
+        Run("dmbq_qat.py", ("--train", "2000", "--test", "2000", "--epochs", "2", "--lba-every", "2",
+                            "--lba-fraction", "0.02", "--runs", "cp10m:0,cpm:0,cpm:1",
+                            "--section", "dmbq-lba-move"), None),
     ), ("dmbq-",), ("resnet20",)),
     Table("003-tsq", "003", "TSQ vs LSQ, ternary weights and 2-bit activations", (
         Run("tsq.py", ("--train-size", "5000", "--epochs", "2", "--finetune", "2", "--option", "tsq",

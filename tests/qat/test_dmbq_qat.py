@@ -15,6 +15,7 @@ from lowbit.qat.dmbq import DmbqOptions, dmbq_finalize, dmbq_setup
 from lowbit.qat.lba import LbaState
 from lowbit.quant import dmbq
 from lowbit.quant.dmbq_quantizers import DmbqAct, DmbqWeight
+from lowbit.quant.dmbq_table import table_alphas
 from lowbit.quant.layers import quant_layers
 
 from ..conftest import calib_tensor, make_model, randomize_bn
@@ -83,12 +84,14 @@ def _managed(qmodel):
     return [(m, m.weight_quant) for _, m in quant_layers(qmodel) if isinstance(m.weight_quant, DmbqWeight)]
 
 
-@pytest.mark.parametrize("mode,budget", [("channel", 0.7), ("channel", 1.5), ("layer", 1.5), ("channel", 2.0)])
-def test_lba_budget_invariant_over_many_steps(mode, budget):
+@pytest.mark.parametrize("mode,budget,fraction", [("channel", 0.7, 0.0), ("channel", 1.5, 0.0), ("layer", 1.5, 0.0),
+                                                  ("channel", 2.0, 0.0), ("channel", 0.7, 0.05),
+                                                  ("layer", 1.2, 0.2)])
+def test_lba_budget_invariant_over_many_steps(mode, budget, fraction):
     """Random sensitivities, 300 reallocations: the true average never exceeds the budget, bits move."""
     fp, x, _ = _data(16)
     qmodel, _ = _setup(fp, x, DmbqOptions())
-    state = LbaState(_managed(qmodel), mode, budget, every=1, max_bits=4)
+    state = LbaState(_managed(qmodel), mode, budget, every=1, max_bits=4, fraction=fraction)
     state.initial_allocation()
     cap = Fraction(budget).limit_denominator(10 ** 6) * state.params()
     assert state.total_bits() <= cap
@@ -103,7 +106,7 @@ def test_lba_budget_invariant_over_many_steps(mode, budget):
         for _, q in state._layers:
             assert int(q.channel_bits.min()) >= 0 and int(q.channel_bits.max()) <= 4
             if mode == "layer":
-                assert bool((q.channel_bits == q.channel_bits[0]).all())
+                assert bool((q.channel_bits == q.channel_bits[0]).all()) and q.pruned_channels == 0
     assert int(state.moves) > 0
     assert any(not torch.equal(a, q.channel_bits) for a, (_, q) in zip(start, state._layers))
     if budget < 1:
@@ -123,6 +126,50 @@ def test_lba_moves_a_bit_toward_the_sensitive_unit():
     state.reallocate()
     assert int(first.channel_bits[0]) == 3
     assert int(last.channel_bits.min()) == 1 and int(state.total_bits()) <= 2 * state.params()
+
+
+def test_lba_fraction_moves_several_units_per_reallocation():
+    """fraction=0.05 of ResNet-20's channels: the 5% most sensitive gain a bit, the least sensitive pay."""
+    fp, x, _ = _data(16)
+    qmodel, _ = _setup(fp, x, DmbqOptions())
+    state = LbaState(_managed(qmodel), "channel", 2.0, every=1, max_bits=4, fraction=0.05)
+    state.initial_allocation()
+    units = len(state._units())
+    k = round(0.05 * units)
+    assert state.moves_per_step() == k > 1
+    gen = torch.Generator().manual_seed(1)
+    for _, q in state._layers:
+        q.score.copy_(torch.rand(q.score.shape, generator=gen, dtype=torch.float64) + 1)
+    flat = torch.cat([q.score for _, q in state._layers])
+    top = set(flat.argsort(descending=True)[:k].tolist())
+    state.reallocate()
+    bits = torch.cat([q.channel_bits for _, q in state._layers])
+    assert set((bits == 3).nonzero().squeeze(1).tolist()) == top and int(state.moves) == k
+    lost = bits < 2  # donors (channel sizes differ, so not exactly k of them): the least sensitive
+    assert bool(lost[flat.argmin()]) and float(flat[lost].max()) < float(flat[bits == 3].min())
+    assert state.total_bits() <= 2 * state.params()
+    with pytest.raises(LowbitError, match="at least 1"):  # LP never prunes a whole layer
+        LbaState(_managed(qmodel), "layer", 0.7, every=1, max_bits=4)
+    with pytest.raises(LowbitError, match="fraction"):
+        LbaState(_managed(qmodel), "channel", 2.0, every=1, max_bits=4, fraction=1.5)
+
+
+def test_lba_move_score_ranks_givers_by_the_cost_of_their_move():
+    """score="move": shifted widths are the table quantization one base up/down (1 -> 0: zeros), and a
+    QAT run tracks them, keeps the budget and moves bits."""
+    fp, x, y = _data()
+    qmodel, _ = _setup(fp, x, DmbqOptions())
+    _, wq = _managed(qmodel)[1]
+    rows = wq.rows(_managed(qmodel)[1][0].weight.detach())
+    wq.channel_bits[:2] = 1
+    down, up = wq.shifted_rows(rows, -1), wq.shifted_rows(rows, 1)
+    assert bool((down[:2] == 0).all())
+    up3 = dmbq.assign(rows[2:], table_alphas(rows[2:], 3, True), True)[0]
+    assert torch.equal(up[2:], up3)
+    q = _qat(fp, x, y, w_bits=1.5, lba="channel", lba_every=1, lba_fraction=0.05, lba_score="move")
+    managed = [(m, m.weight_quant) for _, m in quant_layers(q) if isinstance(m.weight_quant, DmbqWeight)]
+    bits = sum(int(wq.channel_bits.sum()) * (m.weight.numel() // wq.channels) for m, wq in managed)
+    assert bits / sum(m.weight.numel() for m, _ in managed) <= 1.5 and q.lowbit_lba_moves > 0
 
 
 def test_lba_through_qat_fractional_budget_and_summary():
@@ -147,7 +194,7 @@ def test_lba_through_qat_fractional_budget_and_summary():
 
 def test_resume_with_lba_gives_the_same_model(tmp_path):
     fp, x, y = _data()
-    kw = dict(w_bits=1.5, lba="channel", lba_every=2, epochs=2)
+    kw = dict(w_bits=1.5, lba="channel", lba_every=2, lba_fraction=0.05, epochs=2)
     full = _qat(fp, x, y, **kw)
     ckpt = tmp_path / "run.ckpt"
     part = _qat(fp, x, y, checkpoint=str(ckpt), max_steps=3, checkpoint_every=1, **kw)

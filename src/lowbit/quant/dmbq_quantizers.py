@@ -89,7 +89,14 @@ class DmbqWeight(nn.Module):
         self.register_buffer("alpha", torch.zeros(quant.channels, dmbq.MAX_BASES, device=device))
         self.register_buffer("score", torch.zeros(quant.channels, dtype=torch.float64, device=device))
         self.register_buffer("layer_score", torch.zeros((), dtype=torch.float64, device=device))
+        # LBA "move" scores: first-order loss change of one bit more (up) or less (down), per channel
+        # and for the layer; filled only when ``track_moves`` is on
+        self.register_buffer("score_up", torch.zeros(quant.channels, dtype=torch.float64, device=device))
+        self.register_buffer("score_down", torch.zeros(quant.channels, dtype=torch.float64, device=device))
+        self.register_buffer("layer_up", torch.zeros((), dtype=torch.float64, device=device))
+        self.register_buffer("layer_down", torch.zeros((), dtype=torch.float64, device=device))
         self.track = False  # accumulate LBA sensitivities in the backward pass
+        self.track_moves = False  # and the up/down move scores
         self.frozen = False  # use the stored alphas (after commit)
 
     # --- what the rest of lowbit reads from a weight quantizer ---------------------------------
@@ -164,7 +171,39 @@ class DmbqWeight(nn.Module):
         if self.track and self.training and out.requires_grad:
             err = (rows - q).detach()
             out.register_hook(lambda g, err=err: self._accumulate(err, g))
+            if self.track_moves:
+                r = rows.detach()
+                up, down = self.shifted_rows(r, 1) - q, self.shifted_rows(r, -1) - q
+                out.register_hook(lambda g, up=up, down=down: self._accumulate_moves(up, down, g))
         return self.unrows(out, w)
+
+    @torch.no_grad()
+    def shifted_rows(self, rows: Tensor, delta: int) -> Tensor:
+        """Every channel quantized at its width + ``delta`` bases (table alphas; 0 bases: zeros).
+
+        A channel whose shifted width falls outside ``0..MAX_BASES`` keeps its current values.
+        """
+        q, _ = self.quantized_rows(rows)
+        for b in self.channel_bits.unique().tolist():
+            nb = b + delta
+            if not 0 <= nb <= dmbq.MAX_BASES:
+                continue
+            sel = (self.channel_bits == b).nonzero().squeeze(1)
+            if nb == 0:
+                q[sel] = 0
+                continue
+            alpha = table_alphas(rows[sel], nb, True)
+            q[sel] = dmbq.assign(rows[sel], alpha.to(rows.dtype), True)[0].to(q.dtype)
+        return q
+
+    @torch.no_grad()
+    def _accumulate_moves(self, up: Tensor, down: Tensor, grad: Tensor) -> None:
+        """LBA "move" scores: ``|(x_hat' - x_hat)^T g| / n`` for one base more and one less."""
+        g = grad.double()
+        for diff, per, layer in ((up, self.score_up, self.layer_up), (down, self.score_down, self.layer_down)):
+            dot = (diff.double() * g).sum(1)
+            per += dot.abs() / diff.shape[1]
+            layer += dot.sum().abs() / diff.numel()
 
     @torch.no_grad()
     def _accumulate(self, err: Tensor, grad: Tensor) -> None:
@@ -183,8 +222,9 @@ class DmbqWeight(nn.Module):
         q, _ = self.quantized_rows(rows)
         layer.weight.copy_(self.unrows(q, layer.weight))
         self.frozen = True
-        self.score.zero_()
-        self.layer_score.zero_()
+        self.track_moves = False
+        for b in (self.score, self.layer_score, self.score_up, self.score_down, self.layer_up, self.layer_down):
+            b.zero_()
         return self
 
     @torch.no_grad()
