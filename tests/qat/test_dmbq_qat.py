@@ -169,7 +169,7 @@ def test_lba_move_score_ranks_givers_by_the_cost_of_their_move():
     q = _qat(fp, x, y, w_bits=1.5, lba="channel", lba_every=1, lba_fraction=0.05, lba_score="move")
     managed = [(m, m.weight_quant) for _, m in quant_layers(q) if isinstance(m.weight_quant, DmbqWeight)]
     bits = sum(int(wq.channel_bits.sum()) * (m.weight.numel() // wq.channels) for m, wq in managed)
-    assert bits / sum(m.weight.numel() for m, _ in managed) <= 1.5 and q.lowbit_lba_moves > 0
+    assert bits / sum(m.weight.numel() for m, _ in managed) <= 1.5 and lowbit.record_of(q).lba_moves > 0
 
 
 def test_lba_through_qat_fractional_budget_and_summary():
