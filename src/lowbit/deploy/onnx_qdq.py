@@ -704,8 +704,9 @@ def _rewrite_markers(model: onnx.ModelProto, weights: dict[str, WeightSpec], inp
         out = renamed[node.output[0]] = f"{name}.{'weight' if kind == 'w' else 'input'}_dq{suffix}"
         if kind == "w":
             spec = weights[name]
+            offset = 0
             if saturates_u8s8(spec, inputs.get(name)):
-                spec = as_unsigned_weight(spec)
+                spec, offset = as_unsigned_weight(spec), 128
             codes = add(int_initializer(f"{name}.weight_q", spec.codes, spec.dtype))
             scale = add(numpy_helper.from_array(spec.scale if len(spec.scale) > 1 else spec.scale.reshape(()),
                                                 f"{name}.weight_scale"))
@@ -722,8 +723,10 @@ def _rewrite_markers(model: onnx.ModelProto, weights: dict[str, WeightSpec], inp
                                                     f"{name}.weight_shape"))
                 new_nodes.append(helper.make_node("Reshape", [dq_out, shape], [out],
                                                   name=f"{name}.weight_reshape{suffix}"))
+            # "signed" is the codes' own signedness; "offset" says they are stored shifted into UINT8
             layers_meta.setdefault(name, {})["weight"] = {"bits": spec.bits, "type": _type_name(spec.dtype),
-                                                          "signed": spec.signed, "channels_scaled": len(spec.scale)}
+                                                          "signed": spec.signed or bool(offset), "offset": offset,
+                                                          "channels_scaled": len(spec.scale)}
             weight_outputs[out] = name
         else:
             spec = inputs[name]

@@ -9,7 +9,7 @@ code book.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..errors import LowbitError
 from .dmbq_quantizers import DmbqAct, DmbqWeight
