@@ -100,3 +100,21 @@ def test_pack_accepts_numpy_compatible_int_dtypes():
         codes = torch.tensor([0, 1, 2, 3, 3], dtype=dtype)
         assert unpack_codes(pack_codes(codes, 2, 0), 2, 0, 5).tolist() == [0, 1, 2, 3, 3]
     np.testing.assert_array_equal(pack_codes(torch.tensor([5, 10]), 4, 0).numpy(), np.array([0xA5], np.uint8))
+
+
+def _reference_pack(u: np.ndarray, bits: int) -> np.ndarray:
+    """The layout by definition: value j's bit k is bit j * bits + k of the stream, LSB first in each byte."""
+    bit_matrix = ((u[:, None] >> np.arange(bits)) & 1).astype(np.uint8)
+    return np.packbits(bit_matrix.reshape(-1), bitorder="little")
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 61])
+def test_packed_bytes_follow_the_stream_layout(bits, n):
+    """The word-wise fast path (up to 8 bits) writes exactly the bytes of the bit-stream definition,
+    and unpacking ignores trailing bytes beyond the last code."""
+    u = np.random.default_rng(bits * 100 + n).integers(0, 2 ** bits, n)
+    packed = pack_codes(torch.from_numpy(u), bits, 0)
+    np.testing.assert_array_equal(packed.numpy(), _reference_pack(u, bits))
+    padded = torch.cat([packed, torch.full((3,), 255, dtype=torch.uint8)])
+    assert unpack_codes(padded, bits, 0, n).tolist() == u.tolist()
