@@ -333,3 +333,25 @@ def test_aciq_symmetric_range_contains_the_bulk_of_an_offset_row():
     assert (lo <= hi).all()
     mean = x.mean(1)
     assert ((lo <= mean) & (mean <= hi)).all()
+
+
+@given(seed=st.integers(0, 10_000), kind=st.sampled_from(["gauss", "relu", "outliers"]),
+       bits=st.integers(2, 8), symmetric=st.booleans(), p=st.sampled_from([2.0, 2.4]))
+@settings(max_examples=20, deadline=None)
+def test_lp_search_picks_the_least_error_ratio_of_its_grid(seed, kind, bits, symmetric, p):
+    """The in-place search returns, per row, exactly the first grid ratio of least error, as the
+    plain expression ``((clamp(round(x / s) + z) - z) * s - x).abs().pow(p).mean()`` ranks them."""
+    x = _rows(seed, kind)
+    kw = dict(bits=bits, signed=symmetric, symmetric=symmetric, narrow=False)
+    lo, hi = ranges.lp_search_range(x, p=p, candidates=40, shrink=0.02, **kw)
+    lo0, hi0 = x.amin(1), x.amax(1)
+    qmin, qmax = int_range(bits, True, False) if symmetric else int_range(bits, False)
+    errs, los, his = [], [], []
+    for i in range(40):
+        los.append(lo0 * (1.0 - 0.02 * i))
+        his.append(hi0 * (1.0 - 0.02 * i))
+        s, z = qparams_from_range(los[-1], his[-1], bits, symmetric, symmetric, False)
+        s, z = s.unsqueeze(1), z.unsqueeze(1)
+        errs.append(((torch.clamp(torch.round(x / s) + z, qmin, qmax) - z) * s - x).abs().pow(p).mean(1))
+    best = torch.stack(errs).argmin(0, keepdim=True)  # the first of equal minima, as the strict search keeps
+    assert torch.equal(lo, torch.stack(los).gather(0, best)[0]) and torch.equal(hi, torch.stack(his).gather(0, best)[0])
