@@ -2,8 +2,10 @@
 
 Random weights with BN statistics measured on random images (tests/outside_zoo_models.py), 3x32x32
 inputs, 8 calibration and 4 evaluation images: each architecture is one test of a few seconds.
-ONNX export traces the model (1-3 s each), so W8A8 export is checked on the architectures marked
-``onnx_w8`` and W4A4 export on all; benchmarks/outside_zoo.py runs every stage on every one.
+ONNX export traces the model (1-3 s each), so W4A4 export is checked on the architectures marked
+``onnx_w4`` (a subset that covers every ONNX operator and layer type of the 34, see
+tests/outside_zoo_models.py) and W8A8 on those marked ``onnx_w8``; benchmarks/outside_zoo.py runs
+every stage, ONNX included, on every one.
 
 ONNX Runtime parity is checked code by code, not only on the logits: ORT sums in another order
 than PyTorch, so a value within a float32 ulp or two of a rounding boundary can get the
@@ -104,8 +106,8 @@ def _onnx_parity(q: nn.Module, path: Path) -> None:
 
 @pytest.mark.parametrize("name", sorted(ARCHS))
 def test_outside_zoo_architecture(name: str, tmp_path: Path) -> None:
-    """W8A8 and W4A4 quantize without touching the FP model; W4A4 reloads identically and runs in
-    ONNX Runtime (W8A8 too for the architectures marked ``onnx_w8``: each trace costs seconds)."""
+    """W8A8 and W4A4 quantize without touching the FP model; W4A4 reloads identically and, for the
+    architectures marked ``onnx_w4``, runs in ONNX Runtime (W8A8 too where marked ``onnx_w8``)."""
     fp = build(name)
     before = _state(fp)
     with torch.no_grad():
@@ -126,7 +128,8 @@ def test_outside_zoo_architecture(name: str, tmp_path: Path) -> None:
     reloaded = lowbit.load(tmp_path / "m.lowbit", model=fp)
     with torch.no_grad():
         assert torch.equal(reloaded(EVAL), sim4), "the reloaded artifact computes something else"
-    _onnx_parity(q4, tmp_path / "w4a4.onnx")
+    if ARCHS[name].onnx_w4:
+        _onnx_parity(q4, tmp_path / "w4a4.onnx")
     if ARCHS[name].onnx_w8:
         _onnx_parity(q8, tmp_path / "w8a8.onnx")
 
