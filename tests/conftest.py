@@ -174,6 +174,16 @@ def calib_tensor(n: int = 16, channels: int = 1, size: int = IMAGE_SIZE, seed: i
     return torch.randn(n, channels, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+def self_labelled(name: str = "resnet20", n: int = 64, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """Training material for QAT tests: a seeded tiny zoo model, ``n`` random images, and the
+    model's own predictions as labels (so the quantized model has a reachable target)."""
+    fp = make_model(name, seed)
+    x = calib_tensor(n, seed=seed + 5)
+    with torch.no_grad():
+        y = fp(x).argmax(1)
+    return fp, x, y
+
+
 @pytest.fixture
 def calib() -> torch.Tensor:
     """16 random normalized 1 x 16 x 16 images."""

@@ -18,15 +18,11 @@ from lowbit.quant.dmbq_quantizers import DmbqAct, DmbqWeight
 from lowbit.quant.dmbq_table import table_alphas
 from lowbit.quant.layers import quant_layers
 
-from ..conftest import calib_tensor, make_model, randomize_bn
+from ..conftest import randomize_bn, self_labelled
 
 
 def _data(n: int = 48, seed: int = 0):
-    fp = make_model("resnet20", seed)
-    x = calib_tensor(n, seed=seed + 5)
-    with torch.no_grad():
-        y = fp(x).argmax(1)
-    return fp, x, y
+    return self_labelled("resnet20", n, seed)
 
 
 def _qat(fp, x, y, **kw):

@@ -21,16 +21,11 @@ from lowbit.qat.gdrq import GdrqOptions, ScaleClipAct, ScaleClipWeight, gdrq_set
 from lowbit.quant.layers import quant_layers
 from lowbit.quant.quantizer import ActQuantizer, WeightQuantizer
 
-from ..conftest import calib_tensor, make_model, rel_err
+from ..conftest import calib_tensor, make_model, rel_err, self_labelled
 
 
 def _data(n: int = 64, seed: int = 0):
-    fp = make_model("resnet20", seed)
-    x = calib_tensor(n, seed=seed + 5)
-    with torch.no_grad():
-        logits = fp(x)
-    y = logits.argmax(1)
-    return fp, x, y
+    return self_labelled("resnet20", n, seed)
 
 
 def test_scale_clip_weight_threshold_and_ste() -> None:

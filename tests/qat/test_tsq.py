@@ -12,18 +12,14 @@ from lowbit.qat.tsq import Levels, _z_step, optimal_ternary, relaxed_objective, 
 from lowbit.quant.layers import quant_layers
 from lowbit.quant.sparse import SparseActQuantizer
 
-from ..conftest import calib_tensor, make_model
+from ..conftest import self_labelled
 
 TINY = dict(w_bits=2, a_bits=2, epochs=1, batch_size=16, lr=0.01, progress=False, log=lambda s: None,
             samples=128, iters=2)
 
 
 def _data(n: int = 64, seed: int = 0):
-    fp = make_model("resnet20", seed)
-    x = calib_tensor(n, seed=seed + 5)
-    with torch.no_grad():
-        y = fp(x).argmax(1)
-    return fp, x, y
+    return self_labelled("resnet20", n, seed)
 
 
 @pytest.mark.parametrize("d", [1, 2, 3, 5])
