@@ -12,7 +12,7 @@ from torch import nn
 from ..quant import spec as qspec
 from ..quant.layer_specs import layer_specs
 from ..quant.layers import float_weight_layers
-from ..quant.spec import LayerSpec, TensorSpec
+from ..quant.spec import LayerSpec
 
 MB = 1024 * 1024
 
@@ -35,14 +35,10 @@ def layer_weight_bytes(spec: LayerSpec) -> int:
     return numel * 4 if spec.weight is None else qspec.nbytes(spec.weight, numel)
 
 
-def input_bytes(spec: TensorSpec) -> int:
-    """Stored parameters of a quantized input: its scale and zero point, or its alphas (multibit)."""
-    return 4 * spec.alphas.numel() if spec.kind == "multibit" else 8
-
-
 def quantized_bytes(qmodel: nn.Module, specs: list[LayerSpec] | None = None) -> int:
     """Theoretical size: quantized weights at their bit width, their scales (and zero points when
-    asymmetric) at 32 bit, quantized inputs' parameters, and every other parameter/buffer (biases,
+    asymmetric) at 32 bit, quantized inputs' parameters (scale and zero point, a sparse input's
+    threshold, multi-bit alphas), and every other parameter/buffer (biases,
     unfolded BN, weights of layers left in float) at 32 bit, integers at their own size.
 
     ``specs``: the model's ``layer_specs`` when the caller has them already. A model whose
@@ -59,7 +55,7 @@ def quantized_bytes(qmodel: nn.Module, specs: list[LayerSpec] | None = None) -> 
             total += layer_weight_bytes(s)
             counted.add(f"{s.name}.weight")
         if s.input is not None:
-            total += input_bytes(s.input)
+            total += qspec.nbytes(s.input, 0)  # scale and zero point (+ sparse threshold) or alphas
         # the quantizers' own tensors (scales, zero points; DMBQ alphas and per-channel bits) are
         # what the lines above count, or nothing when the tensor stays float
         counted.update(k for k in state if k.startswith((f"{s.name}.weight_quant.", f"{s.name}.input_quant.")))
