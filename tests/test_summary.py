@@ -1,6 +1,7 @@
 """``lowbit.summary`` and ``lowbit inspect``: per-layer table and totals, computed independently here."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -81,6 +82,28 @@ def test_uniform_model_averages(fp) -> None:
 def test_summary_needs_a_quantized_model(fp) -> None:
     with pytest.raises(LowbitError, match="lowbit.quantize"):
         lowbit.summary(fp)
+
+
+@pytest.mark.parametrize("stand_in", ["lsq-weight", "lsq-input", "dmbq-training"])
+def test_mid_qat_model_is_a_clear_error(q, stand_in) -> None:
+    """Training stand-ins declare no spec yet: summary and the size report name the layer, not an AttributeError."""
+    from lowbit.quant.dmbq_quantizers import DmbqWeight
+    from lowbit.quant.learnable import LearnedStepAct, LearnedStepWeight
+
+    mid = copy.deepcopy(q)
+    layer = mid.get_submodule("layers.2.0.conv2")
+    if stand_in == "lsq-weight":
+        layer.weight_quant = LearnedStepWeight(layer.weight_quant, layer.weight)
+        match = "layers.2.0.conv2: its weight quantizer LearnedStepWeight declares no spec .a training stand-in"
+    elif stand_in == "lsq-input":
+        layer.input_quant = LearnedStepAct(layer.input_quant)
+        match = "layers.2.0.conv2: its input quantizer LearnedStepAct declares no spec"
+    else:
+        layer.weight_quant = DmbqWeight(layer.weight_quant, 2)  # not frozen: still training
+        match = "layers.2.0.conv2: its DMBQ quantizer is still training"
+    for report in (lowbit.summary, lowbit.deploy.size.quantized_bytes):
+        with pytest.raises(LowbitError, match=match):
+            report(mid)
 
 
 def test_inspect_cli(q, fp, tmp_path, capsys) -> None:

@@ -1,11 +1,14 @@
 """``lowbit.summary``: per-layer bit widths, parameters and bytes of a quantized model, with totals.
 
 Bytes come from ``deploy.size`` (the same counting as the artifact's size and the "Size (MB)"
-reports): weights at their bit width plus their scales, float32 for layers left in float.
+reports): weights at their bit width plus their scales, float32 for layers left in float. Widths
+and bytes are read from the layers' declared specs (``quant.layer_specs``), never from the
+quantizer modules, so a model mid-QAT (training stand-ins, no spec yet) is a LowbitError.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -13,7 +16,10 @@ from torch import nn
 
 from .deploy.artifact import require_quantized
 from .deploy.size import MB, layer_weight_bytes, own_weight_elements, quantized_bytes
-from .quant.layers import float_weight_layers, quant_layers
+from .quant import spec as qspec
+from .quant.layer_specs import layer_specs
+from .quant.layers import float_weight_layers
+from .quant.spec import TensorSpec
 
 FLOAT_BITS = 32  # a layer left in float counts as 32-bit weights in the averages
 
@@ -88,27 +94,26 @@ class Summary:
 def summary(qmodel: nn.Module) -> Summary:
     """Per-layer widths, parameters and bytes of a model from ``lowbit.quantize`` / ``qat`` / ``load``."""
     require_quantized(qmodel)
+    specs = layer_specs(qmodel)
     rows: list[LayerSummary] = []
     pruned = 0
-    for name, layer in quant_layers(qmodel):
-        wq, aq = layer.weight_quant, layer.input_quant
-        mixed = wq.enabled and bool(getattr(wq, "group_bits", None))  # aciq-mix: widths per channel, stored at the widest
-        rows.append(LayerSummary(name, layer.kind, layer.role, _w_bits(wq) if wq.enabled else None,
-                                 aq.bits if aq.enabled else None, layer.weight.numel(), layer_weight_bytes(layer),
-                                 wq.mean_bits if mixed else None))
-        pruned += getattr(wq, "pruned_channels", 0) if wq.enabled else 0  # DMBQ + LBA: 0-bit channels
+    for s in specs:
+        ws, ins = s.weight, s.input
+        mixed = ws is not None and ws.kind == "uniform" and ws.group_bits is not None  # aciq-mix: stored at the widest
+        rows.append(LayerSummary(s.name, s.kind, s.role, None if ws is None else _w_bits(ws),
+                                 None if ins is None else ins.bits, math.prod(s.weight_shape), layer_weight_bytes(s),
+                                 ws.mean_bits if mixed else None))
+        pruned += 0 if ws is None else qspec.pruned_channels(ws)  # DMBQ + LBA: 0-bit channels
     for name, module in float_weight_layers(qmodel):  # kinds lowbit does not quantize: float32
         params = own_weight_elements(module)
         rows.append(LayerSummary(name, type(module).__name__, "float", None, None, params, params * 4))
-    return Summary(rows, _totals(rows, quantized_bytes(qmodel), pruned))
+    return Summary(rows, _totals(rows, quantized_bytes(qmodel, specs), pruned))
 
 
-def _w_bits(wq: nn.Module) -> int | float:
-    """A layer's weight bits: its width, or the mean of its channels' widths when they differ."""
-    channel_bits = getattr(wq, "channel_bits", None)
-    if channel_bits is None or bool((channel_bits == channel_bits[0]).all()):
-        return int(wq.bits) if channel_bits is None else int(channel_bits[0])
-    return float(channel_bits.double().mean())
+def _w_bits(spec: TensorSpec) -> int | float:
+    """A layer's weight bits: its width, or the mean of its channels' bases when a multi-bit layer's differ
+    (uniform per-group widths show the widest, the width their codes are stored at)."""
+    return spec.mean_bits if spec.kind == "multibit" and len(set(spec.widths)) > 1 else spec.bits
 
 
 def _totals(rows: list[LayerSummary], model_bytes: int, pruned: int = 0) -> dict[str, Any]:

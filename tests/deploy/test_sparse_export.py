@@ -28,6 +28,17 @@ def sparse_model(name: str = "resnet20", bits: int = 4):
     return fp, q, made
 
 
+def test_thresholds_count_in_the_theoretical_size(tmp_path) -> None:
+    """A sparse input stores its threshold next to its scale and zero point: the size counts it."""
+    from lowbit.deploy.size import quantized_bytes
+    from tests.deploy.test_artifact import data_bytes
+
+    fp, q, made = sparse_model()
+    path = lowbit.export(q, tmp_path / "m.lowbit")
+    plain = lowbit.quantize(fp, calib_tensor(16), w_bits=4, a_bits=4, progress=False)
+    assert data_bytes(path) == quantized_bytes(q) == quantized_bytes(plain) + 4 * len(made)
+
+
 def _rewrite(path, tmp_path, edit) -> str:
     from safetensors.torch import load_file, save_file
     from safetensors import safe_open

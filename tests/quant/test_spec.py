@@ -12,7 +12,8 @@ from lowbit.quant.layer_specs import input_quantizer, weight_quantizer
 from lowbit.quant.quantizer import ActQuantizer, WeightQuantizer
 from lowbit.quant.ranges import minmax_range
 from lowbit.quant.sparse import SparseActQuantizer
-from lowbit.quant.spec import LayerSpec, TensorSpec, codes, dequantize, fake_quantize, nbytes, value_range
+from lowbit.quant.spec import (LayerSpec, TensorSpec, codes, dequantize, fake_quantize, nbytes, pruned_channels,
+                               value_range)
 
 
 def _weight(shape=(6, 3, 3, 3), seed=0) -> torch.Tensor:
@@ -132,6 +133,16 @@ def test_bytes_follow_widths() -> None:
     # multibit: bits_c planes of 27 weights per channel plus bits_c alphas; the pruned channel costs nothing
     total = 0 + 1 + 2 + 3 + 4 + 2
     assert nbytes(_dmbq_weight().spec(), 162) == (27 * total + 7) // 8 + 4 * total
+
+
+def test_pruned_channels_are_the_zero_width_groups() -> None:
+    assert pruned_channels(_dmbq_weight().spec()) == 1  # widths 0, 1, 2, 3, 4, 2
+    assert pruned_channels(_mixed_widths().spec()) == pruned_channels(_uniform_weight().spec()) == 0
+    assert pruned_channels(_sparse().spec()) == 0
+    # groups of two channels: a pruned group prunes both of its channels
+    grouped = TensorSpec("multibit", 2, True, granularity="group", channels=6, num_groups=3, group_bits=(0, 2, 0),
+                         alphas=torch.ones(3, 2))
+    assert pruned_channels(grouped) == 4 and grouped.mean_bits == 2 / 3
 
 
 @pytest.mark.parametrize("change, message", [

@@ -35,8 +35,9 @@ def layer_spec(name: str, layer: nn.Module, verify: bool = False) -> LayerSpec:
     """The spec of one quantized layer; with ``verify``, LowbitError unless its quantizers compute
     exactly what their specs say (a subclass may declare a spec its forward does not follow)."""
     wq, aq = layer.weight_quant, layer.input_quant
-    weight = _spec_of(name, wq, "weight") if wq.enabled else None
-    inp = _spec_of(name, aq, "input") if aq.enabled else None
+    # a training stand-in (LSQ, TSQ step 1) has no ``enabled``: it is on, and _spec_of names it
+    weight = _spec_of(name, wq, "weight") if getattr(wq, "enabled", True) else None
+    inp = _spec_of(name, aq, "input") if getattr(aq, "enabled", True) else None
     if verify and weight is not None:
         _verify_weight(name, layer, weight)
     if verify and inp is not None:

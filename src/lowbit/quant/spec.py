@@ -372,6 +372,11 @@ def nbytes(spec: TensorSpec, numel: int) -> int:
     return (numel * spec.bits + 7) // 8 + spec.num_groups * 4 * (1 if spec.symmetric else 2)
 
 
+def pruned_channels(spec: TensorSpec) -> int:
+    """Channels along ``axis`` stored at 0 bits (multibit groups without bases: every value 0, no bytes)."""
+    return sum(b == 0 for b in spec.widths) * (spec.channels // spec.num_groups)
+
+
 # ------------------------------------------------------------------------------ layers
 @dataclass(frozen=True, eq=False)
 class LayerSpec:
