@@ -122,3 +122,14 @@ def test_inspect_cli(q, fp, tmp_path, capsys) -> None:
     assert capsys.readouterr().err.strip().endswith("names no zoo architecture: pass --model NAME (and --model-kwargs)")
     assert main(["inspect", str(path), "--model", "resnet20", "--model-kwargs", '{"width": 4}', "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["totals"]["fp_layers"] == 1
+
+
+def test_a_fully_pruned_layer_counts_zero_bits_and_a_float_layer_32() -> None:
+    from lowbit.summary import LayerSummary, _totals
+
+    rows = [LayerSummary("a", "conv2d", "body", 0, 4, 100, 0),  # every channel pruned
+            LayerSummary("b", "conv2d", "body", 4, 4, 100, 58),
+            LayerSummary("fc", "linear", "last", None, None, 200, 800)]
+    totals = _totals(rows, 858)
+    assert totals["avg_w_bits"] == (100 * 0 + 100 * 4 + 200 * 32) / 400
+    assert totals["avg_w_bits_quantized"] == 2.0 and totals["fp_layers"] == 1

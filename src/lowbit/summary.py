@@ -122,7 +122,9 @@ def _totals(rows: list[LayerSummary], model_bytes: int, pruned: int = 0) -> dict
     q_params = sum(r.params for r in quantized)
     a_bits = [r.a_bits for r in rows if r.a_bits is not None]
     return {
-        "avg_w_bits": sum(r.params * (r.avg_w_bits or FLOAT_BITS) for r in rows) / params if params else 0.0,
+        # a float layer (None) counts at 32 bits; a fully pruned layer (0 bits) at 0, not as float
+        "avg_w_bits": sum(r.params * (FLOAT_BITS if r.avg_w_bits is None else r.avg_w_bits) for r in rows) / params
+        if params else 0.0,
         "avg_w_bits_quantized": sum(r.params * r.avg_w_bits for r in quantized) / q_params if q_params else None,
         "avg_a_bits": sum(a_bits) / len(a_bits) if a_bits else None,
         "weight_bytes": sum(r.weight_bytes for r in rows),
