@@ -56,9 +56,9 @@ READABLE_VERSIONS = ("1", "2", "3", "4")
 FIELDS = ("name", "role", "shape", "groups", "w_bits", "w", "zp", "bias", "a_bits", "a", "a_signed", "bn",
           "kind", "out")
 # Documents the "params" blob inside the file, so that the format describes itself.
-PARAMS_LAYOUT = ("float32, layers in order: weight scale[groups] if w, weight zero point[groups] if zp "
-                 "(a multibit weight: each channel's group_bits alphas instead), bias[out] if bias, input scale "
-                 "and zero point if a (a multibit input: its a_bits alphas instead)")
+# (a multibit weight stores each channel's group_bits alphas, a multibit input its a_bits alphas)
+PARAMS_LAYOUT = ("float32, layers in order: weight scale[groups] if w, weight zero point[groups] if zp, "
+                 "bias[out] if bias, input scale and zero point if a; multibit: alphas[bases] instead")
 PARAMS_KEY = "params"
 # Version 4: one uint8 blob of the multibit (DMBQ) weights' sign planes, 1 bit per weight and base
 # (1: b = +1), each layer's run byte-aligned; inside it channel by channel (pruned channels: nothing),
