@@ -672,7 +672,8 @@ def _group_bits(value: Any, rows: list[dict]) -> dict[str, list[int]]:
             raise _damaged("group_bits", f"{_show(name)} is not a layer with quantized weights")
         low = 0 if row["w_multibit"] else 2
         if (not isinstance(widths, list) or len(widths) != row["groups"] or not widths
-                or not all(type(b) is int and low <= b <= row["w_bits"] for b in widths) or max(widths) != row["w_bits"]):
+                or not all(type(b) is int and low <= b <= row["w_bits"] for b in widths)
+                or max(widths) != row["w_bits"]):
             raise _bad(f"group_bits[{name!r}]", f"a list of {row['groups']} integers from {low} to {row['w_bits']} "
                        f"(the layer's w_bits) reaching {row['w_bits']}", widths)
     return value
@@ -695,8 +696,8 @@ def _rows(stored: dict, cfg: QuantConfig, layer_bits: list[LayerBits] | None = N
     for i, row in enumerate(layers):
         if not isinstance(row, list) or len(row) != len(fields):
             raise LowbitError(f"layers[{i}] must be a list of {len(fields)} values (one per field), got {_show(row)}")
-        rows.append(_check_row(dict(zip(fields, row)), cfg, f"layers[{i}]", None if layer_bits is None else layer_bits[i],
-                               multibit[i]))
+        bits = None if layer_bits is None else layer_bits[i]
+        rows.append(_check_row(dict(zip(fields, row)), cfg, f"layers[{i}]", bits, multibit[i]))
     names = [r["name"] for r in rows]
     if len(set(names)) != len(names):
         raise LowbitError(f"layer {next(n for n in names if names.count(n) > 1)!r} has more than one row")
@@ -736,7 +737,8 @@ def _expand(stored: dict, tensors: dict[str, Tensor], version: str = VERSION) ->
             owned.add(f"{name}.weight")
             widths = group_bits.get(name, [bits] * groups)
             total = sum(widths)
-            out[f"{name}.weight.planes"] = blobs[PLANES_KEY].take(packed_nbytes(total * (math.prod(shape) // groups), 1))
+            per_channel = math.prod(shape) // groups
+            out[f"{name}.weight.planes"] = blobs[PLANES_KEY].take(packed_nbytes(total * per_channel, 1))
             alphas = torch.zeros(groups, bits)
             for c, values in enumerate(params.take(total).split(widths)):
                 alphas[c, :len(values)] = values
@@ -792,7 +794,8 @@ def _row_spec(row: dict, cfg: QuantConfig, tensors: dict[str, Tensor], group_bit
                                 row["groups"], kind.axis, tuple(widths) if widths else None,
                                 alphas=tensors[f"{name}.weight_quant.alphas"])
         if row["a"] and row["a_multibit"]:
-            inp = TensorSpec("multibit", row["a_bits"], bool(row["a_signed"]), alphas=tensors[f"{name}.input_quant.alphas"])
+            inp = TensorSpec("multibit", row["a_bits"], bool(row["a_signed"]),
+                             alphas=tensors[f"{name}.input_quant.alphas"])
     except LowbitError as exc:
         raise LowbitError(f"layer {name!r}: {exc}") from None
     if row["w"] and not row["w_multibit"]:
@@ -937,9 +940,12 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
 
     Whatever the file's version, the manifest comes back with one expanded row per layer under
     ``"layers"`` (kind, role, weight_shape, w_bits, w_qmin, num_groups, a_bits, ...), the layers'
-    ``quant.spec.LayerSpec`` by name under ``"specs"`` (stored in version 3, derived from the rows
+    ``quant.spec.LayerSpec`` by name under ``"specs"`` (stored since version 3, derived from the rows
     and the config before), and ``"fold_pairs"``, and the tensors by name: ``<layer>.weight.codes`` (packed uint8),
-    ``<layer>.weight_quant.scale`` / ``.zero_point``, ``<layer>.bias``, ``<layer>.input_quant.*``.
+    ``<layer>.weight_quant.scale`` / ``.zero_point``, ``<layer>.bias``, ``<layer>.input_quant.*``; a
+    multibit weight's ``<layer>.weight.planes`` (packed sign bits) and ``<layer>.weight_quant.alphas``
+    (channels x bases, zero-padded), a multibit input's ``<layer>.input_quant.alphas``. A
+    ``lowbit-multibit`` file comes back as the version-4 artifact of the same model.
     Only safetensors and JSON are parsed: nothing in the file is unpickled or run.
     """
     from safetensors import safe_open

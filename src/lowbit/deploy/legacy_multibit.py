@@ -67,9 +67,9 @@ def as_version_4(stored: dict, tensors: dict[str, Tensor]) -> tuple[dict, dict[s
         w, a = r.get("w"), r.get("a")
         # a float weight's columns take the config's values, as version 4 writes them (they are not read)
         groups = effective_groups(shape[axis], config.get("granularity", "channel"), config.get("groups"))
-        row = {"name": name, "role": r.get("role"), "shape": shape, "groups": groups, "w_bits": config.get("w_bits"), "w": 0,
-               "zp": 0, "bias": int(bool(r.get("bias"))), "a_bits": config.get("a_bits"), "a": 0, "a_signed": 0, "bn": None,
-               "kind": kind, "out": out}
+        row = {"name": name, "role": r.get("role"), "shape": shape, "groups": groups, "w_bits": config.get("w_bits"),
+               "w": 0, "zp": 0, "bias": int(bool(r.get("bias"))), "a_bits": config.get("a_bits"), "a": 0,
+               "a_signed": 0, "bn": None, "kind": kind, "out": out}
         ref = [None, None]
         weight: list[Tensor] = []
         if w is not None:
@@ -96,14 +96,16 @@ def as_version_4(stored: dict, tensors: dict[str, Tensor]) -> tuple[dict, dict[s
         inp: list[Tensor] = []
         if a is not None:
             a = _object(a, f"{where}: a")
-            row.update(a=1, a_bits=a.get("bits"), a_signed=int(bool(a.get("signed"))))
-            count = _count(a.get("bits"), f"{where}: a bits") if a.get("kind") == "dmbq" else 2
             if a.get("kind") not in ("dmbq", "uniform"):
                 raise LowbitError(f"{where}: unknown input kind {str(a.get('kind'))[:60]!r}")
-            inp.append(legacy.take(count))
-            multibit = a.get("kind") == "dmbq"
-            ref[1] = _book([a.get("kind") if not multibit else "multibit", a.get("bits"), row["a_signed"],
-                            1 if multibit else row["a_signed"], 0, "tensor"], books)
+            bits, signed = a.get("bits"), int(bool(a.get("signed")))
+            row.update(a=1, a_bits=bits, a_signed=signed)
+            if a["kind"] == "dmbq":  # its alphas
+                inp.append(legacy.take(_count(bits, f"{where}: a bits")))
+                ref[1] = _book(["multibit", bits, signed, 1, 0, "tensor"], books)
+            else:  # scale and zero point
+                inp.append(legacy.take(2))
+                ref[1] = _book(["uniform", bits, signed, signed, 0, "tensor"], books)
         bias = [legacy.take(out)] if row["bias"] else []
         params += weight + bias + inp
         rows.append([row[f] for f in FIELDS])
@@ -117,7 +119,10 @@ def as_version_4(stored: dict, tensors: dict[str, Tensor]) -> tuple[dict, dict[s
         manifest["group_bits"] = group_bits
     if stored.get("layer_bits"):
         resolved = from_record(stored["layer_bits"], "the multi-bit artifact's layer_bits")
-        manifest["layer_bits"] = [_compact(resolved.get(row[0])) for row in rows]
+        missing = [row[0] for row in rows if row[0] not in resolved]
+        if missing:
+            raise LowbitError(f"the multi-bit artifact's layer_bits lack layer {str(missing[0])[:60]!r}")
+        manifest["layer_bits"] = [_compact(resolved[row[0]]) for row in rows]
     if params:
         tensors[PARAMS_KEY] = torch.cat(params)
     return manifest, tensors
