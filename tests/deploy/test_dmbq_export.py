@@ -21,6 +21,7 @@ from lowbit.quant.dmbq_quantizers import DmbqAct, DmbqWeight
 from lowbit.quant.layer_specs import layer_specs
 from lowbit.quant.layers import quant_layers
 
+from .. import layer_kind_models
 from ..conftest import calib_tensor, make_model
 from .test_artifact import data_bytes
 
@@ -211,3 +212,23 @@ def test_integer_reference_is_refused_with_a_reason(trained):
     _, q, _ = trained
     with pytest.raises(LowbitError, match="integer grid"):
         lowbit.integer_model(q)
+
+
+@pytest.mark.parametrize("build, data", [
+    (lambda: layer_kind_models.make(layer_kind_models.DecoderClassifier), lambda: layer_kind_models.images(16)),
+    (lambda: layer_kind_models.make(layer_kind_models.Net1d), lambda: layer_kind_models.signals(16)),
+], ids=["convtranspose2d-grouped", "conv1d-linear"])
+def test_other_layer_kinds_round_trip(build, data, tmp_path):
+    """Channel axis 1 (ConvTranspose, grouped), 1-D convs: planes and alphas along each kind's own axis."""
+    fp, x = build(), data()
+    with torch.no_grad():
+        y = fp(x).argmax(1)
+    q = lowbit.qat(fp, (x, y), method="dmbq", w_bits=1.5, a_bits=2, lba="channel", lba_every=1, epochs=1,
+                   batch_size=8, progress=False, log=lambda s: None)
+    assert "multibit" in {s.weight.kind for s in layer_specs(q) if s.weight}
+    path = lowbit.export(q, tmp_path / "m.lowbit")
+    assert data_bytes(path) == quantized_bytes(q)
+    back = lowbit.load(path, model=fp)
+    assert layer_specs(back) == layer_specs(q)
+    with torch.no_grad():
+        assert torch.equal(back(x), q(x))
