@@ -135,8 +135,8 @@ def export(qmodel: nn.Module, path: str | os.PathLike, **onnx_options: Any) -> P
 
     kind = export_format(path)
     path = Path(path)
-    if is_multibit_model(qmodel):  # DMBQ: sign planes + alphas (deploy.multibit), not an integer grid
-        return _export_multibit(qmodel, path, kind, onnx_options)
+    if kind == "onnx" and is_multibit_model(qmodel):  # DMBQ: sign planes + alphas, not an integer grid
+        return _export_multibit_onnx(qmodel, path, onnx_options)
     if kind == "onnx":
         from .deploy.onnx_qdq import export_onnx
 
@@ -154,19 +154,15 @@ def export(qmodel: nn.Module, path: str | os.PathLike, **onnx_options: Any) -> P
     return written
 
 
-def _export_multibit(qmodel: nn.Module, path: Path, kind: str, onnx_options: dict[str, Any]) -> Path:
-    from .deploy.multibit import export_multibit_onnx, save_multibit
+def _export_multibit_onnx(qmodel: nn.Module, path: Path, onnx_options: dict[str, Any]) -> Path:
+    from .deploy.multibit import export_multibit_onnx
 
-    if kind == "onnx":
-        unknown = sorted(set(onnx_options) - {"opset", "input_shape"})
-        if unknown:
-            raise LowbitError(f"option(s) {unknown} do not apply to the ONNX export of a multi-bit (DMBQ) model; "
-                              f"known: opset, input_shape")
-        checked = {k: check_value(v, ONNX_OPTIONS[k], k, "lowbit.export") for k, v in onnx_options.items()}
-        return export_multibit_onnx(qmodel, path, **checked)
-    if onnx_options:
-        raise LowbitError(f"options {sorted(onnx_options)} apply to .onnx exports only")
-    return save_multibit(qmodel, path)
+    unknown = sorted(set(onnx_options) - {"opset", "input_shape"})
+    if unknown:
+        raise LowbitError(f"option(s) {unknown} do not apply to the ONNX export of a multi-bit (DMBQ) model; "
+                          f"known: opset, input_shape")
+    checked = {k: check_value(v, ONNX_OPTIONS[k], k, "lowbit.export") for k, v in onnx_options.items()}
+    return export_multibit_onnx(qmodel, path, **checked)
 
 
 def integer_model(qmodel: nn.Module, bias_frac_bits: int = 0) -> nn.Module:
@@ -192,12 +188,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, device: str = 
         raise LowbitError(f"{os.fspath(path)} is an ONNX file: run it with ONNX Runtime (lowbit.deploy.onnx_session, "
                           "or `lowbit eval --onnx FILE`); lowbit.load reads the packed .lowbit artifact")
     _check_device(device)
-    from .deploy.multibit import is_multibit_file, load_multibit
-
-    if isinstance(path, (str, os.PathLike)) and Path(path).is_file() and is_multibit_file(path):
-        qmodel = load_multibit(path, model, device)
-    else:
-        qmodel = load_artifact(path, model, device)
+    qmodel = load_artifact(path, model, device)
     logger.debug("loaded %s (%s, %d layers) on %s", os.fspath(path), record_of(qmodel).method,
                  len(quant_layers(qmodel)), device)
     return qmodel

@@ -10,7 +10,7 @@ by the model: a plain attribute sits in the module's ``__dict__``, so ``copy.dee
 with the model (a registry entry would be lost on the copy and kept alive for the original), it
 is pickled with ``torch.save(qmodel)``, and ``.to(device)`` / ``state_dict()`` leave it alone,
 which is right because the record holds no tensors. A model read from an artifact gets a record
-built from the file's manifest (``deploy.artifact``, ``deploy.multibit``).
+built from the file's manifest (``deploy.artifact``).
 
 ``qmodel.lowbit_info`` stays as the read-only compatibility view of the record
 (:class:`InfoView`): a mapping with the keys the dictionary of earlier versions had, built from

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 import lowbit
 from lowbit import LowbitError
 from lowbit.deploy import read_artifact
-from lowbit.deploy.artifact import FIELDS, FORMAT, PARAMS_KEY
+from lowbit.deploy.artifact import FIELDS, FORMAT, PARAMS_KEY, VERSION
 from lowbit.deploy.size import quantized_bytes
 from lowbit.quant.layers import quant_layers
 from tests.conftest import IMAGE_SIZE, calib_tensor, make_model
@@ -42,7 +42,7 @@ def test_layout_is_one_blob_per_bit_width_and_a_compact_manifest(tmp_path) -> No
     meta = header.pop("__metadata__")
     assert set(header) == {"codes4", "codes8", PARAMS_KEY}  # first/last layers at 8 bit, the body at 4
     assert {header[k]["dtype"] for k in ("codes4", "codes8")} == {"U8"} and header[PARAMS_KEY]["dtype"] == "F32"
-    assert meta["format"] == FORMAT and meta["version"] == "3"
+    assert meta["format"] == FORMAT and meta["version"] == VERSION
     manifest = json.loads(meta["manifest"])
     assert meta["manifest"] == json.dumps(manifest, separators=(",", ":"))  # no indentation, no padding
     # self-describing: the architecture, config, method, column names and the params layout are in the file

@@ -1,4 +1,5 @@
-"""Artifact version 3 stores the layer specs; version-2 files (no spec records) still load to the same model."""
+"""The artifact stores the layer specs (since version 3); version-2 files (no spec records) and version-3
+files (the same layout for uniform and sparse code books) still load to the same model."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ from safetensors.torch import save_file
 
 import lowbit
 from lowbit import LowbitError
-from lowbit.deploy.artifact import CODE_BOOKS_KEY, SPECS_KEY, read_artifact
+from lowbit.deploy.artifact import CODE_BOOKS_KEY, SPECS_KEY, VERSION, read_artifact
 from lowbit.quant.layer_specs import layer_specs
 from tests.conftest import calib_tensor, make_model
 
@@ -26,14 +27,14 @@ def saved(tmp_path_factory):
     return model, q, path, meta, tensors
 
 
-def _write(meta: dict, tensors: dict, manifest: dict, path: Path, version: str = "3") -> Path:
+def _write(meta: dict, tensors: dict, manifest: dict, path: Path, version: str = VERSION) -> Path:
     save_file(tensors, str(path), metadata={**meta, "version": version, "manifest": json.dumps(manifest)})
     return path
 
 
 def test_specs_are_stored_and_read_back_exactly(saved) -> None:
     _, q, path, meta, _ = saved
-    assert meta["version"] == "3"
+    assert meta["version"] == VERSION
     manifest = json.loads(meta["manifest"])
     books = manifest[CODE_BOOKS_KEY]
     assert len(manifest[SPECS_KEY]) == 2 * len(manifest["layers"]) and len(books) < len(manifest["layers"])
@@ -50,8 +51,19 @@ def test_version_2_files_still_load(saved, tmp_path) -> None:
     with torch.no_grad():
         assert torch.equal(lowbit.load(old, model=model)(x), q(x))
     assert read_artifact(old)[0][SPECS_KEY] == read_artifact(path)[0][SPECS_KEY]  # derived from the rows
-    with pytest.raises(LowbitError, match="'code_books' is missing"):  # a version-3 file must hold them
-        lowbit.load(_write(meta, tensors, manifest, tmp_path / "v3.lowbit"), model=model)
+    for version in ("3", VERSION):  # a version-3 or later file must hold them
+        with pytest.raises(LowbitError, match="'code_books' is missing"):
+            lowbit.load(_write(meta, tensors, manifest, tmp_path / "v3.lowbit", version), model=model)
+
+
+def test_version_3_files_still_load(saved, tmp_path) -> None:
+    """Version 4 added multibit code books; a uniform model's file is laid out as version 3 laid it out."""
+    model, q, path, meta, tensors = saved
+    old = _write(meta, tensors, json.loads(meta["manifest"]), tmp_path / "v3.lowbit", version="3")
+    x = calib_tensor(8, seed=3)
+    with torch.no_grad():
+        assert torch.equal(lowbit.load(old, model=model)(x), q(x))
+    assert read_artifact(old)[0][SPECS_KEY] == read_artifact(path)[0][SPECS_KEY]
 
 
 @pytest.mark.parametrize("edit, message", [

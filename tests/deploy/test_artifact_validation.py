@@ -290,7 +290,7 @@ def test_tensors_are_checked(sources, tmp_path, case) -> None:
 
 META_CASES = [
     ("format", {"format": "lowbit"}, "is not a lowbit artifact .format tag 'lowbit'"),
-    ("version-4", {"version": "4"}, "artifact version '4' is not supported"),
+    ("version-5", {"version": "5"}, "artifact version '5' is not supported"),
     ("version-1-of-a-v2-manifest", {"version": "1"}, "'layers' is missing or damaged"),
     ("manifest-not-json", {"manifest": "{"}, "manifest is missing or damaged .not JSON"),
     ("manifest-deep", {"manifest": "[" * 100_000 + "]" * 100_000}, "manifest is missing or damaged"),

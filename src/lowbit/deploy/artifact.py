@@ -5,9 +5,13 @@ architecture is resolved by name through the zoo registry, and every manifest va
 checked before the model is built; a file that fails a check is a LowbitError naming it and the field.
 
 Writing reads each layer through its ``quant.spec.LayerSpec`` (``quant.layer_specs``), never through
-its quantizer; version 3 stores those specs (a table of code books plus one reference per row), and
-loading rebuilds the quantizers from the specs (``quant.layer_specs.apply_layer_spec``). Files of
-versions 1 and 2 hold no spec records: their specs are derived from the rows and the config.
+its quantizer; the file stores those specs (a table of code books plus one reference per row), and
+loading rebuilds the quantizers from the specs (``quant.layer_specs.apply_layer_spec``). Version 4
+holds every code book kind of ``quant.spec``: uniform (per-group widths included), sparse inputs,
+and multibit (DMBQ) weights and inputs. Files of versions 1 and 2 hold no spec records: their specs
+are derived from the rows and the config; version 3 holds uniform and sparse code books only.
+``lowbit-multibit`` files (DMBQ models written before version 4) are read through
+``deploy.legacy_multibit``, which turns them into version-4 manifests.
 """
 from __future__ import annotations
 
@@ -40,10 +44,11 @@ from ..record import QuantRecord, attach, publish
 from .packing import pack_codes, packed_nbytes, unpack_codes
 
 FORMAT = "lowbit-artifact"
-VERSION = "3"
+VERSION = "4"
 # version 1: one tensor per layer field and a verbose per-layer manifest; version 2: the compact rows
-# without the per-layer spec records (``SPECS_KEY``), which are then derived from the rows and the config
-READABLE_VERSIONS = ("1", "2", "3")
+# without the per-layer spec records (``SPECS_KEY``), which are then derived from the rows and the config;
+# version 3: uniform and sparse code books only (no ``PLANES_KEY`` blob)
+READABLE_VERSIONS = ("1", "2", "3", "4")
 
 # Columns of the manifest's "layers" rows (the manifest itself lists them under "fields"). "kind"
 # (a quant.layers.LAYER_KINDS name: it fixes the weight layout and its channel axis) and "out" (output
@@ -51,9 +56,14 @@ READABLE_VERSIONS = ("1", "2", "3")
 FIELDS = ("name", "role", "shape", "groups", "w_bits", "w", "zp", "bias", "a_bits", "a", "a_signed", "bn",
           "kind", "out")
 # Documents the "params" blob inside the file, so that the format describes itself.
+# (a multibit weight stores each channel's group_bits alphas, a multibit input its a_bits alphas)
 PARAMS_LAYOUT = ("float32, layers in order: weight scale[groups] if w, weight zero point[groups] if zp, "
-                 "bias[out] if bias, input scale and zero point if a")
+                 "bias[out] if bias, input scale and zero point if a; multibit: alphas[bases] instead")
 PARAMS_KEY = "params"
+# Version 4: one uint8 blob of the multibit (DMBQ) weights' sign planes, 1 bit per weight and base
+# (1: b = +1), each layer's run byte-aligned; inside it channel by channel (pruned channels: nothing),
+# each channel's group_bits planes one after the other, the plane of base i being bit i of the level index.
+PLANES_KEY = "planes"
 RUNTIME_CONFIG = ("device", "progress")  # settings of the run, not of the model: not stored
 # Optional manifest key: layers whose input quantizer has sparse codes (``quant.sparse``: 0 up to a
 # threshold, uniform levels above); the threshold is the float32 tensor ``<layer>.input_quant.threshold``.
@@ -64,7 +74,8 @@ SPARSE_KEY = "sparse_inputs"
 # widths from the manifest's ``group_bits``) and under
 # ``SPECS_KEY`` two code book indices per row, in row order: its weight's and its input's (null: float). The numeric parameters are
 # the row's tensors (params blob, thresholds by name). Stored specs must equal what the rows and the
-# config say: a damaged one is refused, never used.
+# config say: a damaged one is refused, never used. A multibit code book (version 4) says which rows
+# hold sign planes and alphas; its widths per channel (0: pruned) are the manifest's ``group_bits``.
 SPECS_KEY = "specs"
 CODE_BOOKS_KEY = "code_books"
 CODE_BOOK_FIELDS = ("kind", "bits", "signed", "symmetric", "narrow", "granularity")
@@ -76,9 +87,10 @@ def codes_key(bits: int) -> str:
     return f"codes{bits}"
 
 
-def is_reserved(key: str) -> bool:
-    """Whether ``key`` names one of the format's blobs (``params``, ``codes<b>``)."""
-    return key == PARAMS_KEY or (key.startswith("codes") and key[5:].isdigit())
+def is_reserved(key: str, version: str = VERSION) -> bool:
+    """Whether ``key`` names one of the blobs of format ``version`` (``params``, ``codes<b>``, ``planes``)."""
+    return (key == PARAMS_KEY or (key.startswith("codes") and key[5:].isdigit())
+            or (key == PLANES_KEY and version not in ("1", "2", "3")))
 
 
 def require_quantized(qmodel: nn.Module) -> dict:
@@ -99,12 +111,21 @@ def _weight_qmin(bits: int, signed: bool, narrow: bool) -> int:
     return int_range(bits, signed, narrow)[0]
 
 
+def _sign_planes(spec: TensorSpec, weight: Tensor) -> Tensor | None:
+    """A multibit weight's packed sign planes (``PLANES_KEY``); None when every channel is pruned."""
+    q = qspec.codes(spec, weight)
+    planes = qspec.bit_planes(spec, q)  # (bits, channels, n): a channel's first widths[c] planes are its own
+    signs = [planes[:b, c].reshape(-1) for c, b in enumerate(spec.widths) if b]
+    return pack_codes((torch.cat(signs) > 0).to(torch.int64), 1, 0) if signs else None
+
+
 @torch.no_grad()
 def save_artifact(qmodel: nn.Module, path: str | os.PathLike) -> Path:
     """Write packed weights, scales, zero points, bit widths and the manifest (safetensors).
 
     Layout: one uint8 blob ``codes<b>`` per weight bit width (each layer's codes packed densely,
-    byte-aligned per layer), one float32 blob ``params`` (scales, zero points, biases, input
+    byte-aligned per layer), one uint8 blob ``planes`` (multibit weights' sign planes, see
+    ``PLANES_KEY``), one float32 blob ``params`` (scales, zero points, alphas, biases, input
     quantizer parameters), every other tensor under its state-dict name, and a compact JSON
     manifest (architecture, config, method, input shape, one row per layer, the layers' code books
     and which row uses which) in the metadata.
@@ -127,19 +148,22 @@ def save_artifact(qmodel: nn.Module, path: str | os.PathLike) -> Path:
     config = {k: v for k, v in (info.get("config") or {}).items() if k not in RUNTIME_CONFIG}
     state = {k: v.detach().cpu() for k, v in qmodel.state_dict().items()}
     codes: dict[int, list[Tensor]] = {}
+    planes: list[Tensor] = []
     params: list[Tensor] = []
     rows = []
     for name in order:
         layer, spec = layers[name], specs[name]
         ws, xs = spec.weight, spec.input
-        if ws is not None and ws.kind != "uniform":
-            raise LowbitError(f"layer {name!r}: a {ws.kind} weight has no integer codes for this format "
-                              "(multi-bit models are written by lowbit.deploy.multibit)")
-        if xs is not None and xs.kind == "multibit":
-            raise LowbitError(f"layer {name!r}: a multibit input has no place in this format "
-                              "(multi-bit models are written by lowbit.deploy.multibit)")
-        store_zp = ws is not None and (not ws.symmetric or bool(ws.zero_point.any()))
-        if ws is not None:
+        if ws is not None and ws.kind not in ("uniform", "multibit"):
+            raise LowbitError(f"layer {name!r}: a {ws.kind} weight has no place in this format")
+        store_zp = ws is not None and ws.kind == "uniform" and (not ws.symmetric or bool(ws.zero_point.any()))
+        if ws is not None and ws.kind == "multibit":
+            run = _sign_planes(ws, layer.weight.detach())
+            if run is not None:
+                planes.append(run)
+            params += [_flat(ws.alphas[c, :b]) for c, b in enumerate(ws.widths) if b]  # pruned: nothing
+            del state[f"{name}.weight"]
+        elif ws is not None:
             q = qspec.codes(ws, layer.weight.detach())
             if ws.binary:
                 q = (q + 1) // 2 - 1  # {-1, +1} -> {-1, 0}: one bit each
@@ -151,10 +175,14 @@ def save_artifact(qmodel: nn.Module, path: str | os.PathLike) -> Path:
         if layer.bias is not None:
             params.append(_flat(layer.bias))
         if xs is not None:
-            params += [_flat(xs.scale), _flat(xs.zero_point)]
+            params += [_flat(xs.alphas)] if xs.kind == "multibit" else [_flat(xs.scale), _flat(xs.zero_point)]
         for key in ("bias", "weight_quant.scale", "weight_quant.zero_point", "input_quant.scale",
                     "input_quant.zero_point"):
             state.pop(f"{name}.{key}", None)
+        for part, quantizer in ((ws, "weight_quant"), (xs, "input_quant")):
+            if part is not None and part.kind == "multibit":  # its spec is all of it: no buffer of its own is stored
+                for key in [k for k in state if k.startswith(f"{name}.{quantizer}.")]:
+                    del state[key]
         # a float weight or input has no spec: its columns take the config's values (they are not read)
         channels = spec.weight_shape[LAYER_KINDS[spec.kind].axis]
         groups = ws.num_groups if ws is not None else effective_groups(channels, config.get("granularity", "channel"),
@@ -164,6 +192,8 @@ def save_artifact(qmodel: nn.Module, path: str | os.PathLike) -> Path:
                      xs.bits if xs else config.get("a_bits"), int(xs is not None), int(bool(xs and xs.signed)),
                      bn_of.get(name), spec.kind, spec.out_channels])
     tensors: dict[str, Tensor] = {codes_key(b): torch.cat(c) for b, c in sorted(codes.items())}
+    if planes:
+        tensors[PLANES_KEY] = torch.cat(planes)
     if params:
         tensors[PARAMS_KEY] = torch.cat(params)
     for key, value in state.items():
@@ -183,8 +213,8 @@ def save_artifact(qmodel: nn.Module, path: str | os.PathLike) -> Path:
         manifest["layer_bits"] = [_compact(resolved.get(r[0])) for r in rows]
     group_bits = {name: list(specs[name].weight.group_bits) for name in order
                   if specs[name].weight is not None and specs[name].weight.group_bits}
-    if group_bits:  # widths inside a layer (aciq-mix): codes are stored at the row's w_bits, the widest
-        manifest["group_bits"] = group_bits
+    if group_bits:  # widths inside a layer (aciq-mix: codes are stored at the row's w_bits, the widest;
+        manifest["group_bits"] = group_bits  # multibit: each channel's bases, 0 for a pruned channel)
     books: dict[str, int] = {}
     refs = []
     for name in order:  # each row's code books, as indices into the table of distinct ones
@@ -261,6 +291,13 @@ def _bits(value: Any, field: str, optional: bool = False) -> int | None:
     return value
 
 
+def _bases(value: Any, field: str, low: int = 0) -> int:
+    """Bases of a multibit code book: ``low`` .. ``quant.spec.MAX_BASES`` (0: every channel pruned)."""
+    if not _is_int(value) or not low <= value <= qspec.MAX_BASES:
+        raise _bad(field, f"an integer {low}..{qspec.MAX_BASES} (bases of a multibit code book)", value)
+    return value
+
+
 def _flag(value: Any, field: str) -> int:
     if not _is_int(value) or value not in (0, 1):
         raise _bad(field, "0 or 1", value)
@@ -293,13 +330,15 @@ def _shape(value: Any, field: str) -> list[int]:
     return value
 
 
-# How each column of a manifest row is checked on its own (FIELDS order).
+# How each column of a manifest row is checked on its own (FIELDS order); a multibit weight's or
+# input's width is a number of bases instead (MULTIBIT_CHECKS).
 ROW_CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "name": _name, "role": _role, "shape": _shape, "groups": _positive, "w_bits": _bits, "w": _flag, "zp": _flag,
     "bias": _flag, "a_bits": functools.partial(_bits, optional=True), "a": _flag, "a_signed": _flag,
     "bn": functools.partial(_name, optional=True), "kind": _kind, "out": _positive,
 }
 assert set(ROW_CHECKS) == set(FIELDS)
+MULTIBIT_CHECKS: dict[str, Callable[[Any, str], Any]] = {"w_bits": _bases, "a_bits": functools.partial(_bases, low=1)}
 # Columns added after version 2 first shipped: a file without them holds Conv2d and Linear layers
 # only, whose kind and output channels follow from the weight's shape (_fill_optional).
 OPTIONAL_FIELDS = ("kind", "out")
@@ -345,13 +384,14 @@ def _protocol_bits(role: str, cfg: QuantConfig) -> LayerBits:
 
 def _check_row_bits(row: dict, cfg: QuantConfig, bits: LayerBits | None) -> None:
     """A row's widths against the file's resolved per-layer map (``bits``), or, in files without one,
-    against the config's first/last protocol."""
+    against the config's first/last protocol. A multibit weight's w_bits (its most bases) is not
+    compared: LBA moves bases between channels and layers under the layer's recorded width."""
     role = row["role"]
     if bits is not None:  # the map is explicit: which quantizers are on and their widths must match it
         said = "as the artifact's layer_bits say"
         if row["w"] != int(bits.enabled):
             raise _bad("w", f"{int(bits.enabled)} (weights {'quantized' if bits.enabled else 'float'}) {said}", row["w"])
-        if row["w"] and row["w_bits"] != bits.w_bits:
+        if row["w"] and not row["w_multibit"] and row["w_bits"] != bits.w_bits:
             raise _bad("w_bits", f"{bits.w_bits} for a {role!r} layer {said}", row["w_bits"])
         if row["a"] != int(bits.a_bits is not None):
             raise _bad("a", f"{int(bits.a_bits is not None)} (input {'float' if bits.a_bits is None else 'quantized'}) "
@@ -362,7 +402,7 @@ def _check_row_bits(row: dict, cfg: QuantConfig, bits: LayerBits | None) -> None
     expected = _protocol_bits(row["role"], cfg)
     w_bits = expected.w_bits if expected.w_bits is not None else cfg.w_bits
     a_bits = expected.a_bits if expected.a_bits is not None else cfg.a_bits
-    if row["w"] and row["w_bits"] != w_bits:
+    if row["w"] and not row["w_multibit"] and row["w_bits"] != w_bits:
         raise _bad("w_bits", f"{w_bits} for a {role!r} layer (config w_bits={cfg.w_bits}, "
                    f"first_last_bits={cfg.first_last_bits})", row["w_bits"])
     if row["a"] and row["a_bits"] != a_bits:
@@ -374,34 +414,48 @@ def _check_row_fields(row: dict, cfg: QuantConfig, bits: LayerBits | None = None
     """The fields of one checked row against each other, the config and the layer's resolved widths."""
     _check_kind_shape(row)
     channels, groups, role = _scale_channels(row), row["groups"], row["role"]
-    if cfg.granularity == "tensor" and groups != 1:
+    if row["w_multibit"]:  # a multibit weight has its alphas per channel, whatever the config's granularity
+        if groups != channels:
+            raise _bad("groups", f"{channels}, one per output channel (a multibit weight)", groups)
+        if row["zp"]:
+            raise _bad("zp", "0 for a multibit weight (it has no zero points)", row["zp"])
+    elif cfg.granularity == "tensor" and groups != 1:
         raise _bad("groups", "1 (per-tensor scales in the config)", groups)
-    if cfg.granularity == "channel" and groups != channels:
+    elif cfg.granularity == "channel" and groups != channels:
         raise _bad("groups", f"{channels}, one per output channel (per-channel scales in the config)", groups)
-    if cfg.granularity == "group" and (channels % groups or groups > cfg.groups):
+    elif cfg.granularity == "group" and (channels % groups or groups > cfg.groups):
         raise _bad("groups", f"a divisor of the {channels} output channels not above the config's groups "
                    f"({cfg.groups})", groups)
     if role == "unused" and (row["w"] or row["a"]):
         raise LowbitError(f"a layer with role 'unused' has no active quantizer, got w={row['w']}, a={row['a']}")
     if row["zp"] and not row["w"]:
         raise _bad("zp", "0 when the weights are not quantized (w is 0)", row["zp"])
-    if row["w"] and not row["zp"] and not cfg.w_symmetric:
+    if row["w"] and not row["zp"] and not cfg.w_symmetric and not row["w_multibit"]:
         raise _bad("zp", "1: the config's weights are asymmetric (w_symmetric false) and need zero points", 0)
     if row["a"] and row["a_bits"] is None:
         raise _bad("a_bits", "an integer 1..16 when the input is quantized (a is 1)", None)
-    if row["a_signed"] and not (cfg.a_symmetric and row["a_bits"] is not None and row["a_bits"] > 1):
+    if row["a_signed"] and not row["a_multibit"] and not (cfg.a_symmetric and row["a_bits"] is not None
+                                                          and row["a_bits"] > 1):
         raise _bad("a_signed", f"0: signed input codes need a_symmetric and more than 1 bit (config a_symmetric="
                    f"{cfg.a_symmetric}, a_bits={row['a_bits']})", 1)
     _check_row_bits(row, cfg, bits)
 
 
-def _check_row(row: dict, cfg: QuantConfig, where: str, bits: LayerBits | None = None) -> dict:
-    """A manifest row with every field checked on its own, across fields and against the config."""
+def _check_row(row: dict, cfg: QuantConfig, where: str, bits: LayerBits | None = None,
+               multibit: tuple[bool, bool] = (False, False)) -> dict:
+    """A manifest row with every field checked on its own, across fields and against the config.
+
+    ``multibit``: whether its code books (version 4) make its weight and its input multibit; the
+    checked row says so under ``w_multibit`` and ``a_multibit``.
+    """
     name = row.get("name")
     prefix = f"layer {name!r}" if isinstance(name, str) and name else where
     _fill_optional(row)
+    row["w_multibit"], row["a_multibit"] = multibit
     try:
         for field, check in ROW_CHECKS.items():
+            if field in MULTIBIT_CHECKS and row[f"{field[0]}_multibit"]:  # w_bits, a_bits
+                check = MULTIBIT_CHECKS[field]
             row[field] = check(row[field], field)
         _check_row_fields(row, cfg, bits)
     except LowbitError as exc:
@@ -412,15 +466,19 @@ def _check_row(row: dict, cfg: QuantConfig, where: str, bits: LayerBits | None =
 def _spec(row: dict, cfg: QuantConfig) -> dict:
     """The expanded per-layer view of a checked row (what read_artifact returns under ``layers``)."""
     shape, bits = row["shape"], row["w_bits"]
-    return {
+    view = {
         "kind": row["kind"], "out_channels": row["out"], "role": row["role"], "weight_shape": shape,
         "w_enabled": bool(row["w"]), "w_bits": bits, "w_signed": cfg.w_symmetric,
         "w_symmetric": cfg.w_symmetric, "w_narrow": cfg.w_narrow, "granularity": cfg.granularity,
-        "num_groups": row["groups"], "w_qmin": _weight_qmin(bits, cfg.w_symmetric, cfg.w_narrow),
-        "w_binary": cfg.w_symmetric and bits == 1,
+        "num_groups": row["groups"], "w_qmin": None, "w_binary": cfg.w_symmetric and bits == 1,
         "a_enabled": bool(row["a"]), "a_bits": row["a_bits"], "a_signed": bool(row["a_signed"]),
         "a_symmetric": cfg.a_symmetric,
     }
+    if row.get("w_multibit"):  # bases of +-1 signs scaled per channel: no integer grid, no qmin
+        view.update(w_signed=True, w_symmetric=True, w_narrow=False, granularity="channel", w_binary=False)
+    else:
+        view["w_qmin"] = _weight_qmin(bits, cfg.w_symmetric, cfg.w_narrow)
+    return view
 
 
 def _config(data: Any) -> QuantConfig:
@@ -503,6 +561,10 @@ def _refuse_values(value: Tensor, bad: Tensor, field: str, expected: str) -> Non
         raise LowbitError(f"{field} must be {expected}, got {value[i].item()!r} at index {i}")
 
 
+def _finite(value: Tensor, field: str) -> None:
+    _refuse_values(value.reshape(-1), ~torch.isfinite(value.reshape(-1)), field, "finite")
+
+
 def _check_scale(value: Tensor, field: str, codes: int) -> None:
     """Finite, positive, and small enough that ``codes`` steps stay finite in float32."""
     _refuse_values(value, ~(torch.isfinite(value * codes) & (value > 0)), field,
@@ -516,9 +578,12 @@ def _check_zero_point(value: Tensor, field: str, qrange: tuple[int, int]) -> Non
 
 
 def _check_layer_tensors(row: dict, tensors: dict[str, Tensor], cfg: QuantConfig) -> None:
-    """Dtype, shape and values of one layer's codes, scales, zero points and bias."""
+    """Dtype, shape and values of one layer's codes, scales, zero points, alphas and bias (a multibit
+    weight's planes are cut from their blob at the length its widths give)."""
     name, groups, f32 = row["name"], row["groups"], torch.float32
-    if row["w"]:
+    if row["w"] and row["w_multibit"]:
+        _finite(_tensor(tensors, f"{name}.weight_quant.alphas", f32, [groups, row["w_bits"]]), "weight_quant.alphas")
+    elif row["w"]:
         bits = row["w_bits"]
         _tensor(tensors, f"{name}.weight.codes", torch.uint8, [packed_nbytes(math.prod(row["shape"]), bits)])
         qmin, qmax = int_range(bits, cfg.w_symmetric, cfg.w_narrow)
@@ -526,9 +591,10 @@ def _check_layer_tensors(row: dict, tensors: dict[str, Tensor], cfg: QuantConfig
         _check_zero_point(_tensor(tensors, f"{name}.weight_quant.zero_point", f32, [groups]),
                           "weight_quant.zero_point", (qmin, qmax))
     if row["bias"]:
-        bias = _tensor(tensors, f"{name}.bias", f32, [_out_channels(row)])
-        _refuse_values(bias, ~torch.isfinite(bias), "bias", "finite")
-    if row["a"]:
+        _finite(_tensor(tensors, f"{name}.bias", f32, [_out_channels(row)]), "bias")
+    if row["a"] and row["a_multibit"]:
+        _finite(_tensor(tensors, f"{name}.input_quant.alphas", f32, [1, row["a_bits"]]), "input_quant.alphas")
+    elif row["a"]:
         qmin, qmax = int_range(row["a_bits"], bool(row["a_signed"]))
         _check_scale(_tensor(tensors, f"{name}.input_quant.scale", f32, [1]), "input_quant.scale", qmax - qmin)
         _check_zero_point(_tensor(tensors, f"{name}.input_quant.zero_point", f32, [1]), "input_quant.zero_point",
@@ -595,7 +661,8 @@ def _layer_bits(stored: dict) -> list[LayerBits] | None:
 
 
 def _group_bits(value: Any, rows: list[dict]) -> dict[str, list[int]]:
-    """Per-group widths of mixed-width layers: one list per named quantized layer, 2..w_bits, the widest = w_bits."""
+    """Per-group widths of mixed-width layers: one list per named quantized layer, 2..w_bits (multibit:
+    bases 0..w_bits, 0 a pruned channel), the widest = w_bits."""
     if not isinstance(value, dict) or not value:
         raise _damaged("group_bits", f"it must be a non-empty object of per-layer width lists, got {_show(value)}")
     by_name = {r["name"]: r for r in rows}
@@ -603,15 +670,19 @@ def _group_bits(value: Any, rows: list[dict]) -> dict[str, list[int]]:
         row = by_name.get(name)
         if row is None or not row["w"]:
             raise _damaged("group_bits", f"{_show(name)} is not a layer with quantized weights")
-        if (not isinstance(widths, list) or len(widths) != row["groups"]
-                or not all(type(b) is int and 2 <= b <= row["w_bits"] for b in widths) or max(widths) != row["w_bits"]):
-            raise _bad(f"group_bits[{name!r}]", f"a list of {row['groups']} integers from 2 to {row['w_bits']} "
+        low = 0 if row["w_multibit"] else 2
+        if (not isinstance(widths, list) or len(widths) != row["groups"] or not widths
+                or not all(type(b) is int and low <= b <= row["w_bits"] for b in widths)
+                or max(widths) != row["w_bits"]):
+            raise _bad(f"group_bits[{name!r}]", f"a list of {row['groups']} integers from {low} to {row['w_bits']} "
                        f"(the layer's w_bits) reaching {row['w_bits']}", widths)
     return value
 
 
-def _rows(stored: dict, cfg: QuantConfig, layer_bits: list[LayerBits] | None = None) -> list[dict]:
-    """The version-2 manifest's layer rows as checked dicts (against the resolved widths where stored)."""
+def _rows(stored: dict, cfg: QuantConfig, layer_bits: list[LayerBits] | None = None,
+          version: str = VERSION) -> list[dict]:
+    """The compact manifest's layer rows as checked dicts (against the resolved widths where stored;
+    version 4: with which of their weights and inputs are multibit)."""
     fields = _required(stored, "fields")
     if (not isinstance(fields, list) or not all(isinstance(f, str) for f in fields)
             or sorted(fields) not in (sorted(FIELDS), sorted(REQUIRED_FIELDS))):  # each column once
@@ -620,11 +691,13 @@ def _rows(stored: dict, cfg: QuantConfig, layer_bits: list[LayerBits] | None = N
     layers = _required(stored, "layers")
     if not isinstance(layers, list) or not layers:
         raise _damaged("layers", f"it must be a non-empty list of rows, got {_show(layers)}")
+    multibit = _multibit_parts(stored, len(layers)) if version == "4" else [(False, False)] * len(layers)
     rows = []
     for i, row in enumerate(layers):
         if not isinstance(row, list) or len(row) != len(fields):
             raise LowbitError(f"layers[{i}] must be a list of {len(fields)} values (one per field), got {_show(row)}")
-        rows.append(_check_row(dict(zip(fields, row)), cfg, f"layers[{i}]", None if layer_bits is None else layer_bits[i]))
+        bits = None if layer_bits is None else layer_bits[i]
+        rows.append(_check_row(dict(zip(fields, row)), cfg, f"layers[{i}]", bits, multibit[i]))
     names = [r["name"] for r in rows]
     if len(set(names)) != len(names):
         raise LowbitError(f"layer {next(n for n in names if names.count(n) > 1)!r} has more than one row")
@@ -632,38 +705,54 @@ def _rows(stored: dict, cfg: QuantConfig, layer_bits: list[LayerBits] | None = N
 
 
 def _expand(stored: dict, tensors: dict[str, Tensor], version: str = VERSION) -> tuple[dict, dict[str, Tensor]]:
-    """The compact (version 2 and 3) manifest and blobs as one spec and named tensors per layer, all checked."""
+    """The compact (version 2 to 4) manifest and blobs as one spec and named tensors per layer, all checked."""
     cfg = _config(_required(stored, "config"))
     header = _check_header(stored)
     layer_bits = _layer_bits(stored)
-    rows = _rows(stored, cfg, layer_bits)
+    rows = _rows(stored, cfg, layer_bits, version)
     pairs = [[r["name"], r["bn"]] for r in rows if r["bn"]] + _pairs(stored.get("fold_pairs", []), "fold_pairs")
     _check_pairs(pairs)
     if header["input_shape"] is not None:  # written by lowbit.quantize / qat: rows in execution order
         _check_roles(rows)
+    group_bits = _group_bits(stored["group_bits"], rows) if "group_bits" in stored else {}
     params = _Reader(tensors.pop(PARAMS_KEY, None), PARAMS_KEY, torch.float32)
     blobs = {}
-    for bits in sorted({r["w_bits"] for r in rows if r["w"]}):
+    for bits in sorted({r["w_bits"] for r in rows if r["w"] and not r["w_multibit"]}):
         if codes_key(bits) not in tensors:
             raise LowbitError(f"the artifact has no {codes_key(bits)} blob for its {bits}-bit layers")
         blobs[bits] = _Reader(tensors.pop(codes_key(bits)), codes_key(bits), torch.uint8)
-    if any(is_reserved(k) for k in tensors):
+    if version == "4":
+        blobs[PLANES_KEY] = _Reader(tensors.pop(PLANES_KEY, None), PLANES_KEY, torch.uint8)
+    if any(is_reserved(k, version) for k in tensors):
         raise LowbitError(f"the artifact holds weight codes that no layer of its manifest uses "
-                          f"({sorted(k for k in tensors if is_reserved(k))})")
+                          f"({sorted(k for k in tensors if is_reserved(k, version))})")
     out: dict[str, Tensor] = {}
     owned: set[str] = set()  # every name a row's values go under: no other tensor may claim one
     for r in rows:
         name, shape, groups, bits = r["name"], r["shape"], r["groups"], r["w_bits"]
-        owned |= {f"{name}.{key}" for key in ("weight.codes", "bias", "weight_quant.scale", "weight_quant.zero_point",
-                                               "input_quant.scale", "input_quant.zero_point")}
-        if r["w"]:
+        owned |= {f"{name}.{key}" for key in ("weight.codes", "weight.planes", "bias", "weight_quant.scale",
+                                               "weight_quant.zero_point", "weight_quant.alphas", "input_quant.scale",
+                                               "input_quant.zero_point", "input_quant.alphas")}
+        if r["w"] and r["w_multibit"]:  # each channel's planes and alphas, pruned channels nothing
+            owned.add(f"{name}.weight")
+            widths = group_bits.get(name, [bits] * groups)
+            total = sum(widths)
+            per_channel = math.prod(shape) // groups
+            out[f"{name}.weight.planes"] = blobs[PLANES_KEY].take(packed_nbytes(total * per_channel, 1))
+            alphas = torch.zeros(groups, bits)
+            for c, values in enumerate(params.take(total).split(widths)):
+                alphas[c, :len(values)] = values
+            out[f"{name}.weight_quant.alphas"] = alphas
+        elif r["w"]:
             owned.add(f"{name}.weight")
             out[f"{name}.weight.codes"] = blobs[bits].take(packed_nbytes(math.prod(shape), bits))
             out[f"{name}.weight_quant.scale"] = params.take(groups)
             out[f"{name}.weight_quant.zero_point"] = params.take(groups) if r["zp"] else torch.zeros(groups)
         if r["bias"]:
             out[f"{name}.bias"] = params.take(_out_channels(r))
-        if r["a"]:
+        if r["a"] and r["a_multibit"]:
+            out[f"{name}.input_quant.alphas"] = params.take(r["a_bits"]).view(1, -1)
+        elif r["a"]:
             out[f"{name}.input_quant.scale"] = params.take(1)
             out[f"{name}.input_quant.zero_point"] = params.take(1)
     params.check_done()
@@ -677,10 +766,10 @@ def _expand(stored: dict, tensors: dict[str, Tensor], version: str = VERSION) ->
     out.update(tensors)
     manifest = {**header, "fold_pairs": pairs, "layer_order": [r["name"] for r in rows if r["role"] != "unused"],
                 "layers": {r["name"]: _spec(r, cfg) for r in rows}}
-    if "group_bits" in stored:
-        manifest["group_bits"] = _group_bits(stored["group_bits"], rows)
-    derived = [_row_spec(r, cfg, out, manifest.get("group_bits", {}), sparse) for r in rows]
-    if version == "3":
+    if group_bits:
+        manifest["group_bits"] = group_bits
+    derived = [_row_spec(r, cfg, out, group_bits, sparse) for r in rows]
+    if version in ("3", "4"):
         manifest[SPECS_KEY] = _stored_specs(stored, derived)
     else:
         manifest[SPECS_KEY] = {spec.name: spec for spec in derived}
@@ -694,16 +783,27 @@ def _expand(stored: dict, tensors: dict[str, Tensor], version: str = VERSION) ->
 def _row_spec(row: dict, cfg: QuantConfig, tensors: dict[str, Tensor], group_bits: dict[str, list[int]],
               sparse: list[str]) -> LayerSpec:
     """The ``LayerSpec`` a checked row, the config and the row's checked tensors describe (how files
-    before version 3 hold it, and what a version-3 record must equal)."""
+    before version 3 hold it, and what a stored record must equal). Multibit weights are signed
+    bases per output channel; their code book (and so the row's ``w_multibit``) says which they are."""
     name, kind = row["name"], LAYER_KINDS[row["kind"]]
     weight = inp = None
-    if row["w"]:
-        widths = group_bits.get(name)
+    widths = group_bits.get(name)
+    try:
+        if row["w"] and row["w_multibit"]:
+            weight = TensorSpec("multibit", row["w_bits"], True, True, False, "channel", row["shape"][kind.axis],
+                                row["groups"], kind.axis, tuple(widths) if widths else None,
+                                alphas=tensors[f"{name}.weight_quant.alphas"])
+        if row["a"] and row["a_multibit"]:
+            inp = TensorSpec("multibit", row["a_bits"], bool(row["a_signed"]),
+                             alphas=tensors[f"{name}.input_quant.alphas"])
+    except LowbitError as exc:
+        raise LowbitError(f"layer {name!r}: {exc}") from None
+    if row["w"] and not row["w_multibit"]:
         weight = TensorSpec("uniform", row["w_bits"], cfg.w_symmetric, cfg.w_symmetric, cfg.w_narrow, cfg.granularity,
                             row["shape"][kind.axis], row["groups"], kind.axis, tuple(widths) if widths else None,
                             tensors[f"{name}.weight_quant.scale"],
                             tensors.get(f"{name}.weight_quant.zero_point", torch.zeros(row["groups"])))
-    if row["a"]:
+    if row["a"] and not row["a_multibit"]:
         is_sparse = name in sparse
         inp = TensorSpec("sparse" if is_sparse else "uniform", row["a_bits"], bool(row["a_signed"]),
                          not is_sparse and bool(row["a_signed"]), False, scale=tensors[f"{name}.input_quant.scale"],
@@ -713,21 +813,9 @@ def _row_spec(row: dict, cfg: QuantConfig, tensors: dict[str, Tensor], group_bit
 
 
 def _stored_specs(stored: dict, derived: list[LayerSpec]) -> dict[str, LayerSpec]:
-    """A version-3 manifest's layer specs (code book table and per-row references), each checked to
-    equal its row's spec (``_row_spec``)."""
-    books = _required(stored, CODE_BOOKS_KEY)
-    if not isinstance(books, list) or not all(isinstance(b, list) and len(b) == len(CODE_BOOK_FIELDS) for b in books):
-        raise _damaged(CODE_BOOKS_KEY, f"it must be a list of code books, each a list of {list(CODE_BOOK_FIELDS)}, "
-                       f"got {_show(books)}")
-    flat = _required(stored, SPECS_KEY)
-    if not isinstance(flat, list) or len(flat) != 2 * len(derived) or not all(
-            i is None or (_is_int(i) and 0 <= i < len(books)) for i in flat):
-        raise _damaged(SPECS_KEY, f"it must hold two code book indices (or null) per row, weight then input, "
-                       f"got {_show(flat)}")
-    refs = [flat[i:i + 2] for i in range(0, len(flat), 2)]
-    unused = set(range(len(books))) - set(flat)
-    if unused:
-        raise _damaged(CODE_BOOKS_KEY, f"code book {min(unused)} is used by no layer")
+    """A version-3 or 4 manifest's layer specs (code book table and per-row references), each checked
+    to equal its row's spec (``_row_spec``)."""
+    books, refs = _code_book_refs(stored, len(derived))
     out = {}
     for row_refs, want in zip(refs, derived):
         parts = []
@@ -756,6 +844,30 @@ def _stored_specs(stored: dict, derived: list[LayerSpec]) -> dict[str, LayerSpec
     return out
 
 
+def _code_book_refs(stored: dict, count: int) -> tuple[list[list], list[list[int | None]]]:
+    """The manifest's code book table and, for each of ``count`` rows, its weight's and its input's
+    index into it (None: float), checked for structure (what the books hold is checked against the rows)."""
+    books = _required(stored, CODE_BOOKS_KEY)
+    if not isinstance(books, list) or not all(isinstance(b, list) and len(b) == len(CODE_BOOK_FIELDS) for b in books):
+        raise _damaged(CODE_BOOKS_KEY, f"it must be a list of code books, each a list of {list(CODE_BOOK_FIELDS)}, "
+                       f"got {_show(books)}")
+    flat = _required(stored, SPECS_KEY)
+    if not isinstance(flat, list) or len(flat) != 2 * count or not all(
+            i is None or (_is_int(i) and 0 <= i < len(books)) for i in flat):
+        raise _damaged(SPECS_KEY, f"it must hold two code book indices (or null) per row, weight then input, "
+                       f"got {_show(flat)}")
+    unused = set(range(len(books))) - set(flat)
+    if unused:
+        raise _damaged(CODE_BOOKS_KEY, f"code book {min(unused)} is used by no layer")
+    return books, [flat[i:i + 2] for i in range(0, len(flat), 2)]
+
+
+def _multibit_parts(stored: dict, count: int) -> list[tuple[bool, bool]]:
+    """For each row of a version-4 manifest: whether its weight and its input have a multibit code book."""
+    books, refs = _code_book_refs(stored, count)
+    return [(w is not None and books[w][0] == "multibit", a is not None and books[a][0] == "multibit") for w, a in refs]
+
+
 def _check_sparse(value: Any, rows: list[dict], tensors: dict[str, Tensor]) -> list[str]:
     """The manifest's sparse-input layers, each a quantized unsigned input with a valid threshold tensor."""
     if value is None:
@@ -765,7 +877,7 @@ def _check_sparse(value: Any, rows: list[dict], tensors: dict[str, Tensor]) -> l
     by_name = {r["name"]: r for r in rows}
     for name in value:
         row = by_name.get(name)
-        if row is None or not row["a"] or row["a_signed"]:
+        if row is None or not row["a"] or row["a_signed"] or row["a_multibit"]:
             raise LowbitError(f"{SPARSE_KEY}: {name!r} must name a layer with a quantized unsigned input")
         try:
             t = _tensor(tensors, f"{name}.input_quant.threshold", torch.float32, [1])
@@ -828,9 +940,12 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
 
     Whatever the file's version, the manifest comes back with one expanded row per layer under
     ``"layers"`` (kind, role, weight_shape, w_bits, w_qmin, num_groups, a_bits, ...), the layers'
-    ``quant.spec.LayerSpec`` by name under ``"specs"`` (stored in version 3, derived from the rows
+    ``quant.spec.LayerSpec`` by name under ``"specs"`` (stored since version 3, derived from the rows
     and the config before), and ``"fold_pairs"``, and the tensors by name: ``<layer>.weight.codes`` (packed uint8),
-    ``<layer>.weight_quant.scale`` / ``.zero_point``, ``<layer>.bias``, ``<layer>.input_quant.*``.
+    ``<layer>.weight_quant.scale`` / ``.zero_point``, ``<layer>.bias``, ``<layer>.input_quant.*``; a
+    multibit weight's ``<layer>.weight.planes`` (packed sign bits) and ``<layer>.weight_quant.alphas``
+    (channels x bases, zero-padded), a multibit input's ``<layer>.input_quant.alphas``. A
+    ``lowbit-multibit`` file comes back as the version-4 artifact of the same model.
     Only safetensors and JSON are parsed: nothing in the file is unpickled or run.
     """
     from safetensors import safe_open
@@ -846,12 +961,16 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:
         raise LowbitError(f"{path} is not a lowbit artifact (not a readable safetensors file: {exc})") from None
-    if meta.get("format") != FORMAT:
+    from . import legacy_multibit
+
+    legacy = meta.get("format") == legacy_multibit.FORMAT
+    if meta.get("format") != FORMAT and not legacy:
         raise LowbitError(f"{path} is not a lowbit artifact (format tag {_show(meta.get('format'))})")
     version = meta.get("version")
-    if version not in READABLE_VERSIONS:
-        raise LowbitError(f"{path}: artifact version {_show(version)} is not supported "
-                          f"(need one of {READABLE_VERSIONS})")
+    readable = (legacy_multibit.VERSION,) if legacy else READABLE_VERSIONS
+    if version not in readable:
+        raise LowbitError(f"{path}: {'multi-bit ' if legacy else ''}artifact version {_show(version)} is not "
+                          f"supported (need one of {readable})")
     try:
         try:
             manifest = json.loads(meta["manifest"])
@@ -860,7 +979,12 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
         if not isinstance(manifest, dict):
             raise LowbitError(f"the artifact's manifest is missing or damaged (a JSON object, got "
                               f"{_show(manifest)})")
-        manifest, tensors = _from_v1(manifest, tensors) if version == "1" else _expand(manifest, tensors, version)
+        if legacy:  # a DMBQ model written before version 4: the same numbers, rearranged
+            manifest, tensors = _expand(*legacy_multibit.as_version_4(manifest, tensors), "4")
+        elif version == "1":
+            manifest, tensors = _from_v1(manifest, tensors)
+        else:
+            manifest, tensors = _expand(manifest, tensors, version)
     except LowbitError as exc:
         raise LowbitError(f"{path}: {exc}") from None
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:  # a check missed it
@@ -869,14 +993,29 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
     return manifest, tensors
 
 
-def _disabled_quantizer_param(specs: dict[str, LayerSpec], key: str) -> bool:
-    """Whether ``key`` is the scale or zero point of a float weight or input (not stored: it plays no part)."""
-    owner, _, leaf = key.rpartition(".")
-    layer_name, _, quantizer = owner.rpartition(".")
-    spec = specs.get(layer_name)
-    if spec is None or leaf not in ("scale", "zero_point") or quantizer not in ("weight_quant", "input_quant"):
-        return False
-    return (spec.weight if quantizer == "weight_quant" else spec.input) is None
+def _unstored_quantizer_state(specs: dict[str, LayerSpec], key: str) -> bool:
+    """Whether ``key`` is quantizer state the artifact does not store: the scale or zero point of a
+    float weight or input (it plays no part), or any buffer of a multibit quantizer (built whole
+    from its spec by ``apply_layer_spec``)."""
+    for quantizer in ("weight_quant", "input_quant"):
+        layer_name, found, leaf = key.partition(f".{quantizer}.")
+        spec = specs.get(layer_name) if found else None
+        if spec is not None:
+            part = spec.weight if quantizer == "weight_quant" else spec.input
+            return (part is None and leaf in ("scale", "zero_point")) or (part is not None and part.kind == "multibit")
+    return False
+
+
+def _plane_codes(spec: TensorSpec, packed: Tensor, shape: torch.Size) -> Tensor:
+    """A multibit weight's level indices (int64, ``shape``) from its packed sign planes (``PLANES_KEY``)."""
+    n = math.prod(shape) // spec.num_groups
+    signs = unpack_codes(packed, 1, 0, sum(spec.widths) * n).to(torch.int64)
+    index = torch.zeros(spec.num_groups, n, dtype=torch.int64)
+    pos = 0
+    for c, b in enumerate(spec.widths):  # bit i of a level index is the state of base i
+        index[c] = (signs[pos:pos + b * n].view(b, n) << torch.arange(b).unsqueeze(1)).sum(0)
+        pos += b * n
+    return qspec.ungroup_rows(spec, index, shape)
 
 
 def _zoo_model(arch: dict | None) -> nn.Module:
@@ -962,8 +1101,11 @@ def _rebuild(manifest: dict, tensors: dict[str, Tensor], model: nn.Module | None
     state = {}
     for name, spec in manifest["layers"].items():
         layer, lspec = layers[name], specs[name]
-        kind = LAYER_KINDS[layer.kind]
-        groups = effective_groups(layer.weight.shape[kind.axis], cfg.granularity, cfg.groups)
+        kind, ws = LAYER_KINDS[layer.kind], lspec.weight
+        if ws is not None and ws.kind == "multibit":  # alphas per output channel, whatever the config says
+            groups = layer.weight.shape[kind.axis]
+        else:
+            groups = effective_groups(layer.weight.shape[kind.axis], cfg.granularity, cfg.groups)
         if list(layer.weight.shape) != spec["weight_shape"] or groups != spec["num_groups"]:
             raise LowbitError(f"layer {name!r}: shape or groups differ from the artifact's (weight "
                               f"{list(layer.weight.shape)} in {groups} groups in the model, "
@@ -973,8 +1115,12 @@ def _rebuild(manifest: dict, tensors: dict[str, Tensor], model: nn.Module | None
         if layer.bias is None and f"{name}.bias" in tensors:  # e.g. added by bias correction
             layer.bias = nn.Parameter(torch.zeros(out_channels(layer), device=layer.weight.device))
         apply_layer_spec(layer, lspec)  # the quantizers the spec describes (checked against the layer)
-        ws = lspec.weight
-        if ws is not None:
+        for key in ("weight_quant.alphas", "input_quant.alphas"):  # in the spec already
+            tensors.pop(f"{name}.{key}", None)
+        if ws is not None and ws.kind == "multibit":
+            codes = _plane_codes(ws, tensors.pop(f"{name}.weight.planes"), layer.weight.shape)
+            state[f"{name}.weight"] = qspec.dequantize(ws, codes).to(layer.weight.device)
+        elif ws is not None:
             qmin, qmax = (-1, 1) if ws.binary else qspec.qrange(ws)
             codes = unpack_codes(tensors.pop(f"{name}.weight.codes"), ws.bits, qmin, layer.weight.numel())
             if not ws.binary and codes.numel() and codes.max() > qmax:  # e.g. 2^b - 1 in a narrow signed range
@@ -996,7 +1142,7 @@ def _rebuild(manifest: dict, tensors: dict[str, Tensor], model: nn.Module | None
     state = OrderedDict(state)
     state._metadata = getattr(target, "_metadata", OrderedDict())  # type: ignore[attr-defined]
     missing, unexpected = qmodel.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not _disabled_quantizer_param(specs, k)]
+    missing = [k for k in missing if not _unstored_quantizer_state(specs, k)]
     if missing or unexpected:
         raise LowbitError(f"artifact does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     # the resolved widths: stored ones, else those the rows hold (older files followed the config's protocol)

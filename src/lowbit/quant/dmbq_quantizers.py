@@ -254,8 +254,11 @@ class DmbqWeight(nn.Module):
         if not self.frozen:
             raise LowbitError("its DMBQ quantizer is still training (finish the QAT run)")
         bits = self.bits
+        alphas = spec_tensor(self.alpha[:, :bits])
+        # a channel's alphas beyond its own bases (left from a width LBA took away) play no part: 0, as stored
+        alphas[torch.arange(bits) >= self.channel_bits.cpu().unsqueeze(1)] = 0
         return TensorSpec("multibit", bits, True, True, False, "channel", self.channels, self.channels, self.axis,
-                          tuple(int(b) for b in self.channel_bits.tolist()), alphas=spec_tensor(self.alpha[:, :bits]))
+                          tuple(int(b) for b in self.channel_bits.tolist()), alphas=alphas)
 
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, mean_bits={self.mean_bits:.3f}, pruned={self.pruned_channels}, "
