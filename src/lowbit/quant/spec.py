@@ -211,11 +211,11 @@ def _check(spec: TensorSpec) -> None:
         if (not isinstance(gb, tuple) or len(gb) != spec.num_groups
                 or not all(_is_int(b) and 0 <= b <= spec.bits for b in gb)):
             raise _bad("group_bits", f"{spec.num_groups} integers 0..{spec.bits}", gb)
+        if not multibit and max(gb) == 0:
+            raise _bad("group_bits", "widths with at least one unpruned group", gb)
         want = max(gb) if multibit else storage_bits(gb)
         if want != spec.bits:
             raise _bad("group_bits", f"widths whose storage width is bits ({spec.bits})", gb)
-        if not multibit and max(gb) == 0:
-            raise _bad("group_bits", "widths with at least one unpruned group", gb)
     g = spec.num_groups
     if multibit:
         if spec.bits == 0 and spec.group_bits is None:
