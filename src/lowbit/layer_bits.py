@@ -108,6 +108,9 @@ def _channel_bits(value: Any, pattern: str, owner: str) -> ChannelBits:
     return ChannelBits(tuple(int(b) for b in widths))
 
 
+_SEQUENCES = (list, tuple, torch.Tensor, np.ndarray)
+
+
 def _is_channel_value(value: Any) -> bool:
     """Whether a map value is per-channel widths (a tensor, an array, or a sequence of other than 2 items)."""
     if isinstance(value, (torch.Tensor, np.ndarray)):
@@ -118,7 +121,8 @@ def _is_channel_value(value: Any) -> bool:
 def _check_entry(pattern: str, value: Any, owner: str) -> Any:
     if _is_channel_value(value):
         return _channel_bits(value, pattern, owner)
-    if isinstance(value, (list, tuple)) and len(value) == 2 and _is_channel_value(value[0]):
+    if isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], _SEQUENCES):
+        # the pair (widths, a): here any sequence is per-channel widths, two of them included
         a = check_value({pattern: (4, value[1])}, dict[str, LayerBitsValue], "layer_bits", owner)[pattern][1]
         return (_channel_bits(value[0], pattern, owner), a)
     return check_value({pattern: value}, dict[str, LayerBitsValue], "layer_bits", owner)[pattern]
