@@ -72,7 +72,7 @@ def test_errors_are_one_line(setup, capsys, flags, message, monkeypatch) -> None
 @pytest.mark.parametrize("content,message", [
     ("[1, 2]", "expected a JSON object"),
     ("{bad", "not JSON"),
-    ('{"fc": [4]}', "option layer_bits must be"),
+    ('{"fc": [4]}', "layer 'fc' has 10 output channels, the per-channel widths give 1"),  # a per-channel list
     ('{"fc": "fp"}', "option layer_bits must be"),
 ])
 def test_bad_map_files(setup, capsys, content, message) -> None:  # noqa: F811
