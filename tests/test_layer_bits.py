@@ -386,3 +386,8 @@ def test_parse_cli_channel_entries() -> None:
     # JSON (--layer-bits-file): a list of other than two widths is per channel, [[...], a] the pair
     data = json.loads('{"a": [8, 8, 4, 0], "b": [[1, 0], null], "c": [4, 8]}')
     assert check_layer_bits(data) == {"a": ChannelBits((8, 8, 4, 0)), "b": (ChannelBits((1, 0)), None), "c": (4, 8)}
+
+
+def test_summary_counts_pruned_channels(channel_model) -> None:
+    pruned = sum(b == 0 for widths in CHANNEL_WIDTHS.values() for b in widths)
+    assert lowbit.summary(channel_model).totals["pruned_channels"] == pruned

@@ -17,7 +17,12 @@ quantizable layers to a value:
   that matches layers of different channel counts is an error naming the layer). The layer is
   stored at ``quant.spec.storage_bits`` of its widths (the widest; 2 when 1-bit channels sit
   beside pruned ones), each channel's codes inside its own range. Signed 1-bit channels are
-  binary (``{-1, +1}`` times the channel's scale), as a whole 1-bit layer is.
+  binary (``{-1, +1}`` times the channel's scale), as a whole 1-bit layer is. A pruned channel's
+  output is its bias alone (after BN folding, the folded bias ``beta - gamma * mean / std``: a
+  constant, not 0); with ``fold_bn=False`` the following BatchNorm still normalises that constant
+  (its output is ``beta + gamma * (bias - mean) / std``, also a constant), so pruning a channel
+  removes its weights, not the channel from the graph. Only ``lowbit.quantize`` (PTQ) honours
+  per-channel widths (``aciq-mix``, which allocates its own, refuses them, as ``lowbit.qat`` does).
 
 Patterns are applied in order over the defaults, so later patterns win. The defaults are the
 config's uniform widths plus the first/last-layer protocol (``first_last_bits``: first and last

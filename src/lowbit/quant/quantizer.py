@@ -103,6 +103,11 @@ class WeightQuantizer(nn.Module):
         mask = torch.tensor([b == 1 for b in self.group_bits], device=self.scale.device)
         return mask.repeat_interleave(self.channels // self.num_groups).view(self.channel_shape(ndim))
 
+    @property
+    def pruned_channels(self) -> int:
+        """Number of output channels (along ``axis``) whose width is 0 (``lowbit.summary`` counts them)."""
+        return self.group_bits.count(0) * (self.channels // self.num_groups) if self.group_bits else 0
+
     def pruned_mask(self) -> Tensor | None:
         """Which scale groups are pruned (width 0), a bool tensor of ``num_groups``; None when none are."""
         if not self.group_bits or 0 not in self.group_bits:
