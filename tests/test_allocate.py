@@ -180,3 +180,48 @@ def test_end_to_end_weights_and_activations_with_taylor():
     w = {n: (v[0] if isinstance(v, tuple) else v) for n, v in got.items()}
     params = {"conv1": 72, "conv2": 576, "conv3": 576, "fc": 40}
     assert average_bits(w, params) <= 3.0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_hull_greedy_feasible_and_within_its_gap(seed):
+    from lowbit.allocate import solve_hull
+
+    rng = random.Random(seed)
+    costs, values = random_instance(rng, 4, 3)
+    costs = [[0] + row for row in costs]  # a free "pruned" choice with a large value
+    values = [[20 + rng.random()] + row for row in values]
+    budget = rng.randint(sum(min(r) for r in costs), sum(max(r) for r in costs))
+    choice, gap = solve_hull(costs, values, budget)
+    assert total(costs, choice) <= budget
+    assert total(values, choice) <= brute_force(costs, values, budget) + gap + 1e-9
+    assert solve_hull([[5, 6]], [[1.0, 0.0]], 4) is None
+
+
+def test_channel_allocation_never_exceeds_budget_and_quantizes():
+    from tests.test_sensitivity import Fragile
+
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    report = lowbit.sensitivity(Fragile(), x, bits=(1, 2, 3, 4, 8), metric="taylor", per_channel=True)
+    assert report.granularity == "channel" and set(report.extra["channel_scores"]["conv2[0]"]) == {0, 1, 2, 3, 4, 8}
+    again = SensitivityReport.from_dict(report.to_dict())
+    assert again.extra["channel_scores"] == report.extra["channel_scores"]
+    params = {"conv1": 72, "conv2": 576, "conv3": 576, "fc": 40}
+    for budget in (1.5, 2.5, 3.0):
+        got = lowbit.allocate_bits(report=report, avg_w_bits=budget, granularity="channel",
+                                   candidates=(0, 1, 2, 3, 4, 8))
+        assert got["conv1"] == 8 and got["fc"] == 8  # the protocol's fixed ends
+        assert average_bits(got, params) <= budget
+        lists = [v for v in got.values() if isinstance(v, list)]
+        assert all(len(v) == 8 and max(v) > 0 for v in lists)  # every layer keeps a channel
+        if budget == 1.5:  # the fixed ends leave under 1 bit per weight of conv2 and conv3: channels are pruned
+            assert any(0 in v for v in lists)
+            with pytest.raises(lowbit.LowbitError, match="too small"):  # per layer it does not fit at all
+                lowbit.allocate_bits(report=report, avg_w_bits=budget, candidates=(1, 2, 3, 4, 8))
+    q = lowbit.quantize(Fragile(), x, w_bits=4, a_bits=8, layer_bits=got)
+    for n, v in got.items():
+        if isinstance(v, list):
+            assert lowbit.record_of(q).layer_bits[n].channel_bits == tuple(v)
+    with pytest.raises(lowbit.LowbitError, match="metric='taylor'"):
+        lowbit.allocate_bits(report=report, avg_w_bits=2.0, granularity="channel", metric="kl")
+    with pytest.raises(lowbit.LowbitError, match="per_channel=True scores weight channels"):
+        lowbit.sensitivity(Fragile(), x, bits=(2,), metric="kl", per_channel=True)

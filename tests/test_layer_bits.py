@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,8 +100,8 @@ def test_default_protocol_entry_overridden_in_a_model(fp) -> None:
     ({"nothing.*": 4}, r"pattern 'nothing\.\*' matches no quantizable layer \(layers: 'conv1', "),
     ({"fc": 0}, r"option layer_bits must be .*got 0"),
     ({"fc": 17}, r"option layer_bits must be"),
-    ({"fc": (4,)}, r"option layer_bits must be"),
-    ({"fc": (4, 4, 4)}, r"option layer_bits must be"),
+    ({"fc": (4,)}, r"layer 'fc' has 10 output channels, the per-channel widths give 1"),  # per channel
+    ({"fc": (4, 4, 4)}, r"layer 'fc' has 10 output channels, the per-channel widths give 3"),
     ({"fc": "4"}, r"option layer_bits must be"),
     ({"fc": True}, r"option layer_bits must be"),
     ({"fc": (None, 4)}, r"option layer_bits must be"),
@@ -252,3 +253,141 @@ def test_parse_cli_entry() -> None:
     for bad in ("fc", "=4", "fc=", "fc=x", "fc=4,8,8", "fc=0", "fc=fp,4", "fc=17"):
         with pytest.raises(LowbitError):
             parse_cli_entry(bad)
+
+
+# ------------------------------------------------------------------------------ per-channel widths
+# layers.0.0.conv1 has 4 output channels, layers.1.0.conv1 8, layers.2.0.conv2 16
+CHANNEL = {"layers.0.0.conv1": [4, 2, 0, 1], "layers.1.0.conv1": ([3, 3, 2, 8, 1, 1, 0, 4], 8),
+           "layers.2.0.conv2": torch.tensor([8, 0] * 8)}
+CHANNEL_WIDTHS = {"layers.0.0.conv1": (4, 2, 0, 1), "layers.1.0.conv1": (3, 3, 2, 8, 1, 1, 0, 4),
+                  "layers.2.0.conv2": (8, 0) * 8}
+
+
+def _check_channel_widths(q, fp_weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Every per-channel layer: recorded widths, pruned channels exactly 0, binary ones +-scale, others on
+    their own grid, codes inside each channel's range."""
+    layers = dict(quant_layers(q))
+    record = lowbit.record_of(q).layer_bits
+    for name, widths in CHANNEL_WIDTHS.items():
+        layer, wq = layers[name], layers[name].weight_quant
+        assert record[name].channel_bits == widths and wq.group_bits == widths, name
+        assert record[name].w_bits == wq.bits == max(widths) and wq.num_groups == wq.channels
+        w = wq(layer.weight.detach())
+        codes = wq.quantize(layer.weight.detach()).int_value
+        lo, hi = wq.group_qranges()
+        for c, b in enumerate(widths):
+            assert lo[c] <= codes[c].min() and codes[c].max() <= hi[c], (name, c, b)  # the channel's own range
+            if b == 0:
+                assert torch.equal(w[c], torch.zeros_like(w[c])) and torch.equal(codes[c], torch.zeros_like(codes[c]))
+            elif b == 1 and wq.signed:  # binary, as a 1-bit layer
+                assert set(w[c].flatten().tolist()) <= {wq.scale[c].item(), -wq.scale[c].item()}, (name, c)
+            else:
+                assert hi[c] - lo[c] == 2 ** b - 1 - (wq.signed and wq.narrow)
+                assert len(w[c].unique()) <= 2 ** b, (name, c, b)
+
+
+@pytest.fixture(scope="module")
+def channel_model(fp):
+    return lowbit.quantize(fp, calib_tensor(16), w_bits=4, a_bits=4, layer_bits={**MIXED, **CHANNEL})
+
+
+def test_channel_widths_resolve_and_record(channel_model) -> None:
+    _check_channel_widths(channel_model)
+    info = channel_model.lowbit_info["layer_bits"]
+    assert info["layers.0.0.conv1"] == {"w_bits": 4, "a_bits": 4, "enabled": True, "channel_bits": [4, 2, 0, 1]}
+    assert info["layers.1.0.conv1"]["a_bits"] == 8  # the pair's input width
+    assert "channel_bits" not in info["layers.0.0.conv2"]  # per-layer entries keep their form
+    from lowbit.layer_bits import from_record
+
+    assert from_record(json.loads(json.dumps(info))) == lowbit.record_of(channel_model).layer_bits
+    # a later per-layer entry replaces per-channel widths; a per-channel one keeps the input width
+    names, order = ["a", "b"], ["a", "b"]
+    got = resolve_layer_bits(names, order, 4, 4, None, True, {"*": [2, 0, 1], "b": 3}, {"a": 3, "b": 3})
+    assert got == {"a": LayerBits(2, 4, (2, 0, 1)), "b": LayerBits(3, 4)}
+    got = resolve_layer_bits(names, order, 4, 4, None, True, {"a": (6, 8), "*": [1, 0, 1]}, {"a": 3, "b": 3})
+    assert got["a"] == LayerBits(2, 8, (1, 0, 1))  # 1-bit beside pruned channels: stored at 2 bits
+
+
+@pytest.mark.parametrize("layer_bits, match", [
+    ({"layers.0.0.conv1": [4, 4, 4]}, r"layer 'layers\.0\.0\.conv1' has 4 output channels, the per-channel widths "
+                                      r"give 3"),
+    ({"layers.*.0.conv1": [4, 4, 4, 4]}, r"layer 'layers\.1\.0\.conv1' has 8 .* matches layers of \[4, 8, 16\]"),
+    ({"fc": [4] * 9 + [17]}, r"integers from 0 to 16 .* got 17"),
+    ({"fc": [4] * 9 + [True]}, r"integers from 0 to 16"),
+    ({"fc": [0] * 10}, r"every channel is pruned"),
+    ({"fc": torch.ones(10)}, r"1-D of an integer dtype"),
+    ({"fc": torch.ones(2, 5, dtype=torch.int64)}, r"1-D of an integer dtype"),
+    ({"fc": ([4] * 10, 0)}, r"option layer_bits must be"),
+])
+def test_bad_channel_widths_are_errors(fp, layer_bits, match) -> None:
+    with pytest.raises(LowbitError, match=match):
+        lowbit.quantize(fp, calib_tensor(4), layer_bits=layer_bits)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_honours_a_channel_map(fp, method) -> None:
+    q = lowbit.quantize(fp, calib_tensor(16), w_bits=4, a_bits=4, method=method, layer_bits=CHANNEL, **METHODS[method])
+    _check_channel_widths(q)
+
+
+def test_methods_that_cannot_honour_channel_widths_say_so(fp) -> None:
+    with pytest.raises(LowbitError, match="aciq-mix allocates every layer's per-channel widths itself"):
+        lowbit.quantize(fp, calib_tensor(8), method="aciq-mix", layer_bits=CHANNEL)
+    x, y = calib_tensor(8), torch.arange(8) % 10
+    with pytest.raises(LowbitError, match="QAT method 'lsq' cannot honour per-channel weight widths"):
+        lowbit.qat(fp, (x, y), method="lsq", epochs=1, log=lambda s: None, layer_bits=CHANNEL)
+
+
+@pytest.mark.parametrize("granularity", ["channel", "tensor"])
+def test_channel_widths_artifact_round_trip(fp, channel_model, granularity, tmp_path) -> None:
+    q = channel_model if granularity == "channel" else lowbit.quantize(
+        fp, calib_tensor(16), w_bits=4, a_bits=4, layer_bits=CHANNEL, granularity="tensor")
+    loaded = lowbit.load(lowbit.export(q, tmp_path / "m.lowbit"), model=fp)
+    images = calib_tensor(16, seed=5)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), q(images))
+    assert lowbit.record_of(loaded).layer_bits == lowbit.record_of(q).layer_bits
+    _check_channel_widths(loaded)
+    again = lowbit.load(lowbit.export(loaded, tmp_path / "again.lowbit"), model=fp)
+    assert lowbit.record_of(again).layer_bits == lowbit.record_of(q).layer_bits
+
+
+def test_channel_widths_onnx_parity_and_pruned_codes(channel_model, tmp_path) -> None:
+    from tests.deploy.test_onnx import assert_matches_simulation, dq_codes
+
+    path = lowbit.export(channel_model, tmp_path / "m.onnx", input_shape=(1, IMAGE_SIZE, IMAGE_SIZE))
+    assert_matches_simulation(channel_model, path, calib_tensor(64, seed=3))
+    import onnx
+
+    stored = dq_codes(onnx.load(str(path)))
+    for name, widths in CHANNEL_WIDTHS.items():
+        _, codes = stored[name]
+        for c, b in enumerate(widths):
+            limit = 0 if b == 0 else 1 if b == 1 else 2 ** (b - 1) - 1
+            assert np.abs(codes[c]).max() <= limit, (name, c)
+        assert all(not codes[c].any() for c, b in enumerate(widths) if b == 0)
+
+
+def test_channel_widths_integer_path(channel_model) -> None:
+    res = integer_agreement(channel_model, calib_tensor(32, seed=7), integer_model(channel_model, bias_frac_bits=16))
+    assert res["argmax_agreement"] == 100.0, res
+    assert res["code_agreement"] >= 99.8, res
+
+
+def test_parse_cli_channel_entries() -> None:
+    from lowbit.layer_bits import ChannelBits, check_layer_bits
+
+    assert parse_cli_entry("conv1=[8,8,4,0]") == ("conv1", ChannelBits((8, 8, 4, 0)))
+    assert parse_cli_entry("conv1=[1, 0],8") == ("conv1", (ChannelBits((1, 0)), 8))
+    assert parse_cli_entry("conv1=[4,0,2],fp") == ("conv1", (ChannelBits((4, 0, 2)), None))
+    for bad in ("c=[4,x]", "c=[4,17]", "c=[0,0]", "c=[4,4", "c=[4,4]x", "c=[4,4],0"):
+        with pytest.raises(LowbitError):
+            parse_cli_entry(bad)
+    # JSON (--layer-bits-file): a list of other than two widths is per channel, [[...], a] the pair
+    data = json.loads('{"a": [8, 8, 4, 0], "b": [[1, 0], null], "c": [4, 8]}')
+    assert check_layer_bits(data) == {"a": ChannelBits((8, 8, 4, 0)), "b": (ChannelBits((1, 0)), None), "c": (4, 8)}
+
+
+def test_summary_counts_pruned_channels(channel_model) -> None:
+    pruned = sum(b == 0 for widths in CHANNEL_WIDTHS.values() for b in widths)
+    assert lowbit.summary(channel_model).totals["pruned_channels"] == pruned

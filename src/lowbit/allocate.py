@@ -19,6 +19,17 @@ Solvers:
 - ``"greedy"``: marginal-gain ascent (start every layer at its narrowest width, repeatedly apply
   the upgrade with the largest sensitivity decrease per unit of cost that still fits). No
   optimality guarantee; the tests compare it with the DP.
+
+Per channel (``granularity="channel"``) every output channel of every free layer is an item, with
+the Taylor scores of ``sensitivity(per_channel=True)`` as values and 0 (pruning) among the
+choices. Thousands of items make the DP's discretisation gap (``L * u``) useless, so channels are
+solved by the convex-hull greedy of the multiple-choice knapsack (``solve_hull``): each item keeps
+the lower convex hull of its (cost, value) points, all hull steps are applied in order of falling
+value per cost while they fit. Its total is at most the LP relaxation's optimum plus the value
+gain of the first step that did not fit (the stated gap; returned by ``solve_hull``). Every layer
+keeps at least one channel unpruned (its most sensitive one at 0 bits cannot choose 0), and a
+layer of two channels is one item (both at one width: a two-element list would read as a
+``(w, a)`` pair).
 """
 from __future__ import annotations
 
@@ -149,11 +160,112 @@ def weight_cost(report: SensitivityReport, name: str, bits: int, size: bool) -> 
     return p * bits
 
 
+def _mean_width(value: Any) -> float:
+    """A map value's weight width averaged over its channels (pairs count their weight part)."""
+    w = value[0] if isinstance(value, tuple) else value
+    if isinstance(w, (list, tuple)):
+        return sum(w) / len(w)
+    return float(w)
+
+
 def average_bits(layer_bits: dict[str, Any], params: dict[str, int]) -> float:
-    """Parameter-weighted average weight bits of a map (pairs count their weight width)."""
+    """Parameter-weighted average weight bits of a map (pairs count their weight width, per-channel
+    lists their mean: every channel of a layer holds as many weights)."""
     total = sum(params[n] for n in layer_bits)
-    bits = sum(params[n] * (v[0] if isinstance(v, tuple) else v) for n, v in layer_bits.items())
+    bits = sum(params[n] * _mean_width(v) for n, v in layer_bits.items())
     return bits / total
+
+
+def solve_hull(costs: Sequence[Sequence[int]], values: Sequence[Sequence[float]],
+               budget: int) -> tuple[list[int], float] | None:
+    """Multiple-choice knapsack by the convex-hull greedy (see the module docstring).
+
+    Returns:
+        ``(choice, gap)``: the chosen index per item and the stated optimality gap (the value
+        gain of the first hull step that did not fit, 0 when none was refused); None when the
+        cheapest choices do not fit.
+    """
+    steps: list[tuple[float, int, int, int]] = []  # (-gain per cost, item, from, to)
+    choice = []
+    for i, (crow, vrow) in enumerate(zip(costs, values)):
+        pts = sorted(range(len(crow)), key=lambda j: (crow[j], vrow[j]))
+        hull = [pts[0]]
+        for j in pts[1:]:
+            if vrow[j] >= vrow[hull[-1]] or crow[j] == crow[hull[-1]]:
+                continue  # costs more, gains nothing
+            while len(hull) >= 2:
+                a, b = hull[-2], hull[-1]
+                # b is above the segment a -> j: not on the lower hull
+                if (vrow[b] - vrow[a]) * (crow[j] - crow[a]) >= (vrow[j] - vrow[a]) * (crow[b] - crow[a]):
+                    hull.pop()
+                else:
+                    break
+            hull.append(j)
+        choice.append(hull[0])
+        for a, b in zip(hull, hull[1:]):
+            steps.append((-(vrow[a] - vrow[b]) / (crow[b] - crow[a]), i, a, b))
+    spent = sum(costs[i][j] for i, j in enumerate(choice))
+    if spent > budget:
+        return None
+    steps.sort(key=lambda t: (t[0], t[1]))
+    gap = 0.0
+    blocked: set[int] = set()
+    for _, i, a, b in steps:
+        if i in blocked or choice[i] != a:
+            continue
+        dc = costs[i][b] - costs[i][a]
+        if spent + dc > budget:
+            if not gap:
+                gap = values[i][a] - values[i][b]
+            blocked.add(i)  # its later steps build on this one
+            continue
+        spent += dc
+        choice[i] = b
+    return choice, gap
+
+
+def _allocate_channels(report: SensitivityReport, widths: tuple[int, ...], budget: int,
+                       fixed: dict[str, int]) -> dict[str, Any]:
+    """Per-channel widths of every free layer (ints where a layer's channels agree) under ``budget``
+    weight bits, ``fixed`` layers paying for their width."""
+    scores = report.extra.get("channel_scores")
+    if report.granularity != "channel" or not scores:
+        raise LowbitError("granularity='channel' needs a per-channel sensitivity report "
+                          "(lowbit.sensitivity(..., metric='taylor', per_channel=True))")
+    choices = [b for b in widths if b == 0 or b in report.bits]
+    if not [b for b in choices if b > 0]:
+        raise LowbitError(f"the sensitivity report measured {list(report.bits)} bits, none of the "
+                          f"candidates {list(widths)}")
+    free = [n for n in report.order if n in report.scores and n not in fixed]
+    remaining = budget - sum(report.params[n] * b for n, b in fixed.items())
+    items: list[tuple[str, list[int], list[int]]] = []  # (layer, its channels in this item, allowed widths)
+    costs, values = [], []
+    for n in free:
+        c_count, per = report.out_channels[n], report.params[n] // report.out_channels[n]
+        rows = [scores[f"{n}[{c}]"] for c in range(c_count)]
+        keep = max(range(c_count), key=lambda c: (rows[c].get(0, 0.0), -c))  # never pruned: the layer stays
+        groups = [list(range(c_count))] if c_count == 2 else [[c] for c in range(c_count)]
+        for chans in groups:
+            allowed = [b for b in choices if b > 0 or keep not in chans]
+            items.append((n, chans, allowed))
+            costs.append([per * len(chans) * b for b in allowed])
+            values.append([sum(rows[c][b] for c in chans) for b in allowed])
+    solved = solve_hull(costs, values, remaining)
+    if solved is None:
+        raise LowbitError("weights: the budget is too small: the narrowest candidates for every channel"
+                          f"{' and the fixed first/last layers' if fixed else ''} already exceed it")
+    choice, _gap = solved
+    chosen: dict[str, list[int]] = {n: [0] * report.out_channels[n] for n in free}
+    for (n, chans, allowed), j in zip(items, choice):
+        for c in chans:
+            chosen[n][c] = allowed[j]
+    out: dict[str, Any] = dict(fixed)
+    for n, ws in chosen.items():
+        out[n] = ws[0] if len(set(ws)) == 1 else ws
+    spent = sum(report.params[n] // report.out_channels[n] * sum(v if isinstance(v, list) else [v] * report.out_channels[n])
+                for n, v in out.items())
+    assert spent <= budget, (spent, budget)
+    return {n: out[n] for n in report.order if n in out}
 
 
 def _allocate(report: SensitivityReport, widths: tuple[int, ...], budget: int,
@@ -184,10 +296,11 @@ def _allocate(report: SensitivityReport, widths: tuple[int, ...], budget: int,
 
 def allocate_bits(model: nn.Module | None = None, calib: Tensor | Iterable | None = None, avg_w_bits: float | None = DEFAULT_AVG_W_BITS,
                   avg_a_bits: float | None = None, granularity: str = "layer",
-                  candidates: Iterable[int] = (0, 1, 2, 3, 4, 8), metric: str = "kl", size_mb: float | None = None,
+                  candidates: Iterable[int] = (0, 1, 2, 3, 4, 8), metric: str | None = None,
+                  size_mb: float | None = None,
                   report: SensitivityReport | None = None, a_report: SensitivityReport | None = None,
                   first_last_bits: int | None = 8, solver: str = "dp", resolution: int = DEFAULT_RESOLUTION,
-                  **sensitivity_options: Any) -> dict[str, int | tuple[int, int]]:
+                  **sensitivity_options: Any) -> dict[str, Any]:
     """A per-layer bit-width map under a budget, usable as ``layer_bits=``.
 
     Args:
@@ -197,10 +310,15 @@ def allocate_bits(model: nn.Module | None = None, calib: Tensor | Iterable | Non
             layers (the first and last layer included at their fixed width).
         avg_a_bits: also allocate input widths, under this average weighted by each layer's input
             elements per image; the map's values become ``(w_bits, a_bits)`` pairs.
-        granularity: "layer" ("channel" is planned). At layer granularity 0 is dropped from the
-            candidates: 0 bits would prune a whole layer.
+        granularity: "layer", or "channel": every output channel of a free layer gets its own
+            width from the candidates, 0 pruning it (the map's values are then per-channel lists
+            where a layer's channels differ; see the module docstring for the solver and its
+            gap). At layer granularity 0 is dropped from the candidates: 0 bits would prune a
+            whole layer. "channel" budgets average weight bits only (not ``size_mb`` nor
+            ``avg_a_bits``) and needs the Taylor metric.
         candidates: widths to choose from.
-        metric: the sensitivity metric, "kl" or "taylor" (LBA's score).
+        metric: the sensitivity metric, "kl" or "taylor" (LBA's score); default "kl" per layer,
+            "taylor" per channel (the only metric with per-channel scores).
         size_mb: budget in MB (2^20 bytes) of the quantizable layers' weights at their widths
             plus one float32 scale per output channel, instead of ``avg_w_bits``; biases and
             other float tensors are not counted.
@@ -216,14 +334,22 @@ def allocate_bits(model: nn.Module | None = None, calib: Tensor | Iterable | Non
 
     Returns:
         {exact layer name: w_bits}, or {name: (w_bits, a_bits)} with ``avg_a_bits`` (a layer
-        whose input is not quantized, by default the first, keeps an int); the true budget
-        measure of the map never exceeds the budget.
+        whose input is not quantized, by default the first, keeps an int); per channel
+        {name: w_bits or [w_0, w_1, ...]} (a list where a layer's channels differ); the true
+        budget measure of the map never exceeds the budget.
     """
     granularity = check_value(granularity, str, "granularity", "lowbit.allocate_bits")
-    if granularity == "channel":
-        raise LowbitError("granularity='channel' is not implemented yet: allocate per 'layer'")
-    if granularity != "layer":
+    if granularity not in ("layer", "channel"):
         raise LowbitError(f"granularity must be 'layer' or 'channel', got {granularity!r}")
+    per_channel = granularity == "channel"
+    if metric is None:
+        metric = "taylor" if per_channel else "kl"
+    if per_channel and metric != "taylor":
+        raise LowbitError(f"granularity='channel' scores channels by the Taylor score: use metric='taylor', "
+                          f"got {metric!r}")
+    if per_channel and (size_mb is not None or avg_a_bits is not None):
+        raise LowbitError("granularity='channel' allocates weight widths under avg_w_bits only (no size_mb, "
+                          "no avg_a_bits)")
     solver = check_value(solver, str, "solver", "lowbit.allocate_bits")
     if solver not in SOLVERS:
         raise LowbitError(f"solver must be one of {SOLVERS}, got {solver!r}")
@@ -253,7 +379,9 @@ def allocate_bits(model: nn.Module | None = None, calib: Tensor | Iterable | Non
             return given
         if model is None or calib is None:
             raise LowbitError("allocate_bits needs model and calib, or a precomputed report=")
-        return sensitivity(model, calib, bits=measure, target=target, metric=metric, **sensitivity_options)
+        extra = {"per_channel": True} if per_channel and target == "weights" else {}
+        return sensitivity(model, calib, bits=tuple(b for b in measure if b > 0), target=target, metric=metric,
+                           **extra, **sensitivity_options)
 
     w_report = measured(report, "weights")
     names = [n for n in w_report.order if n in w_report.scores]
@@ -263,6 +391,8 @@ def allocate_bits(model: nn.Module | None = None, calib: Tensor | Iterable | Non
         budget = math.floor(Fraction(size_mb) * MB)
     else:
         budget = math.floor(Fraction(avg_w_bits) * sum(w_report.params[n] for n in names))
+    if per_channel:
+        return _allocate_channels(w_report, widths, budget, {n: first_last_bits for n in ends})
     w_map = _allocate(w_report, widths, budget, {n: first_last_bits for n in ends}, solver,
                       resolution, lambda n, b: weight_cost(w_report, n, b, size), "weights")
     if avg_a_bits is None:

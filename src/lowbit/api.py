@@ -42,9 +42,10 @@ def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = DEFAULT_B
         method: a name from ``lowbit.methods()``.
         **options: ``QuantConfig`` fields (granularity, groups, calib_size, device, ...),
             ``quantize_all=True`` (no 8-bit first/last layers, quantized input),
-            ``layer_bits={pattern: bits | (w_bits, a_bits) | None}`` (per-layer widths over glob
-            patterns of layer names, later patterns win, None keeps a layer in float; see
-            ``lowbit.layer_bits``), ``config=``
+            ``layer_bits={pattern: bits | (w_bits, a_bits) | None | [w0, w1, ...]}`` (per-layer widths
+            over glob patterns of layer names, later patterns win, None keeps a layer in float, a
+            per-channel sequence or 1-D int tensor gives each output channel its weight width, 0
+            pruning it, and forces per-channel scales for that layer; see ``lowbit.layer_bits``), ``config=``
             a QuantConfig, ``input_key=`` (the input's key in dict batches), and the method's own
             options. A method option named like a QuantConfig field wins (``batch_size`` of
             brecq/qdrop/distill: images per step); set the config's through ``config=``.

@@ -473,8 +473,10 @@ def _method_options(args: argparse.Namespace, flags: dict[str, str | None]) -> d
 def _layer_bits(args: argparse.Namespace) -> dict[str, Any]:
     """``{"layer_bits": map}`` from ``--layer-bits-file`` then ``--layer-bits`` (later entries win), or ``{}``.
 
-    The file is a JSON object ``{pattern: bits | null | [w_bits, a_bits or null]}``; a flag is
-    ``PATTERN=BITS``, ``PATTERN=fp`` or ``PATTERN=W,A`` (A an int or fp).
+    The file is a JSON object ``{pattern: bits | null | [w_bits, a_bits or null] | [w0, w1, ...] |
+    [[w0, w1, ...], a_bits or null]}`` (a list of other than two widths: per-channel weight widths, 0
+    pruning a channel); a flag is ``PATTERN=BITS``, ``PATTERN=fp``, ``PATTERN=W,A`` (A an int or fp)
+    or ``PATTERN=[W0,W1,...]`` (optionally ``,A``).
     """
     from .layer_bits import check_layer_bits, parse_cli_entry
 
@@ -1050,9 +1052,11 @@ def _quant_args(p: argparse.ArgumentParser, out_required: bool = False, model_re
     p.add_argument("--no-fold", action="store_true", help="keep BatchNorm unfolded")
     p.add_argument("--layer-bits", action="append", metavar="PATTERN=BITS",
                    help="per-layer widths over glob patterns of layer names (repeatable, later wins): "
-                        "'layers.0.*=8', 'fc=fp' (keep in float), 'conv1=4,8' (weights 4, input 8; 'W,fp': float input)")
+                        "'layers.0.*=8', 'fc=fp' (keep in float), 'conv1=4,8' (weights 4, input 8; 'W,fp': float input), "
+                        "'conv1=[8,8,4,0]' (per-channel weight widths, 0 prunes the channel; ',A' sets the input)")
     p.add_argument("--layer-bits-file", type=existing_file, metavar="MAP.json",
-                   help="JSON object {pattern: bits | null | [w_bits, a_bits]}, applied before --layer-bits")
+                   help="JSON object {pattern: bits | null | [w_bits, a_bits] | [w0, w1, ...] (per-channel widths, 0 prunes "
+                        "a channel) | [[w0, ...], a_bits]}, applied before --layer-bits")
     p.add_argument("--option", action="append", type=parse_option, metavar="NAME=VALUE",
                    help="method option or QuantConfig field without its own flag (repeatable), e.g. --option p_act=2.4")
     p.add_argument("--out", type=output_file, required=out_required,

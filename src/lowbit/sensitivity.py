@@ -24,8 +24,13 @@ are computed once and cached:
 A Hessian-trace score (HAWQ) is not offered: see the README section "Sensitivity and bit
 allocation" for why.
 
-The unit of measurement is a layer; ``SensitivityReport`` keys its scores by unit name, so a
-per-channel granularity can add units named ``"layer[channel]"`` without changing the report.
+The unit of measurement is a layer; ``SensitivityReport`` keys its scores by unit name. Per channel
+(``per_channel=True``, weights, metric "taylor"), the same passes also give every output channel's
+share of the first-order score, ``|(w_c - w_hat_c)^T g_c|`` (the terms of one channel's weights),
+in ``extra["channel_scores"]`` under units named ``"layer[c]"``, plus a pruning score at 0 bits,
+``|w_c^T g_c|`` with ``g`` taken at the narrowest width measured (the first-order cost of setting
+the channel to 0 near the low-bit point; no extra pass). ``lowbit.allocate_bits(granularity=
+"channel")`` allocates from them.
 """
 from __future__ import annotations
 
@@ -78,7 +83,8 @@ class SensitivityReport:
         skipped: unit name -> why it has no scores (e.g. the first layer's input is not
             quantized by default, so it has no activation sensitivity).
         seconds: wall time of the measurement.
-        granularity: "layer" (per-channel units are for a later version).
+        granularity: "layer", or "channel" when ``extra["channel_scores"]`` holds per-channel units
+            ``"layer[c]"`` (``sensitivity(per_channel=True)``).
     """
 
     metric: str
@@ -195,11 +201,14 @@ class _Probe(nn.Module):
     end, over all calibration batches, as the score of the whole data set).
     """
 
-    def __init__(self, quantizer: nn.Module, track: bool) -> None:
+    def __init__(self, quantizer: nn.Module, track: bool, axis: int | None = None) -> None:
         super().__init__()
         self.quantizer = quantizer
         self.track = track
         self.acc = 0.0
+        self.axis = axis  # per-channel sums along this axis too (weights): acc_c, and zero_c for x_hat = 0
+        self.acc_c: Tensor | None = None
+        self.zero_c: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         x_hat = self.quantizer(x)
@@ -208,8 +217,16 @@ class _Probe(nn.Module):
         leaf = x_hat.detach().requires_grad_(True)
         delta = (x.detach() - leaf.detach()).double()
 
+        x_fp = x.detach().double() if self.axis is not None else None
+
         def hook(g: Tensor) -> None:
-            self.acc += float((delta * g.double()).sum())
+            terms = delta * g.double()
+            self.acc += float(terms.sum())
+            if self.axis is not None:
+                per = terms.movedim(self.axis, 0).flatten(1).sum(1).cpu()
+                zero = (x_fp * g.double()).movedim(self.axis, 0).flatten(1).sum(1).cpu()
+                self.acc_c = per if self.acc_c is None else self.acc_c + per
+                self.zero_c = zero if self.zero_c is None else self.zero_c + zero
 
         leaf.register_hook(hook)
         return leaf
@@ -228,7 +245,8 @@ def _range_fn(name: str, what: str):
 
 def sensitivity(model: nn.Module, calib: Tensor | Iterable, bits: Iterable[int] = (2, 3, 4, 8),
                 target: Target = "weights", metric: Metric = "kl", w_range: str = "mse", a_range: str = "mse",
-                progress: bool | None = None, **quantize_options: Any) -> SensitivityReport:
+                progress: bool | None = None, per_channel: bool = False,
+                **quantize_options: Any) -> SensitivityReport:
     """Measure, per layer and width, the cost of quantizing that layer alone.
 
     Args:
@@ -240,6 +258,8 @@ def sensitivity(model: nn.Module, calib: Tensor | Iterable, bits: Iterable[int] 
         w_range: weight clipping range per layer: "mse" (Lp=2 search) or "minmax".
         a_range: activation clipping range: "mse" (Lp=2.4 search, as the mse method) or "minmax".
         progress: progress bar (default: the config's ``progress``).
+        per_channel: also score every output channel (``extra["channel_scores"]``, units
+            ``"layer[c]"``, widths measured and 0); needs target "weights" and metric "taylor".
         **quantize_options: QuantConfig fields as in ``lowbit.quantize`` (granularity, groups,
             calib_size, batch_size, seed, device, fold_bn, equalize, quantize_input,
             w_symmetric, ...) and ``input_key``. ``first_last_bits`` does not apply: every
@@ -253,6 +273,10 @@ def sensitivity(model: nn.Module, calib: Tensor | Iterable, bits: Iterable[int] 
     metric = check_value(metric, Literal["kl", "taylor"], "metric", "lowbit.sensitivity")
     w_fn, a_fn = _range_fn(w_range, "w_range"), _range_fn(a_range, "a_range")
     widths = _check_widths(bits)
+    per_channel = check_value(per_channel, bool, "per_channel", "lowbit.sensitivity")
+    if per_channel and (target != "weights" or metric != "taylor"):
+        raise LowbitError("per_channel=True scores weight channels by the Taylor score: it needs target='weights' "
+                          f"and metric='taylor' (got target={target!r}, metric={metric!r})")
     options = dict(quantize_options)
     input_key = check_value(options.pop("input_key", None), str | None, "input_key", "lowbit.sensitivity")
     options.pop("first_last_bits", None)
@@ -310,6 +334,7 @@ def sensitivity(model: nn.Module, calib: Tensor | Iterable, bits: Iterable[int] 
     kl_table: dict[str, dict[int, float]] = {}
     agree_table: dict[str, dict[int, float]] = {}
     lba_table: dict[str, dict[int, float]] = {}
+    channel_table: dict[str, dict[int, float]] = {}
     steps = [(n, b) for n in units for b in widths]
     for name, b in progress_bar(steps, desc=f"sensitivity ({metric})", enable=show):
         layer = layers[name]
@@ -328,7 +353,7 @@ def sensitivity(model: nn.Module, calib: Tensor | Iterable, bits: Iterable[int] 
         probes: list[_Probe] = []
         if metric == "taylor":
             if quant_w:
-                layer.weight_quant = _Probe(wq, True)
+                layer.weight_quant = _Probe(wq, True, wq.axis if per_channel else None)
                 probes.append(layer.weight_quant)
             if quant_a:
                 layer.input_quant = _Probe(aq, True)
@@ -357,17 +382,26 @@ def sensitivity(model: nn.Module, calib: Tensor | Iterable, bits: Iterable[int] 
                 per_element += abs(p.acc) / n
             scores.setdefault(name, {})[b] = total
             lba_table.setdefault(name, {})[b] = per_element
+            if per_channel:
+                probe = probes[0]
+                for c in range(len(probe.acc_c)):
+                    row = channel_table.setdefault(f"{name}[{c}]", {})
+                    row[b] = abs(float(probe.acc_c[c]))
+                    if b == widths[0]:  # pruning, scored at the narrowest width's point
+                        row[0] = abs(float(probe.zero_c[c]))
     if metric == "kl":
         scores = kl_table
         extra = {"top1_agreement": agree_table}
     else:
         extra = {"kl": kl_table, "top1_agreement": agree_table, "taylor_per_element": lba_table}
+        if per_channel:
+            extra["channel_scores"] = {u: dict(sorted(row.items())) for u, row in channel_table.items()}
     params = {n: int(layers[n].weight.numel()) for n in order}
     out_ch = {n: int(layers[n].weight_quant.channels) for n in order}
     return SensitivityReport(metric=metric, target=target, bits=widths, scores=scores, params=params,
                              out_channels=out_ch, input_elements={n: in_elems.get(n, 0) for n in order},
                              order=order, extra=extra, skipped=skipped, seconds=time.perf_counter() - start,
-                             images=len(x))
+                             images=len(x), granularity="channel" if per_channel else "layer")
 
 
 def _sample(t: Tensor, seed: int, limit: int = 65536) -> Tensor:

@@ -166,7 +166,8 @@ MULTIBIT = 1  # the row of the first DMBQ layer (layers.0.0.conv1, channel 0 pru
     (lambda m, t: m["group_bits"].update({"layers.0.0.conv1": [0, 2, 2]}), r"group_bits\['layers.0.0.conv1'\]"),
     (lambda m, t: m["group_bits"].pop("layers.0.0.conv1"), "planes blob is too short"),  # read as 2 bases each
     (lambda m, t: m[CODE_BOOKS_KEY].__setitem__(m[SPECS_KEY][2 * MULTIBIT], ["uniform", 2, 1, 1, 0, "channel"]),
-     r"group_bits\['layers.0.0.conv1'\] must be a list of 4 integers from 2 to 2"),  # a uniform layer's widths
+     # [0, 2, 2, 2] are valid uniform widths (a pruned channel), so the uniform codes are what is missing
+     r"no codes2 blob for its 2-bit layers"),
 ])
 def test_damaged_multibit_fields_are_refused(trained, exported, tmp_path, edit, message):
     meta, manifest, tensors = _raw(exported)

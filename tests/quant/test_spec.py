@@ -171,3 +171,55 @@ def test_bad_tensors_are_refused() -> None:
     meta, tensors = _dmbq_weight().spec().to_record()
     with pytest.raises(LowbitError, match="alphas must be"):
         TensorSpec.from_record(meta, {"alphas": tensors["alphas"][:, :2]})
+
+
+def _pruned_binary(widths=(4, 1, 0, 2, 1, 0), signed: bool = True) -> WeightQuantizer:
+    wq = WeightQuantizer(4, 6, "channel", symmetric=signed)
+    wq.set_group_bits(list(widths))
+    wq.calibrate(_weight(), minmax_range)
+    return wq
+
+
+@pytest.mark.parametrize("widths, signed, stored", [((4, 1, 0, 2, 1, 0), True, 4), ((1, 0, 1, 1, 0, 1), True, 2),
+                                                     ((1, 1, 1, 1, 1, 1), True, 1), ((3, 1, 0, 2, 1, 0), False, 3)])
+def test_group_bits_with_binary_and_pruned_channels(widths, signed, stored) -> None:
+    wq = _pruned_binary(widths, signed)
+    w = _weight()
+    out = wq(w)
+    spec = wq.spec()
+    assert wq.bits == spec.bits == stored and spec.group_bits == widths
+    for c, b in enumerate(widths):
+        if b == 0:  # pruned: exactly zero, zero point 0
+            assert torch.equal(out[c], torch.zeros_like(out[c])) and spec.zero_point[c] == 0
+        elif b == 1 and signed:  # binary: the sign of every weight times the channel's scale (mean |w|)
+            assert torch.equal(out[c], torch.where(w[c] >= 0, 1.0, -1.0) * wq.scale[c])
+            assert torch.allclose(wq.scale[c], w[c].abs().mean())
+        else:
+            assert len(out[c].unique()) <= 2 ** b
+    # the spec computes what the quantizer does, codes stay in each channel's range, and it round trips
+    assert torch.equal(fake_quantize(spec, w), out)
+    q = codes(spec, w)
+    assert torch.equal(q, wq.quantize(w).int_value)
+    assert all(q[c].abs().max() <= (0 if b == 0 else 1 if b == 1 else 2 ** b) for c, b in enumerate(widths))
+    meta, tensors = spec.to_record()
+    assert TensorSpec.from_record(json.loads(json.dumps(meta)), tensors) == spec
+    assert torch.equal(weight_quantizer(spec)(w), out)
+    lo, hi = value_range(spec)
+    assert all(lo[c] == hi[c] == 0 for c, b in enumerate(widths) if b == 0)
+
+
+@pytest.mark.parametrize("group_bits, zero, message", [
+    ([4, 1, 0, 2, 1, 17], None, "group_bits must be"),
+    ([0, 0, 0, 0, 0, 0], None, "at least one unpruned"),
+    ([1, 0, 1, 1, 0, 1], None, "storage width"),  # stored at 2 bits, not 4
+    ([4, 1, 0, 2, 1, 0], 1.0, "zero_point must be 0 for every pruned"),
+])
+def test_bad_pruned_group_bits_are_refused(group_bits, zero, message) -> None:
+    meta, tensors = _pruned_binary(signed=False).spec().to_record()
+    if zero is not None:
+        tensors = {**tensors, "zero_point": torch.full((6,), zero)}
+    with pytest.raises(LowbitError, match=message):
+        TensorSpec.from_record({**meta, "group_bits": group_bits}, tensors)
+    wq = WeightQuantizer(4, 6, "channel")
+    with pytest.raises(LowbitError, match="group_bits"):
+        wq.set_group_bits([0] * 6 if group_bits[0] == 0 else [4, 1, 0, 2, 1, 17])

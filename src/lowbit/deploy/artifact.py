@@ -38,7 +38,7 @@ from ..layer_bits import record as layer_bits_record
 from ..quant import spec as qspec
 from ..quant.layer_specs import apply_layer_spec, layer_specs
 from ..quant.layers import LAYER_KINDS, out_channels, quant_layers
-from ..quant.spec import LayerSpec, TensorSpec, effective_groups
+from ..quant.spec import LayerSpec, TensorSpec, effective_groups, storage_bits
 from ..quant.uniform import int_range
 from ..record import QuantRecord, attach, publish
 from .packing import pack_codes, packed_nbytes, unpack_codes
@@ -419,6 +419,9 @@ def _check_row_fields(row: dict, cfg: QuantConfig, bits: LayerBits | None = None
             raise _bad("groups", f"{channels}, one per output channel (a multibit weight)", groups)
         if row["zp"]:
             raise _bad("zp", "0 for a multibit weight (it has no zero points)", row["zp"])
+    elif bits is not None and bits.channel_bits is not None:  # per-channel widths force per-channel scales
+        if groups != channels or len(bits.channel_bits) != channels:
+            raise _bad("groups", f"{channels}, one per output channel (the layer has per-channel widths)", groups)
     elif cfg.granularity == "tensor" and groups != 1:
         raise _bad("groups", "1 (per-tensor scales in the config)", groups)
     elif cfg.granularity == "channel" and groups != channels:
@@ -631,11 +634,14 @@ class _Reader:
             raise LowbitError(f"the artifact's {self.what} blob is longer than its manifest says")
 
 
-def _compact(bits: LayerBits | None) -> list[int | None] | None:
-    """A row's resolved widths in the manifest: ``[w_bits, a_bits]``, or null for a float layer."""
+def _compact(bits: LayerBits | None) -> list[Any] | None:
+    """A row's resolved widths in the manifest: ``[w_bits, a_bits]`` (``[w_bits, a_bits, channel_bits]``
+    with per-channel widths), or null for a float layer."""
     if bits is None:
         raise LowbitError("the model's lowbit_info layer_bits lack an entry for one of its layers")
-    return None if not bits.enabled else [bits.w_bits, bits.a_bits]
+    if not bits.enabled:
+        return None
+    return [bits.w_bits, bits.a_bits] + ([list(bits.channel_bits)] if bits.channel_bits is not None else [])
 
 
 def _layer_bits(stored: dict) -> list[LayerBits] | None:
@@ -651,18 +657,23 @@ def _layer_bits(stored: dict) -> list[LayerBits] | None:
     for i, entry in enumerate(value):
         if entry is None:
             bits = LayerBits(None, None)
-        elif (isinstance(entry, list) and len(entry) == 2 and _is_int(entry[0]) and 1 <= entry[0] <= 16
-              and (entry[1] is None or (_is_int(entry[1]) and 1 <= entry[1] <= 16))):
-            bits = LayerBits(entry[0], entry[1])
+        elif (isinstance(entry, list) and len(entry) in (2, 3) and _is_int(entry[0]) and 1 <= entry[0] <= 16
+              and (entry[1] is None or (_is_int(entry[1]) and 1 <= entry[1] <= 16))
+              and (len(entry) == 2 or (isinstance(entry[2], list) and entry[2]
+                                       and all(type(b) is int and 0 <= b <= 16 for b in entry[2])
+                                       and max(entry[2]) > 0 and storage_bits(entry[2]) == entry[0]))):
+            bits = LayerBits(entry[0], entry[1], tuple(entry[2]) if len(entry) == 3 else None)
         else:
-            raise _bad(f"layer_bits[{i}]", "null (a float layer) or [w_bits 1..16, a_bits 1..16 or null]", entry)
+            raise _bad(f"layer_bits[{i}]", "null (a float layer) or [w_bits 1..16, a_bits 1..16 or null] "
+                       "(+ per-channel widths 0..16 stored at w_bits)", entry)
         out.append(bits)
     return out
 
 
 def _group_bits(value: Any, rows: list[dict]) -> dict[str, list[int]]:
-    """Per-group widths of mixed-width layers: one list per named quantized layer, 2..w_bits (multibit:
-    bases 0..w_bits, 0 a pruned channel), the widest = w_bits."""
+    """Per-group widths of mixed-width layers: one list per named quantized layer. Uniform codes: widths
+    0..w_bits (0: pruned), stored at w_bits (``quant.spec.storage_bits``); multibit: bases 0..w_bits
+    (0: a pruned channel), the most = w_bits."""
     if not isinstance(value, dict) or not value:
         raise _damaged("group_bits", f"it must be a non-empty object of per-layer width lists, got {_show(value)}")
     by_name = {r["name"]: r for r in rows}
@@ -670,12 +681,15 @@ def _group_bits(value: Any, rows: list[dict]) -> dict[str, list[int]]:
         row = by_name.get(name)
         if row is None or not row["w"]:
             raise _damaged("group_bits", f"{_show(name)} is not a layer with quantized weights")
-        low = 0 if row["w_multibit"] else 2
-        if (not isinstance(widths, list) or len(widths) != row["groups"] or not widths
-                or not all(type(b) is int and low <= b <= row["w_bits"] for b in widths)
-                or max(widths) != row["w_bits"]):
-            raise _bad(f"group_bits[{name!r}]", f"a list of {row['groups']} integers from {low} to {row['w_bits']} "
-                       f"(the layer's w_bits) reaching {row['w_bits']}", widths)
+        ints = (isinstance(widths, list) and len(widths) == row["groups"] and bool(widths)
+                and all(type(b) is int and 0 <= b <= row["w_bits"] for b in widths))
+        if row["w_multibit"]:
+            if not ints or max(widths) != row["w_bits"]:
+                raise _bad(f"group_bits[{name!r}]", f"a list of {row['groups']} integers from 0 to {row['w_bits']} "
+                           f"(the layer's w_bits) reaching {row['w_bits']}", widths)
+        elif not ints or max(widths) == 0 or storage_bits(widths) != row["w_bits"]:
+            raise _bad(f"group_bits[{name!r}]", f"a list of {row['groups']} integers from 0 to {row['w_bits']} "
+                       f"(the layer's w_bits) stored at {row['w_bits']}", widths)
     return value
 
 
@@ -799,8 +813,12 @@ def _row_spec(row: dict, cfg: QuantConfig, tensors: dict[str, Tensor], group_bit
     except LowbitError as exc:
         raise LowbitError(f"layer {name!r}: {exc}") from None
     if row["w"] and not row["w_multibit"]:
-        weight = TensorSpec("uniform", row["w_bits"], cfg.w_symmetric, cfg.w_symmetric, cfg.w_narrow, cfg.granularity,
-                            row["shape"][kind.axis], row["groups"], kind.axis, tuple(widths) if widths else None,
+        channels = row["shape"][kind.axis]
+        # a layer given per-channel widths by layer_bits has per-channel scales whatever the config says
+        forced = widths and row["groups"] == channels != effective_groups(channels, cfg.granularity, cfg.groups)
+        weight = TensorSpec("uniform", row["w_bits"], cfg.w_symmetric, cfg.w_symmetric, cfg.w_narrow,
+                            "channel" if forced else cfg.granularity, channels, row["groups"], kind.axis,
+                            tuple(widths) if widths else None,
                             tensors[f"{name}.weight_quant.scale"],
                             tensors.get(f"{name}.weight_quant.zero_point", torch.zeros(row["groups"])))
     if row["a"] and not row["a_multibit"]:
@@ -1102,10 +1120,10 @@ def _rebuild(manifest: dict, tensors: dict[str, Tensor], model: nn.Module | None
     for name, spec in manifest["layers"].items():
         layer, lspec = layers[name], specs[name]
         kind, ws = LAYER_KINDS[layer.kind], lspec.weight
-        if ws is not None and ws.kind == "multibit":  # alphas per output channel, whatever the config says
+        groups = effective_groups(layer.weight.shape[kind.axis], cfg.granularity, cfg.groups)
+        if ws is not None and (ws.kind == "multibit" or ws.granularity == "channel"):
+            # multibit alphas, and per-channel widths from layer_bits, are per output channel whatever the config says
             groups = layer.weight.shape[kind.axis]
-        else:
-            groups = effective_groups(layer.weight.shape[kind.axis], cfg.granularity, cfg.groups)
         if list(layer.weight.shape) != spec["weight_shape"] or groups != spec["num_groups"]:
             raise LowbitError(f"layer {name!r}: shape or groups differ from the artifact's (weight "
                               f"{list(layer.weight.shape)} in {groups} groups in the model, "

@@ -92,8 +92,9 @@ def assign_roles(model: nn.Module, order: list[str], cfg: QuantConfig,
     layers = dict(quant_layers(model))
     names = list(layers)
     roles = roles_of(names, order)
+    channels = {n: l.weight_quant.channels for n, l in layers.items()}
     resolved = resolve_layer_bits(names, order, cfg.w_bits, cfg.a_bits, cfg.first_last_bits, cfg.quantize_input,
-                                  layer_bits)
+                                  layer_bits, channels)
     for name, layer in layers.items():
         layer.role = roles[name]
         apply_layer_bits(layer, resolved[name])
@@ -101,10 +102,20 @@ def assign_roles(model: nn.Module, order: list[str], cfg: QuantConfig,
 
 
 def apply_layer_bits(layer: nn.Module, bits: LayerBits) -> None:
-    """Set a quantized layer's quantizers to its resolved widths (a None width disables the quantizer)."""
+    """Set a quantized layer's quantizers to its resolved widths (a None width disables the quantizer).
+
+    Per-channel widths (``bits.channel_bits``) become the weight quantizer's ``group_bits``; a layer
+    whose quantizer has scales per tensor or per group of channels gets a per-channel one first.
+    """
     wq, aq = layer.weight_quant, layer.input_quant
     wq.enabled = bits.w_bits is not None
-    if wq.enabled:
+    if wq.enabled and bits.channel_bits is not None:
+        if wq.num_groups != wq.channels:  # per-channel widths need per-channel scales
+            wq = WeightQuantizer(bits.w_bits, wq.channels, "channel", None, wq.symmetric, wq.narrow,
+                                 axis=wq.axis).to(wq.scale.device)
+            layer.weight_quant = wq
+        wq.set_group_bits(bits.channel_bits)
+    elif wq.enabled:
         wq.bits = bits.w_bits
     aq.enabled = bits.a_bits is not None
     if aq.enabled:

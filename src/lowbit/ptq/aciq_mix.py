@@ -256,6 +256,11 @@ def aciq_mix(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: AciqMixOp
     any weight changes, so all of them are the FP network's.
     """
     weighted = [(n, l) for n, l in quant_layers(qmodel) if l.weight_quant.enabled]
+    given = [n for n, l in weighted if l.weight_quant.group_bits is not None]
+    if given:  # its own allocation would overwrite them
+        raise LowbitError(f"aciq-mix allocates every layer's per-channel widths itself: it cannot honour the "
+                          f"per-channel widths layer_bits gives {given[0]!r}; give that layer one width (its "
+                          f"budget), or use another method (minmax, mse, aciq, bitsplit, brecq, ...)")
     observers = observe_fp_inputs(qmodel, calib, cfg)
     means = mean_inputs(qmodel, calib, cfg, [n for n, _ in weighted]) if opts.bias_correction else {}
     fp_weights = {n: l.weight.detach().clone() for n, l in weighted if n in means}

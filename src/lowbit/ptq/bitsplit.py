@@ -171,6 +171,25 @@ def sweep_plane(t: Tensor, c: float, A: Tensor, diag: Tensor, Aq: Tensor, b_scal
         t[:, :, n] = t_new
 
 
+def _fit_widths(A: Tensor, B: Tensor, W: Tensor, group_bits: tuple[int, ...], group_of: Tensor, n_groups: int,
+                iters: int) -> tuple[Tensor, Tensor]:
+    """``bitsplit_fit`` for per-channel widths (per-channel scales: every channel's fit is its own
+    least-squares problem): one fit per width present, each channel taking its own width's result
+    (1 bit: binary codes; 0: pruned, codes 0 with the widest fit's scale)."""
+    widths = torch.tensor(group_bits, device=group_of.device)[group_of].reshape(W.shape[:2])  # K x C
+    q = torch.zeros_like(W)
+    alpha_g = torch.empty(n_groups, dtype=W.dtype, device=W.device)
+    per_group = torch.tensor(group_bits, device=W.device)
+    for b in sorted(set(group_bits) - {0}, reverse=True):
+        qb, ab = bitsplit_fit(A, B, W, b, group_of, n_groups, iters, binary=b == 1)
+        rows = widths == b
+        q[rows] = qb[rows]
+        alpha_g[per_group == b] = ab[per_group == b]
+        if b == max(group_bits):
+            alpha_g[per_group == 0] = ab[per_group == 0]
+    return q, alpha_g
+
+
 # ---------------------------------------------------------------------------------------------
 # The method
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +205,10 @@ def quantize_layer_weights(layer: nn.Module, stats: dict[str, Tensor], opts: Bit
     W = weight_rows(layer, layer.weight.detach().to(dtype))
     B = torch.bmm(W, stats["cross"])  # rows X_q^T y_c with y_c = X_fp w_c
     group_of = scale_group_of_rows(layer)
-    q, alpha_g = bitsplit_fit(stats["A"], B, W, wq.bits, group_of, wq.num_groups, opts.iters, wq.binary)
+    if wq.group_bits is None:
+        q, alpha_g = bitsplit_fit(stats["A"], B, W, wq.bits, group_of, wq.num_groups, opts.iters, wq.binary)
+    else:
+        q, alpha_g = _fit_widths(stats["A"], B, W, wq.group_bits, group_of, wq.num_groups, opts.iters)
     alpha = alpha_g[group_of].reshape(K, -1, 1)
     new_rows = q * alpha
     new_w = rows_to_weight(layer, new_rows)

@@ -16,7 +16,7 @@ from ..data.calib import (as_calibration_tensor, check_input, concat_batches, is
 from ..errors import LowbitError
 from ..graph.fold import find_conv_bn_pairs
 from ..graph.surgery import input_ranks, prepare
-from ..layer_bits import check_layer_bits
+from ..layer_bits import check_layer_bits, has_channel_bits
 from ..options import check_value
 from ..ptq.start import fp_teacher
 from ..record import publish, record_of
@@ -116,6 +116,10 @@ def qat(model: nn.Module, train_data: Tensor | Iterable, val_data: Any = None, m
         options.setdefault("w_budget", w_bits)
         w_bits = max(1, math.ceil(w_bits))
     layer_bits = check_layer_bits(options.pop("layer_bits", None))
+    if has_channel_bits(layer_bits):  # the QAT quantizers (LSQ steps, GDRQ, TSQ, DMBQ) clamp to one range per layer
+        raise LowbitError(f"QAT method {method!r} cannot honour per-channel weight widths in layer_bits (its "
+                          f"trained quantizers have one code range per layer); use lowbit.quantize (PTQ) for "
+                          f"per-channel widths and pruned channels, or per-layer widths here")
     cfg, method_options = build_config(w_bits, a_bits, options, spec.option_names)
     opts = spec.make_options(method_options)
     if not spec.fold_bn:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .quantizer import ActQuantizer, WeightQuantizer
-from .uniform import fake_quantize
+from .uniform import fake_quantize, sign_ste
 
 # AdaRound's stretched sigmoid (Nagel et al. 2020): h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1)
 ZETA, GAMMA = 1.1, -0.1
@@ -73,8 +73,12 @@ class LearnedStepWeight(nn.Module):
         shape = q.channel_shape(w.dim())
         s = scale_grad(self.scale.abs().clamp_min(1e-8), self.grad_factor).repeat_interleave(rep).view(shape)
         z = q.zero_point.repeat_interleave(rep).view(shape)
-        qmin, qmax = q.qrange
-        return fake_quantize(w, s, z, qmin, qmax, q.binary)
+        qmin, qmax = q.limits(w.dim())  # per channel with per-channel widths: pruned channels stay at 0
+        out = fake_quantize(w, s, z, qmin, qmax, q.binary)
+        mask = q.binary_mask(w.dim())
+        if mask is not None:  # binary channels of a mixed-width layer: sign codes times their learned step
+            out = torch.where(mask, sign_ste(w) * s, out)
+        return out
 
     @torch.no_grad()
     def commit(self, layer: nn.Module | None = None) -> WeightQuantizer:
@@ -153,9 +157,13 @@ class SoftRoundWeight(nn.Module):
     def forward(self, w: Tensor) -> Tensor:
         q = self.quant
         s, z = q.channel_params(w.dim())
-        qmin, qmax = q.qrange
+        qmin, qmax = q.limits(w.dim())  # per channel with per-channel widths: pruned channels stay at 0
         up = (self.v >= 0).to(w.dtype) if self.hard else self.h()
-        return (torch.clamp(self.floor + up + z, qmin, qmax) - z) * s
+        out = (torch.clamp(self.floor + up + z, qmin, qmax) - z) * s
+        mask = q.binary_mask(w.dim())
+        if mask is not None:  # binary channels of a mixed-width layer keep their sign codes (nothing to round)
+            out = torch.where(mask, torch.where(self.floor >= 0, 1.0, -1.0).to(w.dtype) * s, out)
+        return out
 
     def regularizer(self, beta: float) -> Tensor:
         """AdaRound's term pushing every ``h`` to 0 or 1 (sharper as ``beta`` falls)."""

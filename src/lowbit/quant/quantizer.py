@@ -7,8 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LowbitError
-from .spec import GRANULARITIES, TensorSpec, effective_groups  # noqa: F401  (re-exported)
-from .uniform import QuantResult, check_bits, fake_quantize, int_range, qparams_from_range, to_int
+from .spec import GRANULARITIES, TensorSpec, effective_groups, storage_bits, width_range  # noqa: F401
+from .uniform import QuantResult, check_bits, fake_quantize, int_range, qparams_from_range, sign_ste, to_int
 
 def spec_tensor(t: Tensor) -> Tensor:
     """A quantizer parameter as a spec holds it: a detached float32 CPU copy."""
@@ -52,19 +52,26 @@ class WeightQuantizer(nn.Module):
     def set_group_bits(self, bits: Sequence[int] | None) -> None:
         """Give each scale group its own width (``None``: one width for all, ``bits`` unchanged).
 
-        Widths are 2..16 (one bit is the binary sign code, a whole-layer mode); the layer's
-        ``bits`` becomes their maximum. Scales are not touched: calibrate them for these widths.
+        Widths are 0..16: signed 1-bit groups hold the binary sign code ``{-1, +1}`` times their
+        scale (as a whole 1-bit layer does), unsigned ones the affine ``{0, 1}``; 0 prunes the
+        group (its codes are 0 and its zero point must be 0: every value is exactly 0). The
+        layer's ``bits`` becomes the storage width (``quant.spec.storage_bits``: the widest, 2 when
+        1-bit groups sit beside pruned ones). Scales are not touched: calibrate them for these
+        widths (``calibrate`` does, per width).
         """
         if bits is None:
             self.group_bits = None
             return
+        if any(isinstance(b, bool) or int(b) != b or not 0 <= b <= 16 for b in bits):
+            raise LowbitError(f"group_bits must be integers from 0 to 16, got {sorted(set(bits))}")
         widths = tuple(int(b) for b in bits)
         if len(widths) != self.num_groups:
             raise LowbitError(f"group_bits needs one width per scale group ({self.num_groups}), got {len(widths)}")
-        if any(isinstance(b, bool) or not 2 <= b <= 16 for b in bits):
-            raise LowbitError(f"group_bits must be integers from 2 to 16, got {sorted(set(bits))}")
+        if max(widths) == 0:
+            raise LowbitError("group_bits prunes every group: keep at least one (a layer of only pruned channels "
+                              "is its bias; leave it in float or remove it from the model)")
         self.group_bits = widths
-        self.bits = max(widths)
+        self.bits = storage_bits(widths)
 
     @property
     def mean_bits(self) -> float:
@@ -74,17 +81,38 @@ class WeightQuantizer(nn.Module):
     def group_qranges(self) -> tuple[Tensor, Tensor]:
         """Per-group integer bounds (float tensors of ``num_groups``); every group's the same without group_bits."""
         widths = self.group_bits or (self.bits,) * self.num_groups
-        lo, hi = zip(*(int_range(b, self.signed, self.narrow) for b in widths))
+        lo, hi = zip(*(width_range(b, self.signed, self.narrow) for b in widths))
         dev = self.scale.device
         return torch.tensor(lo, dtype=torch.float32, device=dev), torch.tensor(hi, dtype=torch.float32, device=dev)
 
-    def _limits(self, ndim: int) -> tuple[int | Tensor, int | Tensor]:
+    def limits(self, ndim: int) -> tuple[int | Tensor, int | Tensor]:
         """Clamp bounds for a weight of ``ndim`` dims: ints, or per-channel tensors with group_bits."""
         if not self.group_bits:
             return self.qrange
         rep = self.channels // self.num_groups
         shape = self.channel_shape(ndim)
         return tuple(t.repeat_interleave(rep).view(shape) for t in self.group_qranges())  # type: ignore[return-value]
+
+    _limits = limits  # the earlier private name
+
+    def binary_mask(self, ndim: int) -> Tensor | None:
+        """Channels of a mixed-width layer that hold binary codes (signed 1-bit groups), shaped to broadcast
+        over a weight of ``ndim`` dims; None when there are none (or the whole layer is binary)."""
+        if not self.group_bits or not self.signed or self.binary or 1 not in self.group_bits:
+            return None
+        mask = torch.tensor([b == 1 for b in self.group_bits], device=self.scale.device)
+        return mask.repeat_interleave(self.channels // self.num_groups).view(self.channel_shape(ndim))
+
+    @property
+    def pruned_channels(self) -> int:
+        """Number of output channels (along ``axis``) whose width is 0 (``lowbit.summary`` counts them)."""
+        return self.group_bits.count(0) * (self.channels // self.num_groups) if self.group_bits else 0
+
+    def pruned_mask(self) -> Tensor | None:
+        """Which scale groups are pruned (width 0), a bool tensor of ``num_groups``; None when none are."""
+        if not self.group_bits or 0 not in self.group_bits:
+            return None
+        return torch.tensor([b == 0 for b in self.group_bits], device=self.scale.device)
 
     @property
     def qrange(self) -> tuple[int, int]:
@@ -122,22 +150,58 @@ class WeightQuantizer(nn.Module):
             self.scale.copy_(rows.abs().mean(1).clamp_min(1e-8))
             self.zero_point.zero_()
             return
+        if self.group_bits:
+            self._calibrate_widths(rows, range_fn, **kwargs)
+            return
         lo, hi = range_fn(rows, bits=self.bits, signed=self.signed, symmetric=self.symmetric,
                           narrow=self.narrow, **kwargs)
         self.set_range(lo, hi)
+
+    def _calibrate_widths(self, rows: Tensor, range_fn: Callable[..., tuple[Tensor, Tensor]], **kwargs) -> None:
+        """Per-group widths: each width's groups fitted by ``range_fn`` at that width (binary groups: mean |w|).
+
+        A pruned group gets the scale a group at the storage width would (any positive scale
+        gives its zero values; this one keeps an integer bias of the channel on a sensible grid)
+        and zero point 0.
+        """
+        scale = torch.empty_like(self.scale)
+        zero = torch.zeros_like(self.zero_point)
+        widths = torch.tensor(self.group_bits)
+        for b in torch.unique(widths).tolist():
+            idx = (widths == b).nonzero().flatten().to(rows.device)
+            sub = rows[idx]
+            if b == 1 and self.signed:
+                scale[idx] = sub.abs().mean(1).clamp_min(1e-8).to(scale.dtype)
+                continue
+            fit = b or self.bits
+            lo, hi = range_fn(sub, bits=fit, signed=self.signed, symmetric=self.symmetric, narrow=self.narrow,
+                              **kwargs)
+            s, z = qparams_from_range(lo, hi, fit, self.signed, self.symmetric, self.narrow)
+            scale[idx] = s.to(scale.dtype)
+            zero[idx] = z.to(zero.dtype) if b else 0.0
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zero)
 
     def forward(self, w: Tensor) -> Tensor:
         if not self.enabled:
             return w
         s, z = self.channel_params(w.dim())
-        qmin, qmax = self._limits(w.dim())
-        return fake_quantize(w, s, z, qmin, qmax, self.binary)
+        qmin, qmax = self.limits(w.dim())
+        out = fake_quantize(w, s, z, qmin, qmax, self.binary)
+        mask = self.binary_mask(w.dim())
+        if mask is not None:  # binary channels of a mixed-width layer: sign codes, as a 1-bit layer's
+            out = torch.where(mask, (sign_ste(w) if w.requires_grad else torch.where(w >= 0, 1.0, -1.0).to(w.dtype)) * s,
+                              out)
+        return out
 
     def quantize(self, w: Tensor) -> QuantResult:
         """Integers, simulated values, scale and zero point for ``w``."""
         s, z = self.channel_params(w.dim())
-        qmin, qmax = self._limits(w.dim())
+        qmin, qmax = self.limits(w.dim())
         q = to_int(w, s, z, qmin, qmax, self.binary)
+        mask = self.binary_mask(w.dim())
+        if mask is not None:
+            q = torch.where(mask, torch.where(w >= 0, 1, -1).to(q.dtype), q)
         return QuantResult(self.dequantize(q.to(w.dtype)), q, self.scale, self.zero_point, self.bits)
 
     def dequantize(self, q: Tensor) -> Tensor:
@@ -155,6 +219,8 @@ class WeightQuantizer(nn.Module):
         axis = f", axis={self.axis}" if self.axis else ""
         if self.group_bits:
             axis += f", group_bits=mean {self.mean_bits:.3g} in [{min(self.group_bits)}, {max(self.group_bits)}]"
+            if 0 in self.group_bits:
+                axis += f", pruned={self.group_bits.count(0)}"
         return f"bits={self.bits}, groups={self.num_groups}, symmetric={self.symmetric}{axis}, enabled={self.enabled}"
 
 

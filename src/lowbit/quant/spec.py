@@ -5,7 +5,10 @@ A ``TensorSpec`` names a code book (``kind``) and its parameters:
 * ``"uniform"``: integer codes ``q`` in ``[qmin, qmax]`` of a ``bits``-wide range (signed, narrow,
   or unsigned with a zero point), real values ``(q - zero_point) * scale``; one scale and zero
   point per group of consecutive channels along ``axis``. ``group_bits`` gives each group its own
-  (narrower) width; signed 1-bit codes are the binary pair ``{-1, +1}`` times the scale.
+  (narrower) width, 0..16: signed 1-bit codes are the binary pair ``{-1, +1}`` times the scale
+  (a whole 1-bit tensor or a 1-bit group alike), unsigned 1-bit codes the affine ``{0, 1}``, and
+  width 0 is a pruned group: its codes are 0 with zero point 0, every value exactly 0. The tensor's
+  ``bits`` is the storage width, ``storage_bits(group_bits)``.
 * ``"sparse"``: TSQ's activation codes (``quant.sparse``): ``0`` up to ``threshold``, then the
   uniform levels of an unsigned quantizer with zero point 0.
 * ``"multibit"``: DMBQ's binary basis ``sum_i alpha_i b_i`` (``b_i`` in ``{-1, +1}`` when signed,
@@ -37,6 +40,18 @@ GRANULARITIES = ("tensor", "channel", "group")
 TENSOR_FIELDS = ("scale", "zero_point", "alphas", "threshold")  # the numeric parameters, carried as tensors
 _META_FIELDS = ("kind", "bits", "signed", "symmetric", "narrow", "granularity", "channels", "num_groups", "axis",
                 "group_bits")
+
+
+def storage_bits(widths: tuple[int, ...] | list[int]) -> int:
+    """The code width a tensor with per-group ``widths`` is stored at: the widest group's, except that
+    1-bit groups beside pruned (0-bit) ones need 2 bits (a 1-bit code has no zero level for them)."""
+    top = max(widths)
+    return 2 if top == 1 and min(widths) == 0 else top
+
+
+def width_range(bits: int, signed: bool, narrow: bool) -> tuple[int, int]:
+    """Code range of one group of width ``bits`` (0: a pruned group, the single code 0)."""
+    return (0, 0) if bits == 0 else int_range(bits, signed, narrow)
 
 
 def effective_groups(channels: int, granularity: str, groups: int | None) -> int:
@@ -116,6 +131,13 @@ class TensorSpec:
         return self.kind == "uniform" and self.signed and self.bits == 1
 
     @property
+    def binary_groups(self) -> tuple[bool, ...] | None:
+        """Which groups hold signed 1-bit (binary) codes inside a mixed-width tensor; None without group_bits."""
+        if self.kind != "uniform" or self.group_bits is None or not self.signed:
+            return None
+        return tuple(b == 1 for b in self.group_bits)
+
+    @property
     def widths(self) -> tuple[int, ...]:
         """The width (bases for multibit) of every group."""
         return self.group_bits if self.group_bits is not None else (self.bits,) * self.num_groups
@@ -186,10 +208,14 @@ def _check(spec: TensorSpec) -> None:
         raise _bad("bits", f"an integer {low}..{high}", spec.bits)
     if spec.group_bits is not None:
         gb = spec.group_bits
-        floor = 0 if multibit else 2
         if (not isinstance(gb, tuple) or len(gb) != spec.num_groups
-                or not all(_is_int(b) and floor <= b <= spec.bits for b in gb) or max(gb) != spec.bits):
-            raise _bad("group_bits", f"{spec.num_groups} integers {floor}..{spec.bits} reaching bits", gb)
+                or not all(_is_int(b) and 0 <= b <= spec.bits for b in gb)):
+            raise _bad("group_bits", f"{spec.num_groups} integers 0..{spec.bits}", gb)
+        if not multibit and max(gb) == 0:
+            raise _bad("group_bits", "widths with at least one unpruned group", gb)
+        want = max(gb) if multibit else storage_bits(gb)
+        if want != spec.bits:
+            raise _bad("group_bits", f"widths whose storage width is bits ({spec.bits})", gb)
     g = spec.num_groups
     if multibit:
         if spec.bits == 0 and spec.group_bits is None:
@@ -206,6 +232,10 @@ def _check(spec: TensorSpec) -> None:
     zp = spec.zero_point
     if not bool(((zp == zp.round()) & (zp >= lo) & (zp <= hi)).all()):
         raise _bad("zero_point", f"integers in the code range [{lo}, {hi}]", zp)
+    if spec.group_bits is not None and 0 in spec.group_bits:
+        pruned = torch.tensor([b == 0 for b in spec.group_bits])
+        if bool(zp[pruned].ne(0).any()):
+            raise _bad("zero_point", "0 for every pruned (0-bit) group", zp)
     if spec.alphas is not None:
         raise LowbitError(f"a {spec.kind} tensor spec has no alphas")
     if spec.kind == "sparse":
@@ -229,7 +259,7 @@ def group_ranges(spec: TensorSpec) -> tuple[Tensor, Tensor]:
     """Smallest and largest code of every group (float32 tensors of ``num_groups``; uniform, sparse)."""
     if spec.kind == "multibit":
         return torch.zeros(spec.num_groups), torch.tensor([float(2 ** b - 1) for b in spec.widths])
-    lo, hi = zip(*(int_range(b, spec.signed, spec.narrow) for b in spec.widths))
+    lo, hi = zip(*(width_range(b, spec.signed, spec.narrow) for b in spec.widths))
     return torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32)
 
 
@@ -289,7 +319,11 @@ def codes(spec: TensorSpec, x: Tensor) -> Tensor:
     qmin, qmax = _limits(spec, ndim)
     if isinstance(qmin, Tensor):
         qmin, qmax = qmin.to(x.device), qmax.to(x.device)
-    return torch.clamp(torch.round(gate(spec, x) / s) + z, qmin, qmax).to(torch.int32)
+    q = torch.clamp(torch.round(gate(spec, x) / s) + z, qmin, qmax).to(torch.int32)
+    if spec.binary_groups is not None and any(spec.binary_groups):  # 1-bit groups of a mixed tensor: signs
+        mask = channel_view(spec, torch.tensor(spec.binary_groups, device=x.device), ndim)
+        q = torch.where(mask, torch.where(x >= 0, 1, -1).to(torch.int32), q)
+    return q
 
 
 def _width_groups(spec: TensorSpec) -> list[tuple[int, list[int]]]:
@@ -350,6 +384,7 @@ def value_range(spec: TensorSpec) -> tuple[Tensor, Tensor]:
     lo, hi = group_ranges(spec)
     if spec.binary:
         return -spec.scale, spec.scale.clone()
+    # a binary group's range [-1, 1] holds its two codes; pruned groups: [0, 0] with zero point 0
     return (lo - spec.zero_point) * spec.scale, (hi - spec.zero_point) * spec.scale
 
 
