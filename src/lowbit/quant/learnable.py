@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .quantizer import ActQuantizer, WeightQuantizer
-from .uniform import fake_quantize, sign_ste
+from .uniform import fake_quantize
 
 # AdaRound's stretched sigmoid (Nagel et al. 2020): h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1)
 ZETA, GAMMA = 1.1, -0.1
@@ -74,11 +74,8 @@ class LearnedStepWeight(nn.Module):
         s = scale_grad(self.scale.abs().clamp_min(1e-8), self.grad_factor).repeat_interleave(rep).view(shape)
         z = q.zero_point.repeat_interleave(rep).view(shape)
         qmin, qmax = q.limits(w.dim())  # per channel with per-channel widths: pruned channels stay at 0
-        out = fake_quantize(w, s, z, qmin, qmax, q.binary)
-        mask = q.binary_mask(w.dim())
-        if mask is not None:  # binary channels of a mixed-width layer: sign codes times their learned step
-            out = torch.where(mask, sign_ste(w) * s, out)
-        return out
+        # binary channels of a mixed-width layer: sign codes times their learned step
+        return q.with_binary_channels(fake_quantize(w, s, z, qmin, qmax, q.binary), w, s)
 
     @torch.no_grad()
     def commit(self, layer: nn.Module | None = None) -> WeightQuantizer:

@@ -8,7 +8,8 @@ from torch import Tensor, nn
 
 from ..errors import LowbitError
 from .spec import GRANULARITIES, TensorSpec, effective_groups, storage_bits, width_range  # noqa: F401
-from .uniform import QuantResult, check_bits, fake_quantize, int_range, qparams_from_range, sign_ste, to_int
+from .uniform import (QuantResult, binary_fake_quantize, check_bits, fake_quantize, int_range, qparams_from_range,
+                      to_int)
 
 def spec_tensor(t: Tensor) -> Tensor:
     """A quantizer parameter as a spec holds it: a detached float32 CPU copy."""
@@ -93,8 +94,6 @@ class WeightQuantizer(nn.Module):
         shape = self.channel_shape(ndim)
         return tuple(t.repeat_interleave(rep).view(shape) for t in self.group_qranges())  # type: ignore[return-value]
 
-    _limits = limits  # the earlier private name
-
     def binary_mask(self, ndim: int) -> Tensor | None:
         """Channels of a mixed-width layer that hold binary codes (signed 1-bit groups), shaped to broadcast
         over a weight of ``ndim`` dims; None when there are none (or the whole layer is binary)."""
@@ -103,16 +102,13 @@ class WeightQuantizer(nn.Module):
         mask = torch.tensor([b == 1 for b in self.group_bits], device=self.scale.device)
         return mask.repeat_interleave(self.channels // self.num_groups).view(self.channel_shape(ndim))
 
-    @property
-    def pruned_channels(self) -> int:
-        """Number of output channels (along ``axis``) whose width is 0 (``lowbit.summary`` counts them)."""
-        return self.group_bits.count(0) * (self.channels // self.num_groups) if self.group_bits else 0
-
-    def pruned_mask(self) -> Tensor | None:
-        """Which scale groups are pruned (width 0), a bool tensor of ``num_groups``; None when none are."""
-        if not self.group_bits or 0 not in self.group_bits:
-            return None
-        return torch.tensor([b == 0 for b in self.group_bits], device=self.scale.device)
+    def with_binary_channels(self, out: Tensor, w: Tensor, scale: Tensor) -> Tensor:
+        """``out`` with the binary channels of a mixed-width layer (signed 1-bit groups) replaced by their
+        sign codes times ``scale``, as a whole 1-bit layer computes them (``binary_fake_quantize``)."""
+        mask = self.binary_mask(w.dim())
+        if mask is None:
+            return out
+        return torch.where(mask, binary_fake_quantize(w, scale), out)
 
     @property
     def qrange(self) -> tuple[int, int]:
@@ -187,12 +183,7 @@ class WeightQuantizer(nn.Module):
             return w
         s, z = self.channel_params(w.dim())
         qmin, qmax = self.limits(w.dim())
-        out = fake_quantize(w, s, z, qmin, qmax, self.binary)
-        mask = self.binary_mask(w.dim())
-        if mask is not None:  # binary channels of a mixed-width layer: sign codes, as a 1-bit layer's
-            out = torch.where(mask, (sign_ste(w) if w.requires_grad else torch.where(w >= 0, 1.0, -1.0).to(w.dtype)) * s,
-                              out)
-        return out
+        return self.with_binary_channels(fake_quantize(w, s, z, qmin, qmax, self.binary), w, s)
 
     def quantize(self, w: Tensor) -> QuantResult:
         """Integers, simulated values, scale and zero point for ``w``."""

@@ -69,6 +69,11 @@ def dequantize_affine(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
     return (q - zero_point) * scale
 
 
+def binary_fake_quantize(x: Tensor, scale: Tensor) -> Tensor:
+    """Binary codes ``{-1, +1}`` (0 maps to +1) times ``scale``, straight-through when ``x`` needs a gradient."""
+    return (sign_ste(x) if x.requires_grad else torch.where(x >= 0, 1.0, -1.0).to(x.dtype)) * scale
+
+
 def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int | Tensor, qmax: int | Tensor,
                   binary: bool = False) -> Tensor:
     """Quantize-dequantize with straight-through gradients for ``x`` and LSQ-style ones for scale.
@@ -78,7 +83,7 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int | Tens
     Inside the clipping range the gradient w.r.t. ``x`` is 1, outside it is 0.
     """
     if binary:
-        return (sign_ste(x) if x.requires_grad else torch.where(x >= 0, 1.0, -1.0).to(x.dtype)) * scale
+        return binary_fake_quantize(x, scale)
     if not (x.requires_grad or scale.requires_grad):  # inference: same arithmetic, in place, fewer passes
         q = torch.div(x, scale).round_().add_(zero_point).clamp_(qmin, qmax)
         return q.sub_(zero_point).mul_(scale)
