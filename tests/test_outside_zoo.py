@@ -106,23 +106,25 @@ def _onnx_parity(q: nn.Module, path: Path) -> None:
 
 @pytest.mark.parametrize("name", sorted(ARCHS))
 def test_outside_zoo_architecture(name: str, tmp_path: Path) -> None:
-    """W8A8 and W4A4 quantize without touching the FP model; W4A4 reloads identically and, for the
-    architectures marked ``onnx_w4``, runs in ONNX Runtime (W8A8 too where marked ``onnx_w8``)."""
+    """W4A4 quantizes without touching the FP model and reloads identically; for the architectures
+    marked ``onnx_w4`` it runs in ONNX Runtime, and W8A8 too where marked ``onnx_w8`` (8 bits takes
+    the same graph path as 4; its own ONNX form, UINT8-shifted weights and fused integer kernels, is
+    what those four check; benchmarks/outside_zoo.py runs W8A8 on all 34)."""
     fp = build(name)
     before = _state(fp)
     with torch.no_grad():
         fp_out = fp(EVAL)
 
-    q8 = _quantize(fp, 8)
     q4 = _quantize(fp, 4)
+    q8 = _quantize(fp, 8) if ARCHS[name].onnx_w8 else None
     after = _state(fp)
     assert before.keys() == after.keys(), "quantize changed the FP model's state dict keys"
     assert all(torch.equal(before[k], after[k]) for k in before), "quantize changed the FP model's tensors"
     assert not fp.training
     with torch.no_grad():
         assert torch.equal(fp(EVAL), fp_out)
-        assert torch.isfinite(q8(EVAL)).all()
         sim4 = q4(EVAL)
+        assert torch.isfinite(sim4).all()
 
     lowbit.export(q4, tmp_path / "m.lowbit")
     reloaded = lowbit.load(tmp_path / "m.lowbit", model=fp)
@@ -134,9 +136,10 @@ def test_outside_zoo_architecture(name: str, tmp_path: Path) -> None:
         _onnx_parity(q8, tmp_path / "w8a8.onnx")
 
 
-# two of the small architectures on lowbit's default ONNX exporter (tests/conftest.py); ShuffleNet's
-# export costs ~10x more there, which the suite's time budget does not cover
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.torch_export) if n != "shufflenet_g1_wd4" else n
+# MobileNet (depthwise convolutions, the zoo's MobileNetV2 and ShuffleNetV2 round trips take the
+# TorchScript exporter) on lowbit's default ONNX exporter (tests/conftest.py); lowbit's own ResNet-20
+# goes through it in tests/deploy/test_onnx.py, and ShuffleNet's export costs ~10x more there
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.torch_export) if n == "mobilenet_wd4" else n
                                   for n in sorted(n for n, a in ARCHS.items() if a.small)])
 def test_outside_zoo_bitsplit(name: str, tmp_path: Path) -> None:
     fp = build(name)

@@ -29,7 +29,12 @@ class PooledHead(nn.Module):
 
 @pytest.mark.parametrize("pool, cells", [(nn.AdaptiveAvgPool2d((3, 3)), 9), (nn.AdaptiveAvgPool2d((5, None)), 5 * 10),
                                          (nn.AdaptiveMaxPool2d(3), 9), (nn.AdaptiveAvgPool2d(4), 16)])
-def test_adaptive_pool_exports_at_the_recorded_size(pool: nn.Module, cells: int, tmp_path) -> None:
+def test_adaptive_pool_exports_at_the_recorded_size(pool: nn.Module, cells: int, tmp_path, monkeypatch) -> None:
+    if cells == 50:
+        # a None size is resolved by fix_adaptive_pools before either exporter runs; its 50 cells cost
+        # 12 s on torch.export (one Slice + ReduceMean each) against 1 s on the TorchScript exporter
+        from lowbit.deploy import onnx_qdq
+        monkeypatch.setattr(onnx_qdq, "DEFAULT_EXPORTER", "torchscript")
     torch.manual_seed(0)
     model = randomize_bn(PooledHead(pool, cells)).eval()
     calib, images = torch.randn(16, 3, 10, 10), torch.randn(8, 3, 10, 10)

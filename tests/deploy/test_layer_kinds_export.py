@@ -132,7 +132,13 @@ def _rewrite_manifest(path: Path, out: Path, change) -> Path:
 # ------------------------------------------------------------------------------ ONNX
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("net", sorted(NETS))
-def test_onnx_runtime_reproduces_the_simulation(net, case, tmp_path) -> None:
+def test_onnx_runtime_reproduces_the_simulation(net, case, tmp_path, monkeypatch) -> None:
+    if case != "W4A4":
+        # the layer kinds go through torch.export in the W4A4 case; the other cases vary only what the
+        # QDQ rewrite writes (widths, zero points, groups, quantized input), which both exporters'
+        # graphs receive alike, so they take the TorchScript one (3-5x faster here)
+        from lowbit.deploy import onnx_qdq
+        monkeypatch.setattr(onnx_qdq, "DEFAULT_EXPORTER", "torchscript")
     _, q, x = _quantized(net, case)
     path = lowbit.export(q, tmp_path / "m.onnx")
     _assert_matches(_run(q, x), _ort(path, x))
