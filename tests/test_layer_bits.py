@@ -134,7 +134,7 @@ def _check_codes_in_range(q) -> None:
         assert max(len(row.unique()) for row in per_channel) <= 2 ** wq.bits, name
 
 
-METHODS = {"minmax": {}, "mse": {}, "aciq": {}, "bitsplit": {"samples": 200},
+METHODS = {"minmax": {}, "mse": {"candidates": 10}, "aciq": {}, "bitsplit": {"samples": 200},
            "brecq": {"iters": 2}, "qdrop": {"iters": 2}, "distill": {"block_iters": 2, "joint_iters": 2}}
 
 
