@@ -106,7 +106,7 @@ def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-@pytest.mark.parametrize("stages", [(40, 0), (0, 60), (40, 60)])
+@pytest.mark.parametrize("stages", [(40, 0), (0, 30), (40, 30)])
 def test_distill_stages_reduce_error(stages, data, monkeypatch) -> None:
     from lowbit.ptq import distill
 
