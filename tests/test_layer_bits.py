@@ -334,8 +334,21 @@ def test_methods_that_cannot_honour_channel_widths_say_so(fp) -> None:
     with pytest.raises(LowbitError, match="aciq-mix allocates every layer's per-channel widths itself"):
         lowbit.quantize(fp, calib_tensor(8), method="aciq-mix", layer_bits=CHANNEL)
     x, y = calib_tensor(8), torch.arange(8) % 10
-    with pytest.raises(LowbitError, match="QAT method 'lsq' cannot honour per-channel weight widths"):
-        lowbit.qat(fp, (x, y), method="lsq", epochs=1, log=lambda s: None, layer_bits=CHANNEL)
+    for method in ("gdrq", "tsq", "dmbq"):
+        with pytest.raises(LowbitError, match=f"QAT method '{method}' cannot honour per-channel weight widths.*'lsq'"):
+            lowbit.qat(fp, (x, y), method=method, epochs=1, log=lambda s: None, layer_bits=CHANNEL)
+
+
+def test_lsq_trains_a_channel_map_and_folds_bn_per_channel(fp, tmp_path) -> None:
+    """LSQ keeps each channel on its own grid through training and the BN fold (pruned channels 0,
+    binary ones sign times step), and the artifact reloads it exactly."""
+    x, y = calib_tensor(16), torch.arange(16) % 10
+    q = lowbit.qat(fp, (x, y), method="lsq", epochs=1, batch_size=8, log=lambda s: None, layer_bits=CHANNEL)
+    _check_channel_widths(q)
+    assert lowbit.summary(q).totals["pruned_channels"] == sum(w.count(0) for w in CHANNEL_WIDTHS.values())
+    loaded = lowbit.load(lowbit.export(q, tmp_path / "m.lowbit"), model=fp)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q(x))
 
 
 @pytest.mark.parametrize("granularity", ["channel", "tensor"])

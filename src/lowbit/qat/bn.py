@@ -82,9 +82,11 @@ def fold_steps_into_bn(qmodel: nn.Module, pairs: list[tuple[str, str]], cfg: Qua
             mult = torch.ones_like(scale)
         channel = WeightQuantizer(wq.bits, wq.channels, "channel", None, wq.symmetric, wq.narrow,
                                   axis=wq.axis).to(scale.device)
+        if wq.group_bits:  # per-channel widths (groups are channels here): each keeps its own range
+            channel.set_group_bits(wq.group_bits)
         view = wq.channel_shape(codes.dim())
         negative = (mult < 0).view(view)
-        qmin, qmax = channel.qrange
+        qmin, qmax = channel.limits(codes.dim())  # ints, or per-channel bounds with per-channel widths
         if wq.symmetric or wq.binary:
             flipped = torch.where(negative, -codes, codes)
             zero = torch.zeros_like(z)

@@ -47,5 +47,8 @@ def lsq_finalize(qmodel: nn.Module, cfg: QuantConfig, opts: LsqOptions) -> Quant
     return cfg.with_(fold_bn=True, granularity="channel", groups=None)
 
 
+# per-channel widths: each channel trains its own step on its own grid (binary channels: sign times
+# step; pruned ones stay 0), and BN folds into the steps channel by channel as for one width
 register_qat_method("lsq", lsq_setup, lsq_finalize, LsqOptions,
-                    "learned step size quantization (LSQ), from the MSE PTQ start point", fold_bn=False)
+                    "learned step size quantization (LSQ), from the MSE PTQ start point", fold_bn=False,
+                    channel_bits=True)

@@ -57,6 +57,7 @@ class QatMethod:
     fold_bn: bool = True  # False: BN stays during training (and is folded by finalize)
     wants_context: bool = False  # finalize(qmodel, cfg, opts, FinalizeContext)
     fractional_bits: bool = False  # True: a fractional w_bits is a budget, passed as option w_budget
+    channel_bits: bool = False  # True: honours per-channel weight widths in layer_bits (0 prunes)
 
     @property
     def option_names(self) -> frozenset[str]:
@@ -73,11 +74,12 @@ _QAT: dict[str, QatMethod] = {}
 
 def register_qat_method(name: str, setup: Setup, finalize: Finalize, options: type | None = None,
                         description: str = "", fold_bn: bool = True, wants_context: bool = False,
-                        fractional_bits: bool = False) -> None:
+                        fractional_bits: bool = False, channel_bits: bool = False) -> None:
     """Register a QAT method; ``options`` annotations are resolved now (TypeError if lowbit cannot check them)."""
     if options is not None:
         option_types(options)
-    _QAT[name] = QatMethod(name, setup, finalize, options, description, fold_bn, wants_context, fractional_bits)
+    _QAT[name] = QatMethod(name, setup, finalize, options, description, fold_bn, wants_context, fractional_bits,
+                           channel_bits)
 
 
 def qat_methods() -> list[str]:

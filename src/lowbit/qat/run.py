@@ -22,7 +22,7 @@ from ..ptq.start import fp_teacher
 from ..record import publish, record_of
 from ..train.rng import private_global_rng
 from .engine import CONFIG_RESUMABLE, QAT_FIELDS, QatConfig, check_checkpoint_target, fit
-from .registry import FinalizeContext, get_qat_method
+from .registry import FinalizeContext, get_qat_method, qat_methods
 
 
 def _as_labelled(data: Any, what: str, input_key: str | None = None, target_key: str | None = None,
@@ -116,10 +116,11 @@ def qat(model: nn.Module, train_data: Tensor | Iterable, val_data: Any = None, m
         options.setdefault("w_budget", w_bits)
         w_bits = max(1, math.ceil(w_bits))
     layer_bits = check_layer_bits(options.pop("layer_bits", None))
-    if has_channel_bits(layer_bits):  # the QAT quantizers (LSQ steps, GDRQ, TSQ, DMBQ) clamp to one range per layer
+    if has_channel_bits(layer_bits) and not spec.channel_bits:  # GDRQ, TSQ, DMBQ: one code range per layer
+        honour = ", ".join(repr(n) for n in qat_methods() if get_qat_method(n).channel_bits)
         raise LowbitError(f"QAT method {method!r} cannot honour per-channel weight widths in layer_bits (its "
-                          f"trained quantizers have one code range per layer); use lowbit.quantize (PTQ) for "
-                          f"per-channel widths and pruned channels, or per-layer widths here")
+                          f"trained quantizers have one code range per layer); use method {honour} or "
+                          f"lowbit.quantize (PTQ) for per-channel widths and pruned channels, or per-layer widths here")
     cfg, method_options = build_config(w_bits, a_bits, options, spec.option_names)
     opts = spec.make_options(method_options)
     if not spec.fold_bn:

@@ -19,8 +19,9 @@ from .uniform import fake_quantize
 ZETA, GAMMA = 1.1, -0.1
 
 
-def scale_grad(x: Tensor, factor: float) -> Tensor:
-    """``x`` in the forward pass, gradient multiplied by ``factor`` (LSQ's step-size gradient scale)."""
+def scale_grad(x: Tensor, factor: float | Tensor) -> Tensor:
+    """``x`` in the forward pass, gradient multiplied by ``factor`` (LSQ's step-size gradient scale;
+    a tensor gives each element its own factor)."""
     return (x - x * factor).detach() + x * factor
 
 
@@ -64,8 +65,17 @@ class LearnedStepWeight(nn.Module):
         super().__init__()
         self.quant = quant
         self.scale = nn.Parameter(quant.scale.detach().clone())
-        qmax = max(abs(q) for q in quant.qrange)
-        self.grad_factor = 1.0 / math.sqrt(weight.numel() / quant.num_groups * qmax) if lsq_grad_scale else 1.0
+        per_group = weight.numel() / quant.num_groups
+        if not lsq_grad_scale:
+            self.grad_factor: float | Tensor = 1.0
+        elif quant.group_bits:
+            # LSQ's 1 / sqrt(n * Q_P) with each group's own Q_P (the binary channels' 1); a pruned
+            # group's step multiplies codes that are all 0, so it gets no gradient at all
+            lo, hi = quant.group_qranges()
+            qmax = torch.maximum(lo.abs(), hi)
+            self.grad_factor = torch.where(qmax > 0, (per_group * qmax.clamp_min(1)).rsqrt(), torch.zeros_like(qmax))
+        else:
+            self.grad_factor = 1.0 / math.sqrt(per_group * max(abs(q) for q in quant.qrange))
 
     def forward(self, w: Tensor) -> Tensor:
         q = self.quant
