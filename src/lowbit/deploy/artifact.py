@@ -43,6 +43,7 @@ from ..quant.layers import LAYER_KINDS, out_channels, quant_layers
 from ..quant.spec import LayerSpec, TensorSpec, effective_groups, storage_bits
 from ..quant.uniform import int_range
 from ..record import QuantRecord, attach, publish
+from .blob_reader import BlobReader
 from .packing import pack_codes, pack_rows, packed_nbytes, rows_nbytes, unpack_codes, unpack_rows
 
 FORMAT = "lowbit-artifact"
@@ -249,7 +250,7 @@ def save_artifact(qmodel: nn.Module, path: str | os.PathLike) -> Path:
         manifest[SPARSE_KEY] = sparse
     if info.get("layer_bits"):  # the resolved per-layer widths, one [w, a] (null: float) per row: checked at load
         resolved = from_record(info["layer_bits"], "lowbit_info layer_bits")
-        manifest["layer_bits"] = [_compact(resolved.get(r[0])) for r in rows]
+        manifest["layer_bits"] = [compact_layer_bits(resolved.get(r[0])) for r in rows]
     group_bits = {name: list(specs[name].weight.group_bits) for name in order
                   if specs[name].weight is not None and specs[name].weight.group_bits}
     if group_bits:  # widths inside a layer (uniform: each group's codes at its own width, see DENSE_VERSIONS;
@@ -651,29 +652,7 @@ def _check_tensors(rows: list[dict], tensors: dict[str, Tensor], cfg: QuantConfi
             raise LowbitError(f"layer {row['name']!r}: {exc}") from None
 
 
-class _Reader:
-    """Consumes a flat blob front to back; a LowbitError when it runs short."""
-
-    def __init__(self, blob: Tensor | None, what: str, dtype: torch.dtype) -> None:
-        blob = torch.zeros(0, dtype=dtype) if blob is None else blob
-        if blob.dtype != dtype or blob.dim() != 1:
-            raise LowbitError(f"the artifact's {what} blob must be a 1-D {dtype} tensor, got {blob.dtype} of "
-                              f"shape {list(blob.shape)}")
-        self.blob, self.pos, self.what = blob, 0, what
-
-    def take(self, n: int) -> Tensor:
-        if self.pos + n > self.blob.numel():
-            raise LowbitError(f"the artifact's {self.what} blob is too short for its manifest")
-        out = self.blob[self.pos:self.pos + n].clone()
-        self.pos += n
-        return out
-
-    def check_done(self) -> None:
-        if self.pos != self.blob.numel():
-            raise LowbitError(f"the artifact's {self.what} blob is longer than its manifest says")
-
-
-def _compact(bits: LayerBits | None) -> list[Any] | None:
+def compact_layer_bits(bits: LayerBits | None) -> list[Any] | None:
     """A row's resolved widths in the manifest: ``[w_bits, a_bits]`` (``[w_bits, a_bits, channel_bits]``
     with per-channel widths), or null for a float layer."""
     if bits is None:
@@ -772,7 +751,7 @@ def _expand(stored: dict, tensors: dict[str, Tensor], version: str = VERSION) ->
     if header["input_shape"] is not None:  # written by lowbit.quantize / qat: rows in execution order
         _check_roles(rows)
     group_bits = _group_bits(stored["group_bits"], rows) if "group_bits" in stored else {}
-    params = _Reader(tensors.pop(PARAMS_KEY, None), PARAMS_KEY, torch.float32)
+    params = BlobReader(tensors.pop(PARAMS_KEY, None), PARAMS_KEY, torch.float32)
     dense = {r["name"]: group_bits[r["name"]] for r in rows if version in DENSE_VERSIONS and r["w"]
              and not r["w_multibit"] and r["name"] in group_bits}  # codes at each group's own width
     widths = {b for r in rows if r["w"] and not r["w_multibit"] for b in dense.get(r["name"], [r["w_bits"]]) if b}
@@ -780,9 +759,9 @@ def _expand(stored: dict, tensors: dict[str, Tensor], version: str = VERSION) ->
     for bits in sorted(widths):
         if codes_key(bits) not in tensors:
             raise LowbitError(f"the artifact has no {codes_key(bits)} blob for its {bits}-bit layers")
-        blobs[bits] = _Reader(tensors.pop(codes_key(bits)), codes_key(bits), torch.uint8)
+        blobs[bits] = BlobReader(tensors.pop(codes_key(bits)), codes_key(bits), torch.uint8)
     if version in MULTIBIT_VERSIONS:
-        blobs[PLANES_KEY] = _Reader(tensors.pop(PLANES_KEY, None), PLANES_KEY, torch.uint8)
+        blobs[PLANES_KEY] = BlobReader(tensors.pop(PLANES_KEY, None), PLANES_KEY, torch.uint8)
     if any(is_reserved(k, version) for k in tensors):
         raise LowbitError(f"the artifact holds weight codes that no layer of its manifest uses "
                           f"({sorted(k for k in tensors if is_reserved(k, version))})")
