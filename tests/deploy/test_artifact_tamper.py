@@ -100,7 +100,7 @@ def params_layout(manifest: dict) -> dict[tuple[str, str], tuple[int, int, int]]
         if r["w"]:
             entries.append(("weight_quant.scale", r["groups"], r["w_bits"]))
             if r["zp"]:
-                unpruned = sum(b > 0 for b in group_bits[r["name"]]) if r["name"] in group_bits else r["groups"]
+                unpruned = sum(str(b) != "0" for b in group_bits[r["name"]]) if r["name"] in group_bits else r["groups"]
                 entries.append(("weight_quant.zero_point", unpruned, r["w_bits"]))
         if r["bias"]:
             entries.append(("bias", r["shape"][0], 0))

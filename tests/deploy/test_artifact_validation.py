@@ -181,12 +181,15 @@ MANIFEST_CASES: list[tuple[str, str, Callable[[dict], None], str]] = [
     ("input_shape-absent", "sym", key(("input_shape",), drop=True), None),  # a record only: same model
     ("method-other", "sym", key(("method",), "mse"), None),  # a record only: same model
     # version 5: the widths say where each channel's codes are: a changed width reads other runs
-    ("group_bits-pruned-widened", "chan", key(("group_bits", BODY), [4, 2, 2, 1]), "codes2 blob is too short"),
-    ("group_bits-narrowed", "chan", key(("group_bits", BODY), [4, 1, 0, 1]), "codes1 blob is too short"),
-    ("group_bits-storage", "chan", key(("group_bits", BODY), [3, 2, 0, 1]),
+    ("group_bits-pruned-widened", "chan", key(("group_bits", BODY), "4221"), "codes2 blob is too short"),
+    ("group_bits-narrowed", "chan", key(("group_bits", BODY), "4101"), "codes1 blob is too short"),
+    ("group_bits-storage", "chan", key(("group_bits", BODY), "3201"),
      r"group_bits\['layers.0.0.conv1'\] must be a list of 4 integers from 0 to 4 .* stored at 4"),
-    ("group_bits-absent", "chan", key(("group_bits",), drop=True),  # every channel read at w_bits
-     r"holds weight codes that no layer of its manifest uses \(\['codes1', 'codes2', 'codes3'\]\)"),
+    ("group_bits-absent", "chan", key(("group_bits",), drop=True),  # layer_bits point at them
+     r"layer_bits\[1\] must be per-channel widths of a layer with uniform weights and group_bits"),
+    ("layer_bits-ref-not-channels", "chan", key(("layer_bits", 2), [4, 4, 1]),  # a per-layer row: no group_bits
+     r"layer_bits\[2\] must be per-channel widths of a layer with uniform weights and group_bits"),
+    ("layer_bits-ref-true", "chan", key(("layer_bits", 1, 2), True), r"layer_bits\[1\] must be null"),
 ]
 
 

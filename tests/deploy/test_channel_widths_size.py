@@ -3,6 +3,7 @@ its own width, pruned channels none, and its size is the theory's (weights at th
 which ``deploy.size`` and ``lowbit.summary`` report from the specs alone."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -68,9 +69,15 @@ def test_channel_widths_file_is_the_theoretical_size(symmetric, tmp_path) -> Non
     assert data_bytes(path) == written + biases + inputs + others
     assert totals["pruned_channels"] == sum(w.count(0) for w in CHANNEL_MAP.values() if isinstance(w, list))
     # the file: the tensor data plus a header bounded by the layers and channels it describes
-    header, _ = raw_header(path)
+    header, content = raw_header(path)
+    manifest = json.loads(content["__metadata__"]["manifest"])
+    names = [r[0] for r in manifest["layers"]]
+    for name, widths in CHANNEL_MAP.items():  # the widths once, one character per channel
+        if isinstance(widths, list):
+            assert manifest["group_bits"][name] == "".join(str(b) for b in widths)
+            assert manifest["layer_bits"][names.index(name)][2] == 1  # "the row's group_bits"
     channels = sum(len(w) for w in CHANNEL_MAP.values() if isinstance(w, list))
-    assert header < 1024 + 150 * len(layers) + 8 * channels
+    assert header < 1024 + 150 * len(layers) + 2 * channels
     # and it loads to the same model
     images = calib_tensor(8, seed=4)
     with torch.no_grad():

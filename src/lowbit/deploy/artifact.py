@@ -63,6 +63,17 @@ MULTIBIT_VERSIONS = ("4", "5")  # versions that may hold multibit code books and
 # the unit of its channel's integer bias, see ``deploy.integer``), only unpruned groups a zero point
 # (a pruned group's is 0 by definition, ``quant.spec``).
 DENSE_VERSIONS = ("5",)
+# Version 5 also writes per-group widths once and compactly (a model's channels run to thousands): the
+# manifest's ``group_bits`` holds each layer's widths as a string of one WIDTH_DIGITS character per group,
+# and a ``layer_bits`` entry whose per-channel widths are its row's group_bits says so with CHANNEL_BITS_REF
+# (``[w_bits, a_bits, 1]``) instead of repeating them. Version 4 wrote both as lists of integers.
+WIDTH_DIGITS = "0123456789abcdefg"  # widths 0..16
+CHANNEL_BITS_REF = 1
+
+
+def widths_text(widths: tuple[int, ...] | list[int]) -> str:
+    """Per-group widths (0..16) as version 5's manifest holds them: one ``WIDTH_DIGITS`` character each."""
+    return "".join(WIDTH_DIGITS[b] for b in widths)
 
 # Columns of the manifest's "layers" rows (the manifest itself lists them under "fields"). "kind"
 # (a quant.layers.LAYER_KINDS name: it fixes the weight layout and its channel axis) and "out" (output
@@ -250,8 +261,8 @@ def save_artifact(qmodel: nn.Module, path: str | os.PathLike) -> Path:
         manifest[SPARSE_KEY] = sparse
     if info.get("layer_bits"):  # the resolved per-layer widths, one [w, a] (null: float) per row: checked at load
         resolved = from_record(info["layer_bits"], "lowbit_info layer_bits")
-        manifest["layer_bits"] = [compact_layer_bits(resolved.get(r[0])) for r in rows]
-    group_bits = {name: list(specs[name].weight.group_bits) for name in order
+        manifest["layer_bits"] = [compact_layer_bits(resolved.get(r[0]), specs[r[0]].weight) for r in rows]
+    group_bits = {name: widths_text(specs[name].weight.group_bits) for name in order
                   if specs[name].weight is not None and specs[name].weight.group_bits}
     if group_bits:  # widths inside a layer (uniform: each group's codes at its own width, see DENSE_VERSIONS;
         manifest["group_bits"] = group_bits  # multibit: each channel's bases, 0 for a pruned channel)
@@ -460,7 +471,8 @@ def _check_row_fields(row: dict, cfg: QuantConfig, bits: LayerBits | None = None
         if row["zp"]:
             raise _bad("zp", "0 for a multibit weight (it has no zero points)", row["zp"])
     elif bits is not None and bits.channel_bits is not None:  # per-channel widths force per-channel scales
-        if groups != channels or len(bits.channel_bits) != channels:
+        # (empty: widths still to come from the row's group_bits, version 5's CHANNEL_BITS_REF)
+        if groups != channels or (bits.channel_bits and len(bits.channel_bits) != channels):
             raise _bad("groups", f"{channels}, one per output channel (the layer has per-channel widths)", groups)
     elif cfg.granularity == "tensor" and groups != 1:
         raise _bad("groups", "1 (per-tensor scales in the config)", groups)
@@ -652,29 +664,41 @@ def _check_tensors(rows: list[dict], tensors: dict[str, Tensor], cfg: QuantConfi
             raise LowbitError(f"layer {row['name']!r}: {exc}") from None
 
 
-def compact_layer_bits(bits: LayerBits | None) -> list[Any] | None:
+def compact_layer_bits(bits: LayerBits | None, weight: TensorSpec | None = None) -> list[Any] | None:
     """A row's resolved widths in the manifest: ``[w_bits, a_bits]`` (``[w_bits, a_bits, channel_bits]``
-    with per-channel widths), or null for a float layer."""
+    with per-channel widths, ``[w_bits, a_bits, CHANNEL_BITS_REF]`` when they are the uniform ``weight``
+    spec's group_bits, which the manifest holds already), or null for a float layer."""
     if bits is None:
         raise LowbitError("the model's lowbit_info layer_bits lack an entry for one of its layers")
     if not bits.enabled:
         return None
-    return [bits.w_bits, bits.a_bits] + ([list(bits.channel_bits)] if bits.channel_bits is not None else [])
+    if bits.channel_bits is None:
+        return [bits.w_bits, bits.a_bits]
+    same = weight is not None and weight.kind == "uniform" and weight.group_bits == tuple(bits.channel_bits)
+    return [bits.w_bits, bits.a_bits, CHANNEL_BITS_REF if same else list(bits.channel_bits)]
 
 
-def _layer_bits(stored: dict) -> list[LayerBits] | None:
-    """The manifest's resolved widths, one per layer row (None in files written before they were stored)."""
+def _layer_bits(stored: dict, version: str = VERSION) -> tuple[list[LayerBits] | None, set[int]]:
+    """The manifest's resolved widths, one per layer row (None in files written before they were stored),
+    and the rows whose per-channel widths are their group_bits (``CHANNEL_BITS_REF``, version 5: their
+    LayerBits come back with empty channel_bits, which ``_expand`` fills in from the checked group_bits)."""
+    refs: set[int] = set()
     if "layer_bits" not in stored:
-        return None
+        return None, refs
     value, layers = stored["layer_bits"], stored.get("layers")
     if not isinstance(layers, list) or not layers:
-        return None  # _rows reports the damaged rows
+        return None, refs  # _rows reports the damaged rows
     if not isinstance(value, list) or len(value) != len(layers):
         raise _damaged("layer_bits", f"it must be a list with one entry per layer row, got {_show(value)}")
     out = []
     for i, entry in enumerate(value):
         if entry is None:
             bits = LayerBits(None, None)
+        elif (version in DENSE_VERSIONS and isinstance(entry, list) and len(entry) == 3 and _is_int(entry[0])
+              and 1 <= entry[0] <= 16 and (entry[1] is None or (_is_int(entry[1]) and 1 <= entry[1] <= 16))
+              and _is_int(entry[2]) and entry[2] == CHANNEL_BITS_REF):
+            bits = LayerBits(entry[0], entry[1], ())  # per channel; the widths follow from group_bits
+            refs.add(i)
         elif (isinstance(entry, list) and len(entry) in (2, 3) and _is_int(entry[0]) and 1 <= entry[0] <= 16
               and (entry[1] is None or (_is_int(entry[1]) and 1 <= entry[1] <= 16))
               and (len(entry) == 2 or (isinstance(entry[2], list) and entry[2]
@@ -683,22 +707,31 @@ def _layer_bits(stored: dict) -> list[LayerBits] | None:
             bits = LayerBits(entry[0], entry[1], tuple(entry[2]) if len(entry) == 3 else None)
         else:
             raise _bad(f"layer_bits[{i}]", "null (a float layer) or [w_bits 1..16, a_bits 1..16 or null] "
-                       "(+ per-channel widths 0..16 stored at w_bits)", entry)
+                       "(+ per-channel widths 0..16 stored at w_bits" +
+                       (f", or {CHANNEL_BITS_REF}: the row's group_bits)" if version in DENSE_VERSIONS else ")"), entry)
         out.append(bits)
-    return out
+    return out, refs
 
 
-def _group_bits(value: Any, rows: list[dict]) -> dict[str, list[int]]:
-    """Per-group widths of mixed-width layers: one list per named quantized layer. Uniform codes: widths
-    0..w_bits (0: pruned), stored at w_bits (``quant.spec.storage_bits``); multibit: bases 0..w_bits
-    (0: a pruned channel), the most = w_bits."""
+def _group_bits(value: Any, rows: list[dict], version: str = VERSION) -> dict[str, list[int]]:
+    """Per-group widths of mixed-width layers: one list per named quantized layer (version 5: a string
+    of ``WIDTH_DIGITS``, decoded here). Uniform codes: widths 0..w_bits (0: pruned), stored at w_bits
+    (``quant.spec.storage_bits``); multibit: bases 0..w_bits (0: a pruned channel), the most = w_bits."""
     if not isinstance(value, dict) or not value:
         raise _damaged("group_bits", f"it must be a non-empty object of per-layer width lists, got {_show(value)}")
     by_name = {r["name"]: r for r in rows}
+    text = version in DENSE_VERSIONS
+    decoded = {}
     for name, widths in value.items():
         row = by_name.get(name)
         if row is None or not row["w"]:
             raise _damaged("group_bits", f"{_show(name)} is not a layer with quantized weights")
+        if text:
+            if not isinstance(widths, str) or not set(widths) <= set(WIDTH_DIGITS):
+                raise _bad(f"group_bits[{name!r}]", f"a string of one width per group, each of {WIDTH_DIGITS!r} "
+                           "(0..16)", widths)
+            widths = [WIDTH_DIGITS.index(c) for c in widths]
+        decoded[name] = widths
         ints = (isinstance(widths, list) and len(widths) == row["groups"] and bool(widths)
                 and all(type(b) is int and 0 <= b <= row["w_bits"] for b in widths))
         if row["w_multibit"]:
@@ -708,7 +741,7 @@ def _group_bits(value: Any, rows: list[dict]) -> dict[str, list[int]]:
         elif not ints or max(widths) == 0 or storage_bits(widths) != row["w_bits"]:
             raise _bad(f"group_bits[{name!r}]", f"a list of {row['groups']} integers from 0 to {row['w_bits']} "
                        f"(the layer's w_bits) stored at {row['w_bits']}", widths)
-    return value
+    return decoded
 
 
 def _rows(stored: dict, cfg: QuantConfig, layer_bits: list[LayerBits] | None = None,
@@ -744,13 +777,19 @@ def _expand(stored: dict, tensors: dict[str, Tensor], version: str = VERSION) ->
     """
     cfg = _config(_required(stored, "config"))
     header = _check_header(stored)
-    layer_bits = _layer_bits(stored)
+    layer_bits, refs = _layer_bits(stored, version)
     rows = _rows(stored, cfg, layer_bits, version)
     pairs = [[r["name"], r["bn"]] for r in rows if r["bn"]] + _pairs(stored.get("fold_pairs", []), "fold_pairs")
     _check_pairs(pairs)
     if header["input_shape"] is not None:  # written by lowbit.quantize / qat: rows in execution order
         _check_roles(rows)
-    group_bits = _group_bits(stored["group_bits"], rows) if "group_bits" in stored else {}
+    group_bits = _group_bits(stored["group_bits"], rows, version) if "group_bits" in stored else {}
+    for i in sorted(refs):  # per-channel widths given as the row's group_bits (CHANNEL_BITS_REF)
+        r, bits = rows[i], layer_bits[i]
+        if r["name"] not in group_bits or r["w_multibit"]:
+            raise _bad(f"layer_bits[{i}]", "per-channel widths of a layer with uniform weights and group_bits per "
+                       "output channel", [bits.w_bits, bits.a_bits, CHANNEL_BITS_REF])
+        layer_bits[i] = LayerBits(bits.w_bits, bits.a_bits, tuple(group_bits[r["name"]]))
     params = BlobReader(tensors.pop(PARAMS_KEY, None), PARAMS_KEY, torch.float32)
     dense = {r["name"]: group_bits[r["name"]] for r in rows if version in DENSE_VERSIONS and r["w"]
              and not r["w_multibit"] and r["name"] in group_bits}  # codes at each group's own width
