@@ -82,3 +82,21 @@ def test_channel_widths_file_is_the_theoretical_size(symmetric, tmp_path) -> Non
     images = calib_tensor(8, seed=4)
     with torch.no_grad():
         assert torch.equal(lowbit.load(path, model=make_model("resnet20"))(images), q(images))
+
+
+@pytest.mark.parametrize("kind", ["convtranspose2d-grouped", "conv1d-linear"])
+def test_other_layer_kinds_round_trip_at_their_size(kind, tmp_path) -> None:
+    """Channel axis 1 (ConvTranspose, grouped), 1-D convs, Linear: every channel at its own width."""
+    from tests import layer_kind_models as kinds
+
+    fp, x = ((kinds.make(kinds.DecoderClassifier), kinds.images(16)) if kind.startswith("convtranspose")
+             else (kinds.make(kinds.Net1d), kinds.signals(16)))
+    channels = {n: l.weight_quant.channels for n, l in quant_layers(lowbit.quantize(fp, x, w_bits=4, a_bits=4))}
+    widths = (0, 1, 2, 3, 4, 8)
+    layer_bits = {n: [widths[(c + i) % 6] or (3 if c == 0 else 0) for c in range(k)]
+                  for i, (n, k) in enumerate(channels.items())}
+    q = lowbit.quantize(fp, x, w_bits=4, a_bits=4, layer_bits=layer_bits)
+    path = lowbit.export(q, tmp_path / "m.lowbit")
+    assert data_bytes(path) == quantized_bytes(q)
+    with torch.no_grad():
+        assert torch.equal(lowbit.load(path, model=fp)(x), q(x))
