@@ -89,8 +89,8 @@ def quantize(model: nn.Module, calib: Tensor | Iterable, w_bits: int = DEFAULT_B
 def _record_settled_widths(qmodel: nn.Module, layer_bits: dict[str, LayerBits]) -> None:
     """Record the weight widths the method left, where it changed them.
 
-    A method that mixes widths inside a layer (``aciq-mix``) stores the layer at its widest
-    channel's width; the record (and so the artifact's per-layer map) must say that width.
+    A method that mixes widths inside a layer (``aciq-mix``) gives the layer its widest channel's
+    width as its storage width; the record (and so the artifact's per-layer map) must say that width.
     """
     for name, layer in quant_layers(qmodel):
         entry = layer_bits.get(name)

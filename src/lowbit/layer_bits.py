@@ -14,9 +14,10 @@ quantizable layers to a value:
   ints is always the pair ``(w, a)``: give a 2-channel layer's widths as a tensor or as
   ``([w0, w1], a)``. A per-channel value forces per-channel weight scales for that layer,
   whatever the config's granularity; its length must be the layer's channel count (a pattern
-  that matches layers of different channel counts is an error naming the layer). The layer is
-  stored at ``quant.spec.storage_bits`` of its widths (the widest; 2 when 1-bit channels sit
-  beside pruned ones), each channel's codes inside its own range. Signed 1-bit channels are
+  that matches layers of different channel counts is an error naming the layer). The layer's
+  ``w_bits`` is ``quant.spec.storage_bits`` of its widths (the widest; 2 when 1-bit channels sit
+  beside pruned ones), each channel's codes inside its own range; the artifact (version 5) packs
+  each channel's codes at its own width, pruned channels none. Signed 1-bit channels are
   binary (``{-1, +1}`` times the channel's scale), as a whole 1-bit layer is. A pruned channel's
   output is its bias alone (after BN folding, the folded bias ``beta - gamma * mean / std``: a
   constant, not 0); with ``fold_bn=False`` the following BatchNorm still normalises that constant

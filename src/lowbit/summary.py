@@ -28,9 +28,10 @@ FLOAT_BITS = 32  # a layer left in float counts as 32-bit weights in the average
 class LayerSummary:
     """One weight layer: ``w_bits`` None = float weights, ``a_bits`` None = float input.
 
-    Layers whose channels have their own widths (``aciq-mix``) store their codes at ``w_bits``,
-    the widest channel's width (``weight_bytes`` counts that storage); ``w_bits_mean`` is their
-    true mean width, which the totals' averages use.
+    Layers whose channels have their own widths (``aciq-mix``, per-channel ``layer_bits``) show
+    ``w_bits``, their storage width (the widest channel's); the artifact packs each channel at its
+    own width, pruned channels none, which ``weight_bytes`` counts; ``w_bits_mean`` is their true
+    mean width, which the totals' averages use.
     """
 
     name: str
@@ -99,7 +100,7 @@ def summary(qmodel: nn.Module) -> Summary:
     pruned = 0
     for s in specs:
         ws, ins = s.weight, s.input
-        mixed = ws is not None and ws.kind == "uniform" and ws.group_bits is not None  # aciq-mix: stored at the widest
+        mixed = ws is not None and ws.kind == "uniform" and ws.group_bits is not None  # per-channel widths: w_bits is the widest
         rows.append(LayerSummary(s.name, s.kind, s.role, None if ws is None else _w_bits(ws),
                                  None if ins is None else ins.bits, math.prod(s.weight_shape), layer_weight_bytes(s),
                                  ws.mean_bits if mixed else None))
@@ -112,7 +113,7 @@ def summary(qmodel: nn.Module) -> Summary:
 
 def _w_bits(spec: TensorSpec) -> int | float:
     """A layer's weight bits: its width, or the mean of its channels' bases when a multi-bit layer's differ
-    (uniform per-group widths show the widest, the width their codes are stored at)."""
+    (uniform per-group widths show the widest, their storage width in ONNX and the layer's w_bits)."""
     return spec.mean_bits if spec.kind == "multibit" and len(set(spec.widths)) > 1 else spec.bits
 
 

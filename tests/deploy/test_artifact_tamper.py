@@ -35,11 +35,15 @@ from lowbit import LowbitError
 from lowbit.deploy.artifact import PARAMS_KEY, is_reserved
 from tests.conftest import calib_tensor, make_model
 
-# The two artifacts mutated: symmetric weights with BN folded (narrow signed codes, no weight zero
-# points), and asymmetric weights with BN kept (weight zero points, BN tensors stored by name).
+# The artifacts mutated: symmetric weights with BN folded (narrow signed codes, no weight zero
+# points), asymmetric weights with BN kept (weight zero points, BN tensors stored by name), and
+# asymmetric weights with per-channel widths (1 to 8 bits and pruned channels: codes at each
+# channel's own width, zero points of the unpruned channels only).
+CHANNEL_BITS = {"layers.0.0.conv1": [4, 2, 0, 1], "layers.1.0.conv1": [3, 3, 2, 8, 1, 1, 0, 4]}
 CONFIGS = {
     "sym": {"w_bits": 4, "a_bits": 4},
     "asym": {"w_bits": 4, "a_bits": 4, "w_symmetric": False, "fold_bn": False},
+    "chan": {"w_bits": 4, "a_bits": 4, "w_symmetric": False, "layer_bits": CHANNEL_BITS},
 }
 
 # Values put in place of any manifest value: wrong types, NaN/inf, zero, negative, huge, real names.
@@ -85,16 +89,19 @@ class Artifact:
 
 def params_layout(manifest: dict) -> dict[tuple[str, str], tuple[int, int, int]]:
     """``(layer, field) -> (start, count, bits)`` in a version-2 params blob, from the format's documented
-    layout: weight scale[groups] if w, weight zero point[groups] if zp, bias[shape[0]] if bias, input
-    scale and zero point if a (``bits``: the code width bounding a zero point)."""
+    layout: weight scale[groups] if w, weight zero point[groups] if zp (version 5 with group_bits: of
+    the unpruned groups), bias[shape[0]] if bias, input scale and zero point if a (``bits``: the code
+    width bounding a zero point)."""
     out, pos = {}, 0
+    group_bits = manifest.get("group_bits", {})
     for row in manifest["layers"]:
         r = dict(zip(manifest["fields"], row))
         entries = []
         if r["w"]:
             entries.append(("weight_quant.scale", r["groups"], r["w_bits"]))
             if r["zp"]:
-                entries.append(("weight_quant.zero_point", r["groups"], r["w_bits"]))
+                unpruned = sum(str(b) != "0" for b in group_bits[r["name"]]) if r["name"] in group_bits else r["groups"]
+                entries.append(("weight_quant.zero_point", unpruned, r["w_bits"]))
         if r["bias"]:
             entries.append(("bias", r["shape"][0], 0))
         if r["a"]:
@@ -112,7 +119,7 @@ def read_raw(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory) -> dict[str, Artifact]:
-    """The two artifacts of a tiny ResNet-20, built once for the whole module."""
+    """The artifacts of a tiny ResNet-20, built once for the whole module."""
     out = {}
     images = calib_tensor(8, seed=123)
     for name, options in CONFIGS.items():

@@ -25,6 +25,8 @@ from tests.conftest import calib_tensor, make_model
 from tests.deploy.test_artifact_tamper import params_layout, read_raw
 
 BODY = "layers.0.0.conv1"  # a 4-bit body conv of the tiny ResNet-20 (4 output channels)
+# per-channel widths (version 5: each channel's codes at its own width, none for the pruned one)
+CHANNEL_BITS = {BODY: [4, 2, 0, 1], "layers.1.0.conv1": [3, 3, 2, 8, 1, 1, 0, 4]}
 
 
 class Source:
@@ -59,7 +61,9 @@ class Source:
 def sources(tmp_path_factory) -> dict[str, Source]:
     root = tmp_path_factory.mktemp("validation")
     return {"sym": Source(root, "sym"),  # symmetric weights, BN folded
-            "asym": Source(root, "asym", w_symmetric=False, fold_bn=False)}  # zero points, BN tensors by name
+            "asym": Source(root, "asym", w_symmetric=False, fold_bn=False),  # zero points, BN tensors by name
+            "chan": Source(root, "chan", layer_bits=CHANNEL_BITS),  # per-channel widths, narrow signed codes
+            "chanasym": Source(root, "chanasym", w_symmetric=False, layer_bits=CHANNEL_BITS)}
 
 
 def cell(name: str, field: str, value: Any) -> Callable[[dict], None]:
@@ -176,6 +180,16 @@ MANIFEST_CASES: list[tuple[str, str, Callable[[dict], None], str]] = [
      r"input_shape \[3, 16, 16\] does not fit the model"),
     ("input_shape-absent", "sym", key(("input_shape",), drop=True), None),  # a record only: same model
     ("method-other", "sym", key(("method",), "mse"), None),  # a record only: same model
+    # version 5: the widths say where each channel's codes are: a changed width reads other runs
+    ("group_bits-pruned-widened", "chan", key(("group_bits", BODY), "4221"), "codes2 blob is too short"),
+    ("group_bits-narrowed", "chan", key(("group_bits", BODY), "4101"), "codes1 blob is too short"),
+    ("group_bits-storage", "chan", key(("group_bits", BODY), "3201"),
+     r"group_bits\['layers.0.0.conv1'\] must be a list of 4 integers from 0 to 4 .* stored at 4"),
+    ("group_bits-absent", "chan", key(("group_bits",), drop=True),  # layer_bits point at them
+     r"layer_bits\[1\] must be per-channel widths of a layer with uniform weights and group_bits"),
+    ("layer_bits-ref-not-channels", "chan", key(("layer_bits", 2), [4, 4, 1]),  # a per-layer row: no group_bits
+     r"layer_bits\[2\] must be per-channel widths of a layer with uniform weights and group_bits"),
+    ("layer_bits-ref-true", "chan", key(("layer_bits", 1, 2), True), r"layer_bits\[1\] must be null"),
 ]
 
 
@@ -272,6 +286,16 @@ TENSOR_CASES: list[tuple[str, str, Any, str]] = [
     ("extra-int-dtype", "asym", _blob("bn1.num_batches_tracked", lambda b: b.float()),
      "tensor 'bn1.num_batches_tracked' must be torch.int64"),
     ("extra-missing", "asym", _drop("bn1.running_mean"), r"missing \['bn1.running_mean'\]"),
+    # version 5: codes at each channel's own width, zero points of the unpruned channels only
+    ("dense-codes-short", "chan", _blob("codes1", lambda b: b[:-1].clone()), "codes1 blob is too short"),
+    ("dense-codes-long", "chan", _blob("codes3", lambda b: torch.cat([b, b[:1]])), "codes3 blob is longer"),
+    ("dense-codes-missing", "chan", _drop("codes1"), "no codes1 blob for its 1-bit layers"),
+    ("dense-out-of-narrow-range", "chan", _blob("codes2", lambda b: torch.full_like(b, 255)),
+     rf"layer '{BODY}': weight codes outside their channel's range \(group_bits\): group 1 \(2 bits\) holds 2, "
+     "above its top 1"),
+    ("dense-zp-range", "chanasym", (BODY, "weight_quant.zero_point", 16.0, 2),
+     r"weight_quant.zero_point must be integers in the code range \[0, 15\]"),
+    ("dense-params-short", "chanasym", _blob(PARAMS_KEY, lambda b: b[:-1].clone()), "params blob is too short"),
 ]
 
 
@@ -290,7 +314,7 @@ def test_tensors_are_checked(sources, tmp_path, case) -> None:
 
 META_CASES = [
     ("format", {"format": "lowbit"}, "is not a lowbit artifact .format tag 'lowbit'"),
-    ("version-5", {"version": "5"}, "artifact version '5' is not supported"),
+    ("version-6", {"version": "6"}, "artifact version '6' is not supported"),
     ("version-1-of-a-v2-manifest", {"version": "1"}, "'layers' is missing or damaged"),
     ("manifest-not-json", {"manifest": "{"}, "manifest is missing or damaged .not JSON"),
     ("manifest-deep", {"manifest": "[" * 100_000 + "]" * 100_000}, "manifest is missing or damaged"),

@@ -125,3 +125,32 @@ def test_bad_input() -> None:
         integer_model(q)
     with pytest.raises(LowbitError, match="never quantized"):
         with_int32_bias(nn.Conv2d(1, 1, 1))
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_per_layer_and_per_channel_widths_with_pruned_channels(symmetric, tmp_path) -> None:
+    """Per-layer widths, per-channel widths (binary and pruned channels): the integer path equals the
+    simulation with int32 biases code for code, from the model and from its (version-5) artifact."""
+    from tests.deploy.test_channel_widths_size import CHANNEL_MAP
+
+    q = lowbit.quantize(make_model("resnet20"), calib_tensor(16), w_bits=4, a_bits=4, w_symmetric=symmetric,
+                        layer_bits=CHANNEL_MAP)
+    device = integer_model(q)
+    images = calib_tensor(16, seed=1)
+    res = integer_agreement(with_int32_bias(q), images, device)
+    assert res["code_agreement"] == 100.0 and res["argmax_agreement"] == 100.0 and res["max_code_diff"] == 0, res
+    assert set(CHANNEL_MAP) - {"fc"} <= set(device.integer_layers) and device.requantized
+    for name, widths in CHANNEL_MAP.items():
+        if not isinstance(widths, list):
+            continue
+        w = device.layers[name].w_centered  # q_w - z_w: pruned channels 0, binary ones +-1 (symmetric)
+        for c, b in enumerate(widths):
+            if b == 0:
+                assert not w[c].any(), (name, c)
+            elif b == 1 and symmetric:
+                assert set(w[c].unique().tolist()) <= {-1, 1}, (name, c)
+            else:
+                assert int(w[c].max()) - int(w[c].min()) <= 2 ** b - 1, (name, c)
+    loaded = integer_model(lowbit.load(lowbit.export(q, tmp_path / "m.lowbit"), model=make_model("resnet20")))
+    with torch.no_grad():
+        assert torch.equal(loaded(images), device(images))

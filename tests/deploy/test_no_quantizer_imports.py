@@ -143,3 +143,13 @@ def test_the_check_sees_a_quantizer_attribute_read(tmp_path) -> None:
                      "    return f'{layer}.weight_quant.scale'\n")         # a state-dict key: fine
     assert [b.split(":")[0] for b in _attribute_reads(probe, spec_only=False)] == ["2", "3"]
     assert {int(b.split(":")[0]) for b in _attribute_reads(probe, spec_only=True)} == {2, 3, 4, 6, 7}
+
+
+def test_no_deploy_module_imports_another_modules_private_names() -> None:
+    """Shared helpers have public names (``legacy_multibit`` once read ``artifact._Reader``); torch's
+    private exporter API is torch's business (``onnx_qdq``)."""
+    modules = sorted(DEPLOY.glob("*.py")) + [SUMMARY]
+    found = {p.name: [f"{m}.{n}" for m, n in _imports(p)
+                      if m.startswith("lowbit") and n and n.startswith("_") and not n.startswith("__")]
+             for p in modules}
+    assert not any(found.values()), found

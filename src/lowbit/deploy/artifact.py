@@ -6,10 +6,12 @@ checked before the model is built; a file that fails a check is a LowbitError na
 
 Writing reads each layer through its ``quant.spec.LayerSpec`` (``quant.layer_specs``), never through
 its quantizer; the file stores those specs (a table of code books plus one reference per row), and
-loading rebuilds the quantizers from the specs (``quant.layer_specs.apply_layer_spec``). Version 4
-holds every code book kind of ``quant.spec``: uniform (per-group widths included), sparse inputs,
-and multibit (DMBQ) weights and inputs. Files of versions 1 and 2 hold no spec records: their specs
-are derived from the rows and the config; version 3 holds uniform and sparse code books only.
+loading rebuilds the quantizers from the specs (``quant.layer_specs.apply_layer_spec``). Version 5
+holds every code book kind of ``quant.spec``: uniform (per-group widths included, each group's codes
+at its own width and pruned groups without codes, see ``DENSE_VERSIONS``), sparse inputs, and
+multibit (DMBQ) weights and inputs. Version 4 stored uniform per-group widths at the layer's widest
+width. Files of versions 1 and 2 hold no spec records: their specs are derived from the rows and the
+config; version 3 holds uniform and sparse code books only.
 ``lowbit-multibit`` files (DMBQ models written before version 4) are read through
 ``deploy.legacy_multibit``, which turns them into version-4 manifests.
 """
@@ -41,14 +43,37 @@ from ..quant.layers import LAYER_KINDS, out_channels, quant_layers
 from ..quant.spec import LayerSpec, TensorSpec, effective_groups, storage_bits
 from ..quant.uniform import int_range
 from ..record import QuantRecord, attach, publish
-from .packing import pack_codes, packed_nbytes, unpack_codes
+from .blob_reader import BlobReader
+from .packing import pack_codes, pack_rows, packed_nbytes, rows_nbytes, unpack_codes, unpack_rows
 
 FORMAT = "lowbit-artifact"
-VERSION = "4"
+VERSION = "5"
 # version 1: one tensor per layer field and a verbose per-layer manifest; version 2: the compact rows
 # without the per-layer spec records (``SPECS_KEY``), which are then derived from the rows and the config;
-# version 3: uniform and sparse code books only (no ``PLANES_KEY`` blob)
-READABLE_VERSIONS = ("1", "2", "3", "4")
+# version 3: uniform and sparse code books only (no ``PLANES_KEY`` blob); version 4: uniform weights with
+# per-group widths (``group_bits``) stored every group at the row's w_bits (the widest), pruned ones too
+READABLE_VERSIONS = ("1", "2", "3", "4", "5")
+SPEC_VERSIONS = ("3", "4", "5")  # versions that store the layers' code books (SPECS_KEY)
+MULTIBIT_VERSIONS = ("4", "5")  # versions that may hold multibit code books and the PLANES_KEY blob
+# Version 5: a uniform weight with per-group widths (the manifest's ``group_bits``) stores each group's
+# codes at its own width: its groups of width b, in order, are one byte-aligned run in ``codes<b>``
+# (``packing.pack_rows``; groups along the weight's channel axis, ``quant.spec.group_rows``), pruned
+# (0-bit) groups no codes. A group's codes are stored from the bottom of its own range (signed 1-bit
+# groups, the binary pair {-1, +1}, as {0, 1}). Every group keeps its scale (a pruned group's scale is
+# the unit of its channel's integer bias, see ``deploy.integer``), only unpruned groups a zero point
+# (a pruned group's is 0 by definition, ``quant.spec``).
+DENSE_VERSIONS = ("5",)
+# Version 5 also writes per-group widths once and compactly (a model's channels run to thousands): the
+# manifest's ``group_bits`` holds each layer's widths as a string of one WIDTH_DIGITS character per group,
+# and a ``layer_bits`` entry whose per-channel widths are its row's group_bits says so with CHANNEL_BITS_REF
+# (``[w_bits, a_bits, 1]``) instead of repeating them. Version 4 wrote both as lists of integers.
+WIDTH_DIGITS = "0123456789abcdefg"  # widths 0..16
+CHANNEL_BITS_REF = 1
+
+
+def widths_text(widths: tuple[int, ...] | list[int]) -> str:
+    """Per-group widths (0..16) as version 5's manifest holds them: one ``WIDTH_DIGITS`` character each."""
+    return "".join(WIDTH_DIGITS[b] for b in widths)
 
 # Columns of the manifest's "layers" rows (the manifest itself lists them under "fields"). "kind"
 # (a quant.layers.LAYER_KINDS name: it fixes the weight layout and its channel axis) and "out" (output
@@ -57,7 +82,8 @@ FIELDS = ("name", "role", "shape", "groups", "w_bits", "w", "zp", "bias", "a_bit
           "kind", "out")
 # Documents the "params" blob inside the file, so that the format describes itself.
 # (a multibit weight stores each channel's group_bits alphas, a multibit input its a_bits alphas)
-PARAMS_LAYOUT = ("float32, layers in order: weight scale[groups] if w, weight zero point[groups] if zp, "
+# (with group_bits, zero points of the unpruned groups only: a pruned group's is 0)
+PARAMS_LAYOUT = ("float32, layers in order: weight scale[groups] if w, weight zero point[unpruned groups] if zp, "
                  "bias[out] if bias, input scale and zero point if a; multibit: alphas[bases] instead")
 PARAMS_KEY = "params"
 # Version 4: one uint8 blob of the multibit (DMBQ) weights' sign planes, 1 bit per weight and base
@@ -90,7 +116,7 @@ def codes_key(bits: int) -> str:
 def is_reserved(key: str, version: str = VERSION) -> bool:
     """Whether ``key`` names one of the blobs of format ``version`` (``params``, ``codes<b>``, ``planes``)."""
     return (key == PARAMS_KEY or (key.startswith("codes") and key[5:].isdigit())
-            or (key == PLANES_KEY and version not in ("1", "2", "3")))
+            or (key == PLANES_KEY and version in MULTIBIT_VERSIONS))
 
 
 def require_quantized(qmodel: nn.Module) -> dict:
@@ -111,6 +137,23 @@ def _weight_qmin(bits: int, signed: bool, narrow: bool) -> int:
     return int_range(bits, signed, narrow)[0]
 
 
+def group_offsets(spec: TensorSpec) -> tuple[list[int], list[bool]]:
+    """Per group of a uniform weight with ``group_bits``: the bottom code of its own range, and whether
+    it is a signed 1-bit (binary, {-1, +1}) group, whose codes are stored as {0, 1} (version 5)."""
+    bottoms = [qspec.width_range(b, spec.signed, spec.narrow)[0] for b in spec.widths]
+    binary = list(spec.binary_groups or (False,) * spec.num_groups)
+    return bottoms, binary
+
+
+def _dense_runs(spec: TensorSpec, weight: Tensor) -> dict[int, Tensor]:
+    """A uniform weight's codes at every group's own width (version 5): one packed run per width."""
+    rows = qspec.group_rows(spec, qspec.codes(spec, weight)).to(torch.int64)
+    bottoms, binary = group_offsets(spec)
+    low = torch.tensor(bottoms).unsqueeze(1)
+    u = torch.where(torch.tensor(binary).unsqueeze(1), (rows + 1) // 2, rows - low)  # {-1, +1} -> {0, 1}
+    return pack_rows(u, spec.widths)
+
+
 def _sign_planes(spec: TensorSpec, weight: Tensor) -> Tensor | None:
     """A multibit weight's packed sign planes (``PLANES_KEY``); None when every channel is pruned."""
     q = qspec.codes(spec, weight)
@@ -124,7 +167,8 @@ def save_artifact(qmodel: nn.Module, path: str | os.PathLike) -> Path:
     """Write packed weights, scales, zero points, bit widths and the manifest (safetensors).
 
     Layout: one uint8 blob ``codes<b>`` per weight bit width (each layer's codes packed densely,
-    byte-aligned per layer), one uint8 blob ``planes`` (multibit weights' sign planes, see
+    byte-aligned per layer; a layer with per-group widths puts its groups of each width in that
+    width's blob, see ``DENSE_VERSIONS``), one uint8 blob ``planes`` (multibit weights' sign planes, see
     ``PLANES_KEY``), one float32 blob ``params`` (scales, zero points, alphas, biases, input
     quantizer parameters), every other tensor under its state-dict name, and a compact JSON
     manifest (architecture, config, method, input shape, one row per layer, the layers' code books
@@ -162,6 +206,13 @@ def save_artifact(qmodel: nn.Module, path: str | os.PathLike) -> Path:
             if run is not None:
                 planes.append(run)
             params += [_flat(ws.alphas[c, :b]) for c, b in enumerate(ws.widths) if b]  # pruned: nothing
+            del state[f"{name}.weight"]
+        elif ws is not None and ws.group_bits is not None:  # each group at its own width (version 5)
+            for bits, run in _dense_runs(ws, layer.weight.detach()).items():
+                codes.setdefault(bits, []).append(run)
+            params.append(_flat(ws.scale))
+            if store_zp:  # a pruned group's zero point is 0: not stored
+                params.append(_flat(ws.zero_point)[torch.tensor(ws.group_bits) > 0])
             del state[f"{name}.weight"]
         elif ws is not None:
             q = qspec.codes(ws, layer.weight.detach())
@@ -210,10 +261,10 @@ def save_artifact(qmodel: nn.Module, path: str | os.PathLike) -> Path:
         manifest[SPARSE_KEY] = sparse
     if info.get("layer_bits"):  # the resolved per-layer widths, one [w, a] (null: float) per row: checked at load
         resolved = from_record(info["layer_bits"], "lowbit_info layer_bits")
-        manifest["layer_bits"] = [_compact(resolved.get(r[0])) for r in rows]
-    group_bits = {name: list(specs[name].weight.group_bits) for name in order
+        manifest["layer_bits"] = [compact_layer_bits(resolved.get(r[0]), specs[r[0]].weight) for r in rows]
+    group_bits = {name: widths_text(specs[name].weight.group_bits) for name in order
                   if specs[name].weight is not None and specs[name].weight.group_bits}
-    if group_bits:  # widths inside a layer (aciq-mix: codes are stored at the row's w_bits, the widest;
+    if group_bits:  # widths inside a layer (uniform: each group's codes at its own width, see DENSE_VERSIONS;
         manifest["group_bits"] = group_bits  # multibit: each channel's bases, 0 for a pruned channel)
     books: dict[str, int] = {}
     refs = []
@@ -420,7 +471,8 @@ def _check_row_fields(row: dict, cfg: QuantConfig, bits: LayerBits | None = None
         if row["zp"]:
             raise _bad("zp", "0 for a multibit weight (it has no zero points)", row["zp"])
     elif bits is not None and bits.channel_bits is not None:  # per-channel widths force per-channel scales
-        if groups != channels or len(bits.channel_bits) != channels:
+        # (empty: widths still to come from the row's group_bits, version 5's CHANNEL_BITS_REF)
+        if groups != channels or (bits.channel_bits and len(bits.channel_bits) != channels):
             raise _bad("groups", f"{channels}, one per output channel (the layer has per-channel widths)", groups)
     elif cfg.granularity == "tensor" and groups != 1:
         raise _bad("groups", "1 (per-tensor scales in the config)", groups)
@@ -612,51 +664,41 @@ def _check_tensors(rows: list[dict], tensors: dict[str, Tensor], cfg: QuantConfi
             raise LowbitError(f"layer {row['name']!r}: {exc}") from None
 
 
-class _Reader:
-    """Consumes a flat blob front to back; a LowbitError when it runs short."""
-
-    def __init__(self, blob: Tensor | None, what: str, dtype: torch.dtype) -> None:
-        blob = torch.zeros(0, dtype=dtype) if blob is None else blob
-        if blob.dtype != dtype or blob.dim() != 1:
-            raise LowbitError(f"the artifact's {what} blob must be a 1-D {dtype} tensor, got {blob.dtype} of "
-                              f"shape {list(blob.shape)}")
-        self.blob, self.pos, self.what = blob, 0, what
-
-    def take(self, n: int) -> Tensor:
-        if self.pos + n > self.blob.numel():
-            raise LowbitError(f"the artifact's {self.what} blob is too short for its manifest")
-        out = self.blob[self.pos:self.pos + n].clone()
-        self.pos += n
-        return out
-
-    def check_done(self) -> None:
-        if self.pos != self.blob.numel():
-            raise LowbitError(f"the artifact's {self.what} blob is longer than its manifest says")
-
-
-def _compact(bits: LayerBits | None) -> list[Any] | None:
+def compact_layer_bits(bits: LayerBits | None, weight: TensorSpec | None = None) -> list[Any] | None:
     """A row's resolved widths in the manifest: ``[w_bits, a_bits]`` (``[w_bits, a_bits, channel_bits]``
-    with per-channel widths), or null for a float layer."""
+    with per-channel widths, ``[w_bits, a_bits, CHANNEL_BITS_REF]`` when they are the uniform ``weight``
+    spec's group_bits, which the manifest holds already), or null for a float layer."""
     if bits is None:
         raise LowbitError("the model's lowbit_info layer_bits lack an entry for one of its layers")
     if not bits.enabled:
         return None
-    return [bits.w_bits, bits.a_bits] + ([list(bits.channel_bits)] if bits.channel_bits is not None else [])
+    if bits.channel_bits is None:
+        return [bits.w_bits, bits.a_bits]
+    same = weight is not None and weight.kind == "uniform" and weight.group_bits == tuple(bits.channel_bits)
+    return [bits.w_bits, bits.a_bits, CHANNEL_BITS_REF if same else list(bits.channel_bits)]
 
 
-def _layer_bits(stored: dict) -> list[LayerBits] | None:
-    """The manifest's resolved widths, one per layer row (None in files written before they were stored)."""
+def _layer_bits(stored: dict, version: str = VERSION) -> tuple[list[LayerBits] | None, set[int]]:
+    """The manifest's resolved widths, one per layer row (None in files written before they were stored),
+    and the rows whose per-channel widths are their group_bits (``CHANNEL_BITS_REF``, version 5: their
+    LayerBits come back with empty channel_bits, which ``_expand`` fills in from the checked group_bits)."""
+    refs: set[int] = set()
     if "layer_bits" not in stored:
-        return None
+        return None, refs
     value, layers = stored["layer_bits"], stored.get("layers")
     if not isinstance(layers, list) or not layers:
-        return None  # _rows reports the damaged rows
+        return None, refs  # _rows reports the damaged rows
     if not isinstance(value, list) or len(value) != len(layers):
         raise _damaged("layer_bits", f"it must be a list with one entry per layer row, got {_show(value)}")
     out = []
     for i, entry in enumerate(value):
         if entry is None:
             bits = LayerBits(None, None)
+        elif (version in DENSE_VERSIONS and isinstance(entry, list) and len(entry) == 3 and _is_int(entry[0])
+              and 1 <= entry[0] <= 16 and (entry[1] is None or (_is_int(entry[1]) and 1 <= entry[1] <= 16))
+              and _is_int(entry[2]) and entry[2] == CHANNEL_BITS_REF):
+            bits = LayerBits(entry[0], entry[1], ())  # per channel; the widths follow from group_bits
+            refs.add(i)
         elif (isinstance(entry, list) and len(entry) in (2, 3) and _is_int(entry[0]) and 1 <= entry[0] <= 16
               and (entry[1] is None or (_is_int(entry[1]) and 1 <= entry[1] <= 16))
               and (len(entry) == 2 or (isinstance(entry[2], list) and entry[2]
@@ -665,22 +707,31 @@ def _layer_bits(stored: dict) -> list[LayerBits] | None:
             bits = LayerBits(entry[0], entry[1], tuple(entry[2]) if len(entry) == 3 else None)
         else:
             raise _bad(f"layer_bits[{i}]", "null (a float layer) or [w_bits 1..16, a_bits 1..16 or null] "
-                       "(+ per-channel widths 0..16 stored at w_bits)", entry)
+                       "(+ per-channel widths 0..16 stored at w_bits" +
+                       (f", or {CHANNEL_BITS_REF}: the row's group_bits)" if version in DENSE_VERSIONS else ")"), entry)
         out.append(bits)
-    return out
+    return out, refs
 
 
-def _group_bits(value: Any, rows: list[dict]) -> dict[str, list[int]]:
-    """Per-group widths of mixed-width layers: one list per named quantized layer. Uniform codes: widths
-    0..w_bits (0: pruned), stored at w_bits (``quant.spec.storage_bits``); multibit: bases 0..w_bits
-    (0: a pruned channel), the most = w_bits."""
+def _group_bits(value: Any, rows: list[dict], version: str = VERSION) -> dict[str, list[int]]:
+    """Per-group widths of mixed-width layers: one list per named quantized layer (version 5: a string
+    of ``WIDTH_DIGITS``, decoded here). Uniform codes: widths 0..w_bits (0: pruned), stored at w_bits
+    (``quant.spec.storage_bits``); multibit: bases 0..w_bits (0: a pruned channel), the most = w_bits."""
     if not isinstance(value, dict) or not value:
         raise _damaged("group_bits", f"it must be a non-empty object of per-layer width lists, got {_show(value)}")
     by_name = {r["name"]: r for r in rows}
+    text = version in DENSE_VERSIONS
+    decoded = {}
     for name, widths in value.items():
         row = by_name.get(name)
         if row is None or not row["w"]:
             raise _damaged("group_bits", f"{_show(name)} is not a layer with quantized weights")
+        if text:
+            if not isinstance(widths, str) or not set(widths) <= set(WIDTH_DIGITS):
+                raise _bad(f"group_bits[{name!r}]", f"a string of one width per group, each of {WIDTH_DIGITS!r} "
+                           "(0..16)", widths)
+            widths = [WIDTH_DIGITS.index(c) for c in widths]
+        decoded[name] = widths
         ints = (isinstance(widths, list) and len(widths) == row["groups"] and bool(widths)
                 and all(type(b) is int and 0 <= b <= row["w_bits"] for b in widths))
         if row["w_multibit"]:
@@ -690,7 +741,7 @@ def _group_bits(value: Any, rows: list[dict]) -> dict[str, list[int]]:
         elif not ints or max(widths) == 0 or storage_bits(widths) != row["w_bits"]:
             raise _bad(f"group_bits[{name!r}]", f"a list of {row['groups']} integers from 0 to {row['w_bits']} "
                        f"(the layer's w_bits) stored at {row['w_bits']}", widths)
-    return value
+    return decoded
 
 
 def _rows(stored: dict, cfg: QuantConfig, layer_bits: list[LayerBits] | None = None,
@@ -705,7 +756,7 @@ def _rows(stored: dict, cfg: QuantConfig, layer_bits: list[LayerBits] | None = N
     layers = _required(stored, "layers")
     if not isinstance(layers, list) or not layers:
         raise _damaged("layers", f"it must be a non-empty list of rows, got {_show(layers)}")
-    multibit = _multibit_parts(stored, len(layers)) if version == "4" else [(False, False)] * len(layers)
+    multibit = _multibit_parts(stored, len(layers)) if version in MULTIBIT_VERSIONS else [(False, False)] * len(layers)
     rows = []
     for i, row in enumerate(layers):
         if not isinstance(row, list) or len(row) != len(fields):
@@ -719,24 +770,37 @@ def _rows(stored: dict, cfg: QuantConfig, layer_bits: list[LayerBits] | None = N
 
 
 def _expand(stored: dict, tensors: dict[str, Tensor], version: str = VERSION) -> tuple[dict, dict[str, Tensor]]:
-    """The compact (version 2 to 4) manifest and blobs as one spec and named tensors per layer, all checked."""
+    """The compact (version 2 to 5) manifest and blobs as one spec and named tensors per layer, all checked.
+
+    Version 5's per-group-width codes come back as version 4 holds them (``<layer>.weight.codes``
+    packed at the row's w_bits), each group's codes checked against its own range on the way.
+    """
     cfg = _config(_required(stored, "config"))
     header = _check_header(stored)
-    layer_bits = _layer_bits(stored)
+    layer_bits, refs = _layer_bits(stored, version)
     rows = _rows(stored, cfg, layer_bits, version)
     pairs = [[r["name"], r["bn"]] for r in rows if r["bn"]] + _pairs(stored.get("fold_pairs", []), "fold_pairs")
     _check_pairs(pairs)
     if header["input_shape"] is not None:  # written by lowbit.quantize / qat: rows in execution order
         _check_roles(rows)
-    group_bits = _group_bits(stored["group_bits"], rows) if "group_bits" in stored else {}
-    params = _Reader(tensors.pop(PARAMS_KEY, None), PARAMS_KEY, torch.float32)
+    group_bits = _group_bits(stored["group_bits"], rows, version) if "group_bits" in stored else {}
+    for i in sorted(refs):  # per-channel widths given as the row's group_bits (CHANNEL_BITS_REF)
+        r, bits = rows[i], layer_bits[i]
+        if r["name"] not in group_bits or r["w_multibit"]:
+            raise _bad(f"layer_bits[{i}]", "per-channel widths of a layer with uniform weights and group_bits per "
+                       "output channel", [bits.w_bits, bits.a_bits, CHANNEL_BITS_REF])
+        layer_bits[i] = LayerBits(bits.w_bits, bits.a_bits, tuple(group_bits[r["name"]]))
+    params = BlobReader(tensors.pop(PARAMS_KEY, None), PARAMS_KEY, torch.float32)
+    dense = {r["name"]: group_bits[r["name"]] for r in rows if version in DENSE_VERSIONS and r["w"]
+             and not r["w_multibit"] and r["name"] in group_bits}  # codes at each group's own width
+    widths = {b for r in rows if r["w"] and not r["w_multibit"] for b in dense.get(r["name"], [r["w_bits"]]) if b}
     blobs = {}
-    for bits in sorted({r["w_bits"] for r in rows if r["w"] and not r["w_multibit"]}):
+    for bits in sorted(widths):
         if codes_key(bits) not in tensors:
             raise LowbitError(f"the artifact has no {codes_key(bits)} blob for its {bits}-bit layers")
-        blobs[bits] = _Reader(tensors.pop(codes_key(bits)), codes_key(bits), torch.uint8)
-    if version == "4":
-        blobs[PLANES_KEY] = _Reader(tensors.pop(PLANES_KEY, None), PLANES_KEY, torch.uint8)
+        blobs[bits] = BlobReader(tensors.pop(codes_key(bits)), codes_key(bits), torch.uint8)
+    if version in MULTIBIT_VERSIONS:
+        blobs[PLANES_KEY] = BlobReader(tensors.pop(PLANES_KEY, None), PLANES_KEY, torch.uint8)
     if any(is_reserved(k, version) for k in tensors):
         raise LowbitError(f"the artifact holds weight codes that no layer of its manifest uses "
                           f"({sorted(k for k in tensors if is_reserved(k, version))})")
@@ -757,6 +821,17 @@ def _expand(stored: dict, tensors: dict[str, Tensor], version: str = VERSION) ->
             for c, values in enumerate(params.take(total).split(widths)):
                 alphas[c, :len(values)] = values
             out[f"{name}.weight_quant.alphas"] = alphas
+        elif r["w"] and name in dense:
+            owned.add(f"{name}.weight")
+            per_group = math.prod(shape) // groups
+            runs = {b: blobs[b].take(n) for b, n in rows_nbytes(per_group, dense[name]).items()}
+            out[f"{name}.weight.codes"] = _storage_codes(r, cfg, dense[name], runs)
+            out[f"{name}.weight_quant.scale"] = params.take(groups)
+            unpruned = torch.tensor(dense[name]) > 0
+            zero_point = torch.zeros(groups)
+            if r["zp"]:  # stored for the unpruned groups only: a pruned group's is 0
+                zero_point[unpruned] = params.take(int(unpruned.sum()))
+            out[f"{name}.weight_quant.zero_point"] = zero_point
         elif r["w"]:
             owned.add(f"{name}.weight")
             out[f"{name}.weight.codes"] = blobs[bits].take(packed_nbytes(math.prod(shape), bits))
@@ -783,7 +858,7 @@ def _expand(stored: dict, tensors: dict[str, Tensor], version: str = VERSION) ->
     if group_bits:
         manifest["group_bits"] = group_bits
     derived = [_row_spec(r, cfg, out, group_bits, sparse) for r in rows]
-    if version in ("3", "4"):
+    if version in SPEC_VERSIONS:
         manifest[SPECS_KEY] = _stored_specs(stored, derived)
     else:
         manifest[SPECS_KEY] = {spec.name: spec for spec in derived}
@@ -792,6 +867,29 @@ def _expand(stored: dict, tensors: dict[str, Tensor], version: str = VERSION) ->
     if sparse:
         manifest[SPARSE_KEY] = sparse
     return manifest, out
+
+
+def _storage_codes(row: dict, cfg: QuantConfig, widths: list[int], runs: dict[int, Tensor]) -> Tensor:
+    """A version-5 weight's codes, packed at each group's own width (``runs``), checked against each
+    group's range and packed again at the row's w_bits, as version 4 stores them."""
+    name, shape, groups = row["name"], row["shape"], row["groups"]
+    axis = LAYER_KINDS[row["kind"]].axis
+    signed, narrow = cfg.w_symmetric, cfg.w_narrow
+    spec = TensorSpec("uniform", row["w_bits"], signed, signed, narrow, "channel", shape[axis], groups, axis,
+                      tuple(widths), torch.ones(groups), torch.zeros(groups))  # the layout only: no values
+    bottoms, binary = group_offsets(spec)
+    u = unpack_rows(runs, widths, math.prod(shape) // groups)
+    tops = torch.tensor([qspec.width_range(b, signed, narrow)[1] for b in widths]).unsqueeze(1)
+    q = torch.where(torch.tensor(binary).unsqueeze(1), 2 * u - 1, u + torch.tensor(bottoms).unsqueeze(1))
+    if bool((q > tops).any()):  # e.g. 2^(b-1) in a narrow signed b-bit group
+        g = int((q > tops).any(1).nonzero()[0, 0])
+        raise LowbitError(f"layer {name!r}: weight codes outside their channel's range (group_bits): group {g} "
+                          f"({widths[g]} bits) holds {int(q[g].max())}, above its top {int(tops[g, 0])}")
+    q = qspec.ungroup_rows(spec, q, tuple(shape))
+    qmin = _weight_qmin(row["w_bits"], signed, narrow)
+    if signed and row["w_bits"] == 1:  # every group binary: stored as {-1, 0}, as a 1-bit layer is
+        q = (q + 1) // 2 - 1
+    return pack_codes(q, row["w_bits"], qmin)
 
 
 def _row_spec(row: dict, cfg: QuantConfig, tensors: dict[str, Tensor], group_bits: dict[str, list[int]],

@@ -5,7 +5,9 @@ Each quantized layer becomes an ``IntegerConv1d`` / ``IntegerConv2d`` / ``Intege
 
 * input codes ``q_x`` (zero point ``z_x``) and weight codes ``q_w`` (zero point ``z_w`` per
   output channel, along dim 1 of ConvTranspose weights), exactly the codes the ONNX export stores
-  (both read from the layers' specs, ``quant.layer_specs``);
+  (both read from the layers' specs, ``quant.layer_specs``); per-layer widths and per-channel widths
+  need nothing else: each channel's codes lie in its own range (binary channels ``+-1``, pruned
+  channels 0 with zero point 0, so they contribute nothing and output their integer bias);
 * integer accumulation ``acc = sum (q_x - z_x)(q_w - z_w) + b_int``, the bias in int32 at scale
   ``s_x * s_w`` (``b_int = round(b / (s_x s_w))``, TFLite's convention). The products are formed
   in float64 on integer-valued tensors, which is exact (every partial sum is an integer below

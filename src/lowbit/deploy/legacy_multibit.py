@@ -22,7 +22,8 @@ from ..errors import LowbitError
 from ..layer_bits import from_record
 from ..quant.layers import LAYER_KINDS
 from ..quant.spec import effective_groups
-from .artifact import CODE_BOOKS_KEY, FIELDS, PARAMS_KEY, PARAMS_LAYOUT, SPECS_KEY, _compact, _Reader
+from .artifact import CODE_BOOKS_KEY, FIELDS, PARAMS_KEY, PARAMS_LAYOUT, SPECS_KEY, compact_layer_bits
+from .blob_reader import BlobReader
 
 FORMAT = "lowbit-multibit"
 VERSION = "1"
@@ -51,7 +52,7 @@ def as_version_4(stored: dict, tensors: dict[str, Tensor]) -> tuple[dict, dict[s
     layers, config = stored.get("layers"), _object(stored.get("config"), "config")
     if not isinstance(layers, list) or not layers:
         raise LowbitError("the multi-bit artifact's 'layers' must be a non-empty list of rows")
-    legacy = _Reader(tensors.pop(PARAMS_KEY, None), PARAMS_KEY, torch.float32)
+    legacy = BlobReader(tensors.pop(PARAMS_KEY, None), PARAMS_KEY, torch.float32)
     params: list[Tensor] = []
     rows, refs, group_bits = [], [], {}
     books: dict[str, int] = {}
@@ -122,7 +123,7 @@ def as_version_4(stored: dict, tensors: dict[str, Tensor]) -> tuple[dict, dict[s
         missing = [row[0] for row in rows if row[0] not in resolved]
         if missing:
             raise LowbitError(f"the multi-bit artifact's layer_bits lack layer {str(missing[0])[:60]!r}")
-        manifest["layer_bits"] = [_compact(resolved[row[0]]) for row in rows]
+        manifest["layer_bits"] = [compact_layer_bits(resolved[row[0]]) for row in rows]
     if params:
         tensors[PARAMS_KEY] = torch.cat(params)
     return manifest, tensors

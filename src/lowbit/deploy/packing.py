@@ -1,5 +1,8 @@
-"""Dense bit packing of integer codes: any width 1..16, little-endian bit order within bytes."""
+"""Dense bit packing of integer codes: any width 1..16, little-endian bit order within bytes; rows of
+codes at their own widths (per-channel widths) as one run per width."""
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -58,4 +61,35 @@ def unpack_codes(packed: Tensor, bits: int, qmin: int, count: int) -> Tensor:
 
 
 def packed_nbytes(count: int, bits: int) -> int:
+    """Bytes of ``count`` codes packed at ``bits`` each (the last byte padded with zero bits)."""
     return (count * bits + 7) // 8
+
+
+def pack_rows(u: Tensor, widths: Sequence[int]) -> dict[int, Tensor]:
+    """Pack rows of non-negative codes, row ``g`` at ``widths[g]`` bits (0: the row stores nothing).
+
+    ``u``: (rows, n) codes, row ``g`` in ``[0, 2^widths[g])``. Returns one packed run per width
+    present, its rows in order (``pack_codes`` of their concatenation, byte-aligned per run).
+    """
+    if u.dim() != 2 or u.shape[0] != len(widths):
+        raise LowbitError(f"pack_rows needs one width per row ({u.shape[0] if u.dim() == 2 else '?'} rows), "
+                          f"got {len(widths)}")
+    runs = {}
+    for b in sorted(set(widths) - {0}):
+        idx = torch.tensor([g for g, w in enumerate(widths) if w == b])
+        runs[b] = pack_codes(u[idx], b, 0)
+    return runs
+
+
+def unpack_rows(runs: dict[int, Tensor], widths: Sequence[int], n: int) -> Tensor:
+    """Inverse of ``pack_rows``: (rows, ``n``) int64 codes, 0 in rows of width 0."""
+    out = torch.zeros(len(widths), n, dtype=torch.int64)
+    for b in sorted(set(widths) - {0}):
+        idx = torch.tensor([g for g, w in enumerate(widths) if w == b])
+        out[idx] = unpack_codes(runs[b], b, 0, len(idx) * n).to(torch.int64).view(len(idx), n)
+    return out
+
+
+def rows_nbytes(n: int, widths: Sequence[int]) -> dict[int, int]:
+    """Bytes of each run ``pack_rows`` writes for rows of ``n`` codes at ``widths``."""
+    return {b: packed_nbytes(n * sum(w == b for w in widths), b) for b in sorted(set(widths) - {0})}

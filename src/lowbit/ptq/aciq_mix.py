@@ -27,11 +27,11 @@ shifted by the mean output error ``E_x[(W^q - W) x]_c`` over the calibration ima
 inputs; exact by linearity from their mean), which removes the mean shift of ``mu_c`` and any
 other. Layers without a bias get one.
 
-Storage. The artifact and the ONNX graph hold one code width per layer: a layer is stored at the
-widest of its channel widths, with each channel's codes inside its own narrower range (the
-simulation clamps per channel, ``WeightQuantizer.group_bits``), so the stored values are exactly
-the mixed-precision ones; the artifact also records every channel's width, and ``lowbit.summary``
-reports the true average. Activations stay per-tensor at ``a_bits`` with ACIQ clipping (Banner et
+Storage. The ONNX graph holds one code width per layer: a layer is stored at the widest of its
+channel widths, with each channel's codes inside its own narrower range (the simulation clamps per
+channel, ``WeightQuantizer.group_bits``), so the stored values are exactly the mixed-precision
+ones; the artifact (version 5) packs each channel's codes at its own width and records every
+channel's width, and ``lowbit.summary`` reports the true average and those bytes. Activations stay per-tensor at ``a_bits`` with ACIQ clipping (Banner et
 al. also allocate activation bits per channel; lowbit's activation quantizers, its integer path and
 ONNX QDQ have one activation scale per tensor, so that part is not done).
 """

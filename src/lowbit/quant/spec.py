@@ -397,14 +397,25 @@ def output_channel_scale(spec: TensorSpec, out_channels: int) -> Tensor:
 
 def nbytes(spec: TensorSpec, numel: int) -> int:
     """Bytes a tensor of ``numel`` elements takes as stored: codes at their width (byte-aligned per
-    tensor) plus parameters at 32 bit (scales, zero points when asymmetric, alphas, threshold)."""
+    tensor) plus parameters at 32 bit (scales, zero points when asymmetric, alphas, threshold).
+
+    Per-group widths (``group_bits``) are stored densely, as the artifact (version 5) writes them:
+    each group's codes at its own width, one byte-aligned run per width present, pruned (0-bit)
+    groups no codes; every group keeps its scale (a pruned group's is the unit of its integer
+    bias), only unpruned groups a zero point (a pruned group's is 0 by definition).
+    """
     if spec.kind == "multibit":
         per_group = numel // spec.num_groups
         total = sum(spec.widths)
         return (per_group * total + 7) // 8 + 4 * total
     if spec.channels == 1 and numel == 0:  # an activation: its parameters only
         return 8 + (4 if spec.threshold is not None else 0)
-    return (numel * spec.bits + 7) // 8 + spec.num_groups * 4 * (1 if spec.symmetric else 2)
+    if spec.group_bits is None:
+        return (numel * spec.bits + 7) // 8 + spec.num_groups * 4 * (1 if spec.symmetric else 2)
+    per_group = numel // spec.num_groups
+    codes = sum((per_group * spec.group_bits.count(b) * b + 7) // 8 for b in set(spec.group_bits) if b)
+    zero_points = 0 if spec.symmetric else sum(b > 0 for b in spec.group_bits)
+    return codes + 4 * (spec.num_groups + zero_points)
 
 
 def pruned_channels(spec: TensorSpec) -> int:
