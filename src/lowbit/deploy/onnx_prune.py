@@ -286,8 +286,10 @@ def _drop_layer(g: _Graph, name: str, pruned: list[int]) -> dict[str, Any]:
     if g.users.get(out) and g.users[out][0].op_type == "Reshape":
         out = g.users[out][0].output[0]
     convs = g.users.get(out, [])
-    if len(convs) != 1 or convs[0].op_type != "Conv" or _attr(convs[0], "group", 1) != 1:
-        raise ValueError("not a plain Conv")
+    if len(convs) != 1 or convs[0].op_type != "Conv":
+        raise ValueError("not a Conv")
+    if _attr(convs[0], "group", 1) != 1:
+        raise ValueError("a grouped/depthwise conv (its input channel would have to go too)")
     conv = convs[0]
     weight = _Weight(g, conv)
     channels = weight.values().shape[0]
