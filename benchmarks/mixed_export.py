@@ -170,6 +170,13 @@ def split_by_width(model: onnx.ModelProto, qmodel: nn.Module) -> tuple[onnx.Mode
             graph.initializer.append(numpy_helper.from_array(np.argsort(order).astype(np.int64), f"{name}.split_perm"))
             new_nodes.append(helper.make_node("Gather", [joined, f"{name}.split_perm"], [node.output[0]], axis=1))
         split += 1
+    outputs = {o.name for o in graph.output}
+    while True:  # the replaced convs' weight DequantizeLinear (and Reshape) nodes are now dead
+        used = {i for n in new_nodes for i in n.input} | outputs
+        live = [n for n in new_nodes if any(o in used for o in n.output)]
+        if len(live) == len(new_nodes):
+            break
+        new_nodes = live
     del graph.node[:]
     graph.node.extend(new_nodes)
     used = {i for n in graph.node for i in n.input}
@@ -261,7 +268,8 @@ def main() -> None:
                      top1(ort, y), agree(ort, sim), agree(logits["split per width"], sim),
                      agree(logits["widest, pruned kept"], sim), f"{removed}/{total} ({folded} folded)",
                      f"{onnx_bytes / 1024:.1f}", f"{time.perf_counter() - start:.0f}"])
-        lat_rows.append([f"`{name}`", n_split] + [f"{ms[k]:.3f} ({ms[k] / base:.2f}x)" for k in graphs])
+        lat_rows.append([f"`{name}`", n_split] + [f"{ms[k]:.3f} ({ms[k] / base:.2f}x)" for k in graphs]
+                        + [f"{g.ByteSize() / 1024:.1f}" for g in graphs.values()])
         if reasons:
             notes.append(f"`{name}`: pruned channels kept as zero codes where " + "; ".join(reasons))
         print(rows[-1], lat_rows[-1], flush=True)
@@ -282,9 +290,10 @@ def main() -> None:
         + "\n\n### ONNX Runtime latency of the three forms of per-channel widths\n\n"
         f"Batch 1, 1 intra-op thread, median of {args.rounds} interleaved rounds x {args.repeats} runs; "
         "ratio to the widest container with pruned channels kept (the exporter's form before pruned "
-        "channels are removed). `split layers`: Convs split into one per container width.\n\n"
-        + table(["model", "split layers", "widest, pruned dropped (export)", "widest, pruned kept",
-                 "split per width"], lat_rows)
+        "channels are removed). `split layers`: Convs split into one per container width (grouped convs "
+        "stay whole). KiB: serialized graph size of each form.\n\n"
+        + table(["model", "split layers", "ms: widest, pruned dropped (export)", "ms: widest, pruned kept",
+                 "ms: split per width", "KiB: export", "KiB: kept", "KiB: split"], lat_rows)
         + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
         + f"\n\nTotal wall time {time.perf_counter() - start_all:.0f} s.")
     print(body, flush=True)
