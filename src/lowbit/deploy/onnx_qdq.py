@@ -28,6 +28,20 @@ fail or to move top-1 by more than a point otherwise):
   a 1 x N tensor): WeightBiasQuantization would round it to int32 at ``s_x * s_w``, which the
   simulation does not do.
 
+Mixed widths. Each layer's weights sit in the container of their own width (per-layer maps mix
+INT8, INT4 and INT2 freely). Per-channel widths inside one layer are stored in the layer's widest
+container, each channel's codes in its own (narrower) range: exact, one Conv per layer. The other
+form, one Conv per container width joined by Concat and a Gather that restores the channel order,
+was measured on every zoo model and a non-zoo CNN (``benchmarks/mixed_export.py``, section
+``mixed-export`` of RESULTS.md): the same predictions in ONNX Runtime and a file a few percent
+smaller, but ONNX Runtime has no sub-byte kernels (every weight is dequantized to float either
+way), so the split only adds Conv/Concat/Gather nodes and runs slower on most models; the widest
+container is kept. Pruned (0-bit) channels are removed from the producer's weights, scales and
+bias and from its consumers' input channels where that is exact (``deploy.onnx_prune``: through
+ReLU/Clip/Q-DQ and depthwise convs to plain convs, a nonzero constant folded into an unpadded
+consumer's bias); elsewhere (residual adds, concats, pooling heads, padded consumers of a nonzero
+constant) they stay as zero codes, and the metadata says why (``pruned_channels`` per layer).
+
 Opsets: the default is the lowest from 18 on that stores every weight at its width (18 for 5..8
 bit, 21 for 3..4 and 9..16 bit, 25 for 1..2 bit); an explicit one too old for the weights raises
 LowbitError. torch writes opset 18 and ``onnx.version_converter`` lifts the graph to newer opsets.
