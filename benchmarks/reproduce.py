@@ -147,6 +147,11 @@ TABLES: tuple[Table, ...] = (
         Run("mixed_precision.py", ("--models", "mobilenetv2", "--a-bits", "8", "--averages", "2.5", "3.0",
                                    "--metrics", "taylor", "--eval-size", "2000"), None),
     ), ("mixed-mobilenetv2",), ("mobilenetv2",)),
+    Table("mixed-export", "-", "Mixed-width export: reload, ONNX Runtime parity and latency (issue #15)", (
+        Run("mixed_export.py", (),
+            ("--models", "resnet20", "plaincnn", "--repeats", "10", "--rounds", "2", "--plain-steps", "50",
+             *QUICK_DATA)),
+    ), ("mixed-export",)),
     Table("outside-zoo", "-", "Outside model zoo (pytorchcv): every stage per architecture", (
         Run("outside_zoo.py", (), ("--archs", "resnet10", "mobilenetv2_wd4")),
     ), ("outside_zoo",), ()),

@@ -28,6 +28,20 @@ fail or to move top-1 by more than a point otherwise):
   a 1 x N tensor): WeightBiasQuantization would round it to int32 at ``s_x * s_w``, which the
   simulation does not do.
 
+Mixed widths. Each layer's weights sit in the container of their own width (per-layer maps mix
+INT8, INT4 and INT2 freely). Per-channel widths inside one layer are stored in the layer's widest
+container, each channel's codes in its own (narrower) range: exact, one Conv per layer. The other
+form, one Conv per container width joined by Concat and a Gather that restores the channel order,
+was measured on every zoo model and a non-zoo CNN (``benchmarks/mixed_export.py``, section
+``mixed-export`` of RESULTS.md): the same predictions in ONNX Runtime and a file a few percent
+smaller, but ONNX Runtime has no sub-byte kernels (every weight is dequantized to float either
+way), so the split only adds Conv/Concat/Gather nodes and runs slower on most models; the widest
+container is kept. Pruned (0-bit) channels are removed from the producer's weights, scales and
+bias and from its consumers' input channels where that is exact (``deploy.onnx_prune``: through
+ReLU/Clip/Q-DQ and depthwise convs to plain convs, a nonzero constant folded into an unpadded
+consumer's bias); elsewhere (residual adds, concats, pooling heads, padded consumers of a nonzero
+constant) they stay as zero codes, and the metadata says why (``pruned_channels`` per layer).
+
 Opsets: the default is the lowest from 18 on that stores every weight at its width (18 for 5..8
 bit, 21 for 3..4 and 9..16 bit, 25 for 1..2 bit); an explicit one too old for the weights raises
 LowbitError. torch writes opset 18 and ``onnx.version_converter`` lifts the graph to newer opsets.
@@ -235,6 +249,7 @@ class WeightSpec:
     ndim: int = 4            # the weight's (and the layer output's) number of dimensions
     out_scale: np.ndarray | None = None  # float32 scale of every output channel (or one): int32 bias steps
     custom_forward: bool = False  # a subclass's own forward: its bias stays float even with int32_bias
+    pruned: tuple[int, ...] = ()  # output channels of 0-bit (pruned) groups: zero codes, zero point 0
 
 
 @dataclass
@@ -270,9 +285,11 @@ def weight_spec(layer_spec: LayerSpec, weight: Tensor, custom_forward: bool = Fa
     out_scale = qspec.output_channel_scale(spec, layer_spec.out_channels)
     if spec.num_groups == 1:
         scale, zero, out_scale = scale[:1], zero[:1], out_scale[:1]
+    pruned = tuple(c for c, b in enumerate(np.repeat(spec.widths, rep)) if b == 0) if spec.axis == 0 else ()
     return WeightSpec(codes.numpy(), scale.numpy().astype(np.float32),
                       zero.round().to(torch.int64).numpy(), spec.bits, signed, dtype, min_opset,
-                      spec.axis, len(layer_spec.weight_shape), out_scale.numpy().astype(np.float32), custom_forward)
+                      spec.axis, len(layer_spec.weight_shape), out_scale.numpy().astype(np.float32), custom_forward,
+                      pruned)
 
 
 # Largest |weight code| whose pairwise products with UINT8 activations (<= 255) cannot overflow int16:
@@ -882,7 +899,7 @@ def _prune(graph: onnx.GraphProto) -> None:
 
 
 def build_onnx(qmodel: nn.Module, opset: int | None = None, input_shape: Sequence[int] | None = None,
-               int32_bias: bool = False, exporter: str | None = None) -> onnx.ModelProto:
+               int32_bias: bool = False, exporter: str | None = None, drop_pruned: bool = True) -> onnx.ModelProto:
     """The QDQ ModelProto of a quantized model (checked, not written); see ``export_onnx``."""
     info = require_quantized(qmodel)
     weights, inputs = collect_specs(qmodel)
@@ -892,6 +909,11 @@ def build_onnx(qmodel: nn.Module, opset: int | None = None, input_shape: Sequenc
     example = example_input(qmodel, input_shape)
     model = trace_to_onnx(_marked_copy(qmodel, weights, inputs), example, opset, exporter)
     layers_meta = _rewrite_markers(model, weights, inputs, bool(int32_bias))
+    if drop_pruned:
+        from .onnx_prune import drop_pruned_channels  # (it builds on this module's helpers)
+
+        for name, row in drop_pruned_channels(model.graph, weights).items():
+            layers_meta[name]["weight"]["pruned_channels"] = row
     _prune(model.graph)
     del model.opset_import[:]
     model.opset_import.extend([helper.make_opsetid("", opset)])
@@ -910,7 +932,7 @@ def build_onnx(qmodel: nn.Module, opset: int | None = None, input_shape: Sequenc
 
 def export_onnx(qmodel: nn.Module, path: str | os.PathLike, opset: int | None = None,
                 input_shape: Sequence[int] | None = None, int32_bias: bool = False,
-                exporter: str | None = None) -> Path:
+                exporter: str | None = None, drop_pruned: bool = True) -> Path:
     """Write the QDQ ONNX graph of a quantized model, atomically.
 
     Args:
@@ -929,11 +951,13 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, opset: int | None = 
             with the TorchScript exporter as a fallback for models it cannot capture;
             ``"torchscript"``: PyTorch's deprecated TorchScript exporter (10-30x faster on
             small CNNs; records one path through data-dependent control flow).
+        drop_pruned: remove pruned (0-bit) output channels from the weights and the graph where
+            that is exact (``deploy.onnx_prune``); False keeps every pruned channel as zero codes.
 
     Returns:
         ``path`` as a Path.
     """
-    model = build_onnx(qmodel, opset, input_shape, int32_bias, exporter)
+    model = build_onnx(qmodel, opset, input_shape, int32_bias, exporter, drop_pruned)
     path = Path(path)
     atomic_write(path, lambda tmp: onnx.save_model(model, tmp))
     return path
