@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .onnx_qdq import WeightSpec, _constant_values, int_initializer
+from .onnx_qdq import WeightSpec, constant_values, int_initializer
 
 _INT_RANGE = {TensorProto.UINT8: (0, 255), TensorProto.INT8: (-128, 127), TensorProto.UINT16: (0, 65535),
               TensorProto.INT16: (-32768, 32767)}
@@ -41,7 +41,7 @@ class _Graph:
     def __init__(self, graph: onnx.GraphProto) -> None:
         self.graph = graph
         self.inits = {t.name: t for t in graph.initializer}
-        self.consts = _constant_values(graph)
+        self.consts = constant_values(graph)
         self.outputs = {o.name for o in graph.output}
         self.producer: dict[str, onnx.NodeProto] = {}
         self.users: dict[str, list[onnx.NodeProto]] = {}

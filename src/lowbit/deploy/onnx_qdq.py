@@ -823,7 +823,7 @@ def _place_biases(graph: onnx.GraphProto, weight_outputs: dict[str, str], weight
     int32 bias, which lets ONNX Runtime fuse 8-bit layers into QLinearConv.
     """
     inits = {t.name for t in graph.initializer}
-    constants = _constant_values(graph)
+    constants = constant_values(graph)
     new_nodes = []
     for index, node in enumerate(graph.node):
         name = weight_outputs.get(node.input[1]) if len(node.input) > 1 else None
@@ -867,7 +867,7 @@ def _place_biases(graph: onnx.GraphProto, weight_outputs: dict[str, str], weight
     graph.node.extend(new_nodes)
 
 
-def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+def constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     """Values of initializers and of Constant / Identity-of-constant outputs (the exporter shares
     equal initializers through Identity nodes, which ONNX Runtime folds back into initializers)."""
     values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
