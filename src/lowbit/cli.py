@@ -63,20 +63,21 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+def _at_least(value: int | float, low: int | float, strict: bool, text: str, what: str) -> int | float:
+    """``value`` when it is above ``low`` (or equal, unless ``strict``); an argparse error naming ``what``."""
+    if value < low or (strict and value == low):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1 (counts, sizes, epochs, steps)."""
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+    return _at_least(_int(text), 1, False, text, "a positive integer")
 
 
 def nonnegative_int(text: str) -> int:
     """An integer >= 0."""
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
+    return _at_least(_int(text), 0, False, text, "an integer >= 0")
 
 
 def seed_int(text: str) -> int:
@@ -121,18 +122,12 @@ def _float(text: str) -> float:
 
 def positive_float(text: str) -> float:
     """A finite number > 0 (learning rates, temperatures)."""
-    value = _float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+    return _at_least(_float(text), 0, True, text, "> 0")
 
 
 def nonnegative_float(text: str) -> float:
     """A finite number >= 0 (weight decay)."""
-    value = _float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+    return _at_least(_float(text), 0, False, text, ">= 0")
 
 
 def fraction(text: str) -> float:

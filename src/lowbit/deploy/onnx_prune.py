@@ -169,16 +169,6 @@ def _plain_conv(node: onnx.NodeProto, value: str) -> bool:
         and _attr(node, "group", 1) == 1
 
 
-def _depthwise(node: onnx.NodeProto, value: str, g: _Graph) -> bool:
-    if node.op_type != "Conv" or node.input[0] != value or value in node.input[1:]:
-        return False
-    try:
-        shape = _Weight(g, node).values().shape
-    except ValueError:
-        return False
-    return shape[1] == 1 and _attr(node, "group", 1) == shape[0]
-
-
 def _follow(g: _Graph, value: str, const: np.ndarray, channels: list[int],
             through: list) -> list[tuple[onnx.NodeProto, np.ndarray]]:
     """The plain Convs every path from ``value`` ends in, each with the constant input of ``channels``
