@@ -22,23 +22,9 @@ from lowbit.deploy.onnx_qdq import onnx_predict
 from lowbit.quant.layers import quant_layers
 
 from .conftest import TINY_METHOD_OPTIONS, calib_tensor, make_model
+from .ptq.test_inplace_aliasing import ResidualInPlace  # x += 3 * conv(x): its scales once differed on CUDA
 
 TINY = TINY_METHOD_OPTIONS
-
-
-class InPlaceResidual(nn.Module):
-    """``x += 3 * conv(x)``: before the observer fix its scales differed between CPU and CUDA."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(1, 4, 3, padding=1)
-        self.conv = nn.Conv2d(4, 4, 3, padding=1)
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        x += 3 * self.conv(x)
-        return self.head(x.mean((2, 3)))
 
 
 @pytest.fixture
@@ -169,7 +155,7 @@ def test_qat_short_epoch_on_cuda(method: str, tmp_path: Path, exact_cuda) -> Non
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("make", [lambda: make_model("zoofree"), lambda: make_model("resnet20"), InPlaceResidual])
+@pytest.mark.parametrize("make", [lambda: make_model("zoofree"), lambda: make_model("resnet20"), ResidualInPlace])
 def test_minmax_scales_match_between_cpu_and_cuda(make, exact_cuda) -> None:
     torch.manual_seed(0)
     fp, calib = make().eval(), calib_tensor(16)

@@ -23,15 +23,20 @@ from lowbit.quant.quantizer import ActObserver
 from ..conftest import calib_tensor
 
 
-class ResidualInPlace(nn.Module):
-    """``x += 3 * conv(x)``: the conv's input is rewritten right after the conv read it."""
+class _StemConvHead(nn.Module):
+    """stem conv, conv, linear head; ``inplace`` picks the in-place form of the subclass's forward,
+    ``untraceable`` adds a data-dependent branch torch.fx cannot trace."""
 
-    def __init__(self, inplace: bool, untraceable: bool = False) -> None:
+    def __init__(self, inplace: bool = True, untraceable: bool = False) -> None:
         super().__init__()
         self.inplace, self.untraceable = inplace, untraceable
         self.stem = nn.Conv2d(1, 4, 3, padding=1)
         self.conv = nn.Conv2d(4, 4, 3, padding=1)
         self.head = nn.Linear(4, 3)
+
+
+class ResidualInPlace(_StemConvHead):
+    """``x += 3 * conv(x)``: the conv's input is rewritten right after the conv read it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -75,15 +80,8 @@ class ScaleAndRelu(nn.Module):
         return self.fc2(F.relu(y)) + h.sum(1, keepdim=True)
 
 
-class DoublesItsInput(nn.Module):
+class DoublesItsInput(_StemConvHead):
     """Changes its own input in place (as ``x.sub_(mean)`` would) before the first layer."""
-
-    def __init__(self, inplace: bool, untraceable: bool = False) -> None:
-        super().__init__()
-        self.inplace, self.untraceable = inplace, untraceable
-        self.stem = nn.Conv2d(1, 4, 3, padding=1)
-        self.conv = nn.Conv2d(4, 4, 3, padding=1)
-        self.head = nn.Linear(4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.inplace:
