@@ -94,6 +94,9 @@ def main() -> None:
                   dict(method="dmbq", w_bits=1.0, a_bits=2, lba="channel", lba_score="move", **lba)),
         "cp15": ("DMBQ+LBA CP", "1.5/2", dict(method="dmbq", w_bits=1.5, a_bits=2, lba="channel", **lba)),
         "gp10": ("DMBQ+LBA GP", "1.0/2", dict(method="dmbq", w_bits=1.0, a_bits=2, lba="global")),
+        "cp07": ("DMBQ+LBA CP", "0.7/32", dict(method="dmbq", w_bits=0.7, a_bits=None, lba="channel", **lba)),
+        "lp07": ("DMBQ+LBA LP", "0.7/32", dict(method="dmbq", w_bits=0.7, a_bits=None, lba="layer", **lba)),
+        "gdrq": ("GDRQ", "2/2", dict(method="gdrq", w_bits=2, a_bits=2)),
         "lp10": ("DMBQ+LBA LP", "1.0/2", dict(method="dmbq", w_bits=1.0, a_bits=2, lba="layer", **lba)),
         "cp10": ("DMBQ+LBA CP", "1.0/2", dict(method="dmbq", w_bits=1.0, a_bits=2, lba="channel", **lba)),
     }
