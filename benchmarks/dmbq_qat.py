@@ -95,7 +95,6 @@ def main() -> None:
         "cp15": ("DMBQ+LBA CP", "1.5/2", dict(method="dmbq", w_bits=1.5, a_bits=2, lba="channel", **lba)),
         "gp10": ("DMBQ+LBA GP", "1.0/2", dict(method="dmbq", w_bits=1.0, a_bits=2, lba="global")),
         "cp07": ("DMBQ+LBA CP", "0.7/32", dict(method="dmbq", w_bits=0.7, a_bits=None, lba="channel", **lba)),
-        "lp07": ("DMBQ+LBA LP", "0.7/32", dict(method="dmbq", w_bits=0.7, a_bits=None, lba="layer", **lba)),
         "gdrq": ("GDRQ", "2/2", dict(method="gdrq", w_bits=2, a_bits=2)),
         "lp10": ("DMBQ+LBA LP", "1.0/2", dict(method="dmbq", w_bits=1.0, a_bits=2, lba="layer", **lba)),
         "cp10": ("DMBQ+LBA CP", "1.0/2", dict(method="dmbq", w_bits=1.0, a_bits=2, lba="channel", **lba)),
@@ -163,7 +162,9 @@ def main() -> None:
             ["method", "W/A", "seeds", "mean top-1", "min", "max"],
             [[k[0], k[1], len(v), f"{sum(v) / len(v):.2f}", f"{min(v):.2f}", f"{max(v):.2f}"] for k, v in multi])
     for name, (m, label, prec) in maps.items():
-        png = FIGURES / f"dmbq_bits_{name}.png"
+        # one file per section and run name: sections that share a run name keep their own maps
+        suffix = "" if args.section == "dmbq-qat" else "_" + args.section.removeprefix("dmbq-").replace("-", "_")
+        png = FIGURES / f"dmbq_bits_{name}{suffix}.png"
         if not args.no_write:  # a --no-write run leaves the committed figures alone too
             FIGURES.mkdir(exist_ok=True)
             bit_map_png(m, str(png), f"ResNet-20 {label} {prec}: bits per output channel")

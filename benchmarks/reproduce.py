@@ -136,6 +136,14 @@ TABLES: tuple[Table, ...] = (
         Run("dmbq_qat.py", ("--train", "5000", "--test", "10000", "--epochs", "2", "--runs",
                             "fp,lsq:0,dmbq:0,lsq:1,dmbq:1,lsq:2,dmbq:2,lsq:3,dmbq:3", "--section", "dmbq-qat-seeds"),
             None),
+        # below 2 bits every CP move is paid by pruning: LBA at 0.7 and 1.0 bits, GDRQ beside, and how
+        # often reallocation runs (every 2 vs every 8 steps)
+        Run("dmbq_qat.py", ("--train", "2000", "--test", "2000", "--epochs", "2", "--lba-every", "2",
+                            "--lba-fraction", "0.02", "--runs", "cp07:0,cp07:1,gdrq:0,gdrq:1,gp10:1,cp10:1",
+                            "--section", "dmbq-lba-low"), None),
+        Run("dmbq_qat.py", ("--train", "2000", "--test", "2000", "--epochs", "2", "--lba-every", "8",
+                            "--lba-fraction", "0.02", "--runs", "cp10:0,cp10:1,cpm:0,cpm:1",
+                            "--section", "dmbq-lba-every8"), None),
     ), ("dmbq-",), ("resnet20",)),
     Table("003-tsq", "003", "TSQ vs LSQ, ternary weights and 2-bit activations", (
         Run("tsq.py", ("--train-size", "5000", "--epochs", "2", "--finetune", "2", "--option", "tsq",
