@@ -128,9 +128,12 @@ def prepare(model: nn.Module, cfg: QuantConfig, example: Tensor,
 
     With ``fold_pairs`` given (when rebuilding from an artifact) only the structure of those
     folds is applied; otherwise pairs are found by tracing and folded with their values.
-    ``layer_bits`` are per-layer widths (``lowbit.layer_bits``). Returns the model, which carries
-    its ``QuantRecord`` (``lowbit.record``) from here on, and a dict of the graph changes and of
-    every layer's resolved widths (``"layer_bits"``), in the record's JSON form.
+    ``layer_bits`` are per-layer widths (``lowbit.layer_bits``). The float layers' call order comes
+    from hooks on them; then every layer's widths are resolved and its spec declared (``declare``,
+    ``quant.declare``), and each quantizer is built once from its declared spec (``wrap_layers``).
+    Returns the model, which carries its ``QuantRecord`` (``lowbit.record``) from here on (the
+    declaration included: ``declared``), and a dict of the graph changes and of every layer's
+    resolved widths (``"layer_bits"``), in the record's JSON form.
     """
     if not isinstance(model, nn.Module):
         raise LowbitError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -99,3 +99,14 @@ def declare_layer(name: str, kind: str, role: str, weight_shape: tuple[int, ...]
     except LowbitError as exc:
         raise LowbitError(f"layer {name!r}: {exc}") from None
     return LayerSpec(name, kind, role, tuple(weight_shape), out_channels, weight, inp)
+
+
+def per_channel(spec: TensorSpec) -> TensorSpec:
+    """The declared uniform code book of ``spec`` with one scale per channel (each group's width repeated
+    over its channels): what a layer's weights become when per-channel factors (BN folding) join its scales."""
+    if spec.kind != "uniform":
+        raise LowbitError(f"only uniform weights take per-channel scales this way, not {spec.kind} ones")
+    rep = spec.channels // spec.num_groups
+    widths = None if spec.group_bits is None else tuple(b for b in spec.group_bits for _ in range(rep))
+    return TensorSpec("uniform", spec.bits, spec.signed, spec.symmetric, spec.narrow, "channel", spec.channels,
+                      spec.channels, spec.axis, widths)
