@@ -186,11 +186,17 @@ def quantized_layer(layer: nn.Module, spec: LayerSpec, standby: LayerSpec, a_sym
     """
     _check_fits(layer, spec)
     device = layer.weight.device
-    wq = weight_quantizer(spec.weight if spec.weight is not None else standby.weight, device)
-    wq.enabled = spec.weight is not None
-    part = spec.input if spec.input is not None else standby.input
-    aq = ActQuantizer(None, a_symmetric).to(device) if part is None else input_quantizer(part, device, a_symmetric)
-    aq.enabled = spec.input is not None
+    if spec.weight is not None:
+        wq = weight_quantizer(spec.weight, device)
+    else:
+        wq = weight_quantizer(standby.weight, device)
+        wq.enabled = False
+    if spec.input is not None:
+        aq = input_quantizer(spec.input, device, a_symmetric)
+    else:
+        part = standby.input
+        aq = ActQuantizer(None, a_symmetric).to(device) if part is None else input_quantizer(part, device, a_symmetric)
+        aq.enabled = False
     new = quantize_layer(layer, wq, aq)
     new.role = spec.role
     return new
