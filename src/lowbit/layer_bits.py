@@ -33,7 +33,8 @@ entry. A pattern that matches no quantizable layer is a LowbitError.
 
 The result (``resolve_layer_bits``) is an explicit ``{name: LayerBits}`` map stored in the
 quantized model's record (``lowbit.record_of(qmodel).layer_bits``) and in the artifact's
-manifest; quantizers are set from it, and artifact validation checks each row against it.
+manifest; ``graph.surgery.prepare`` declares every layer's spec from it (``quant.declare``) and
+builds the quantizers from those, and artifact validation checks each row against it.
 Per-channel widths ride on ``LayerBits.channel_bits``.
 """
 from __future__ import annotations

@@ -31,6 +31,7 @@ from .config import QuantConfig
 from .errors import LowbitError
 from .layer_bits import LayerBits
 from .layer_bits import record as layer_bits_record
+from .quant.spec import LayerSpec
 
 RECORD_ATTR = "lowbit_record"
 INFO_ATTR = "lowbit_info"
@@ -45,6 +46,10 @@ class QuantRecord:
             finalize: the one a device sees, e.g. BN folded, per-channel steps).
         layer_order: quantized layers in execution order (empty when unknown, old artifacts).
         layer_bits: every layer's resolved widths (``lowbit.layer_bits``), by layer name.
+        declared: every layer's declared spec (``quant.declare``), by layer name: the code books
+            ``graph.surgery.prepare`` built the quantizers from, before calibration and before a
+            method replaced any (``quant.layer_specs.layer_specs`` reads what the model holds now).
+            Empty for a model read from an artifact (its stored specs are calibrated).
         fold_pairs: ``(conv, bn)`` pairs whose BN is folded into the conv.
         equalized_pairs: ``(conv, conv)`` pairs whose scales were equalized.
         arch: the zoo architecture (``{"name", "kwargs"}``) when known.
@@ -69,6 +74,7 @@ class QuantRecord:
     config: QuantConfig
     layer_order: list[str] = field(default_factory=list)
     layer_bits: dict[str, LayerBits] = field(default_factory=dict)
+    declared: dict[str, LayerSpec] = field(default_factory=dict)
     fold_pairs: list[tuple[str, str]] = field(default_factory=list)
     equalized_pairs: list[tuple[str, str]] = field(default_factory=list)
     arch: dict[str, Any] | None = None

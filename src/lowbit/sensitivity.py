@@ -55,6 +55,7 @@ from .ptq.common import fresh_batch
 from .quant.layers import quant_layers
 from .quant.ranges import RANGE_ESTIMATORS
 from .quant.uniform import check_bits
+from .record import record_of
 
 TARGETS = ("weights", "activations", "both")
 METRICS = ("kl", "taylor")
@@ -326,7 +327,8 @@ def sensitivity(model: nn.Module, calib: Tensor | Iterable, bits: Iterable[int] 
 
     skipped: dict[str, str] = {}
     units = list(order)
-    if want_acts and not cfg.quantize_input and order:
+    # the first layer's input is declared float unless quantize_input (graph.surgery.declare)
+    if want_acts and order and record_of(qmodel).declared[order[0]].input is None:
         skipped[order[0]] = "the network input is not quantized (quantize_input=False)"
         if target == "activations":
             units = units[1:]

@@ -6,7 +6,7 @@ checked before the model is built; a file that fails a check is a LowbitError na
 
 Writing reads each layer through its ``quant.spec.LayerSpec`` (``quant.layer_specs``), never through
 its quantizer; the file stores those specs (a table of code books plus one reference per row), and
-loading rebuilds the quantizers from the specs (``quant.layer_specs.apply_layer_spec``). Version 5
+loading rebuilds the quantizers from the specs (``graph.surgery.wrap_layer``). Version 5
 holds every code book kind of ``quant.spec``: uniform (per-group widths included, each group's codes
 at its own width and pruned groups without codes, see ``DENSE_VERSIONS``), sparse inputs, and
 multibit (DMBQ) weights and inputs. Version 4 stored uniform per-group widths at the layer's widest
@@ -34,12 +34,12 @@ from ..config import QuantConfig
 from ..errors import LowbitError
 from ..files import atomic_write
 from ..graph.fold import apply_fold_structure
-from ..graph.surgery import count_float_layers, execution_order, wrap_layers
+from ..graph.surgery import count_float_layers, execution_order, float_layers, wrap_layer
 from ..layer_bits import LayerBits, default_bits, from_record
 from ..layer_bits import record as layer_bits_record
 from ..quant import spec as qspec
-from ..quant.layer_specs import apply_layer_spec, layer_specs
-from ..quant.layers import LAYER_KINDS, out_channels, quant_layers
+from ..quant.layer_specs import layer_specs
+from ..quant.layers import LAYER_KINDS, layer_kind, out_channels, quant_layers
 from ..quant.spec import LayerSpec, TensorSpec, effective_groups, storage_bits
 from ..quant.uniform import int_range
 from ..record import QuantRecord, attach, publish
@@ -293,7 +293,7 @@ def save_artifact(qmodel: nn.Module, path: str | os.PathLike) -> Path:
 # against the config (_check_row), then its tensors (_check_layer_tensors); load_artifact checks what
 # needs the model (names, shapes, groups, fold pairs, the other tensors, the execution order).
 
-ROLES = ("first", "last", "only", "body", "unused")  # as graph.surgery.assign_roles gives them
+ROLES = ("first", "last", "only", "body", "unused")  # as layer_bits.roles_of gives them
 # Config fields that say how the stored numbers are read: a file must hold them (no silent default).
 CONFIG_REQUIRED = ("w_bits", "a_bits", "first_last_bits", "granularity", "groups", "w_symmetric", "w_narrow",
                    "a_symmetric")
@@ -428,7 +428,7 @@ def _check_kind_shape(row: dict) -> None:
 
 
 def _protocol_bits(role: str, cfg: QuantConfig) -> LayerBits:
-    """Widths ``graph.surgery.assign_roles`` gives a layer of ``role`` under ``cfg`` without user entries
+    """Widths ``graph.surgery.declare`` gives a layer of ``role`` under ``cfg`` without user entries
     (files written before the resolved per-layer map was stored)."""
     return default_bits(role, cfg.w_bits, cfg.a_bits, cfg.first_last_bits, cfg.quantize_input)
 
@@ -1112,7 +1112,7 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
 def _unstored_quantizer_state(specs: dict[str, LayerSpec], key: str) -> bool:
     """Whether ``key`` is quantizer state the artifact does not store: the scale or zero point of a
     float weight or input (it plays no part), or any buffer of a multibit quantizer (built whole
-    from its spec by ``apply_layer_spec``)."""
+    from its spec by ``graph.surgery.wrap_layer``)."""
     for quantizer in ("weight_quant", "input_quant"):
         layer_name, found, leaf = key.partition(f".{quantizer}.")
         spec = specs.get(layer_name) if found else None
@@ -1206,8 +1206,7 @@ def _rebuild(manifest: dict, tensors: dict[str, Tensor], model: nn.Module | None
                           f"{sorted(wanted - names)[:3]}): pass the architecture it was made from")
     qmodel = copy.deepcopy(model).eval().to(device)
     apply_fold_structure(qmodel, [tuple(p) for p in manifest["fold_pairs"]])
-    wrap_layers(qmodel, cfg)
-    layers = dict(quant_layers(qmodel))
+    layers = dict(float_layers(qmodel))
     if set(layers) != set(manifest["layers"]):
         not_layers = sorted(set(manifest["layers"]) - set(layers))
         raise LowbitError("the model's layers do not match the artifact's (different architecture?): " + (
@@ -1217,7 +1216,7 @@ def _rebuild(manifest: dict, tensors: dict[str, Tensor], model: nn.Module | None
     state = {}
     for name, spec in manifest["layers"].items():
         layer, lspec = layers[name], specs[name]
-        kind, ws = LAYER_KINDS[layer.kind], lspec.weight
+        kind, ws = layer_kind(layer), lspec.weight
         groups = effective_groups(layer.weight.shape[kind.axis], cfg.granularity, cfg.groups)
         if ws is not None and (ws.kind == "multibit" or ws.granularity == "channel"):
             # multibit alphas, and per-channel widths from layer_bits, are per output channel whatever the config says
@@ -1226,11 +1225,12 @@ def _rebuild(manifest: dict, tensors: dict[str, Tensor], model: nn.Module | None
             raise LowbitError(f"layer {name!r}: shape or groups differ from the artifact's (weight "
                               f"{list(layer.weight.shape)} in {groups} groups in the model, "
                               f"{spec['weight_shape']} in {spec['num_groups']} in the artifact)")
-        if spec["kind"] != layer.kind:
-            raise LowbitError(f"layer {name!r}: the artifact holds a {spec['kind']} layer, the model a {layer.kind}")
+        if spec["kind"] != kind.name:
+            raise LowbitError(f"layer {name!r}: the artifact holds a {spec['kind']} layer, the model a {kind.name}")
         if layer.bias is None and f"{name}.bias" in tensors:  # e.g. added by bias correction
             layer.bias = nn.Parameter(torch.zeros(out_channels(layer), device=layer.weight.device))
-        apply_layer_spec(layer, lspec)  # the quantizers the spec describes (checked against the layer)
+        # the quantized layer, its quantizers built from the stored spec (checked against the layer)
+        layer = wrap_layer(qmodel, name, layer, lspec, cfg)
         for key in ("weight_quant.alphas", "input_quant.alphas"):  # in the spec already
             tensors.pop(f"{name}.{key}", None)
         if ws is not None and ws.kind == "multibit":

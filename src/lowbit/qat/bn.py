@@ -18,7 +18,8 @@ from ..config import QuantConfig
 from ..graph.fold import apply_fold_structure
 from ..graph.modules import get_submodule
 from ..quant.layers import per_output_channel, quant_layers
-from ..quant.quantizer import WeightQuantizer
+from ..quant.declare import per_channel
+from ..quant.layer_specs import weight_quantizer
 
 
 def align_bn_signs(qmodel: nn.Module, pairs: list[tuple[str, str]]) -> None:
@@ -80,10 +81,8 @@ def fold_steps_into_bn(qmodel: nn.Module, pairs: list[tuple[str, str]], cfg: Qua
         scale = s.reshape(-1).clone()
         if mult is None:
             mult = torch.ones_like(scale)
-        channel = WeightQuantizer(wq.bits, wq.channels, "channel", None, wq.symmetric, wq.narrow,
-                                  axis=wq.axis).to(scale.device)
-        if wq.group_bits:  # per-channel widths (groups are channels here): each keeps its own range
-            channel.set_group_bits(wq.group_bits)
+        # the same code book with per-channel scales (per-channel widths: each channel keeps its own range)
+        channel = weight_quantizer(per_channel(wq.spec()), scale.device)
         view = wq.channel_shape(codes.dim())
         negative = (mult < 0).view(view)
         qmin, qmax = channel.limits(codes.dim())  # ints, or per-channel bounds with per-channel widths

@@ -2,9 +2,10 @@
 build a layer's quantizers back from one.
 
 ``layer_specs`` is the one interface deployment code reads (artifact, ONNX, integer path, multi-bit
-export); ``apply_layer_spec`` is how a loader rebuilds the simulation from stored specs. Only this
-module (and the quantizers' own ``spec()`` methods) knows which quantizer class implements which
-code book.
+export); ``quantized_layer`` builds a layer's quantizers from its spec, declared (``quant.declare``:
+``lowbit.quantize`` / ``lowbit.qat`` through ``graph.surgery.prepare``) or calibrated (``lowbit.load``),
+through the two factories ``weight_quantizer`` and ``input_quantizer``. Only this module (and the
+quantizers' own ``spec()`` methods) knows which quantizer class implements which code book.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch import nn
 
 from ..errors import LowbitError
 from .dmbq_quantizers import DmbqAct, DmbqWeight
-from .layers import LAYER_KINDS, out_channels, quant_layers
+from .layers import layer_kind, out_channels, quant_layers, quantize_layer
 from .quantizer import ActQuantizer, WeightQuantizer
 from .sparse import SparseActQuantizer
 from .spec import LayerSpec, TensorSpec, channel_view, codes, dequantize, fake_quantize, qrange
@@ -98,8 +99,17 @@ def _verify_input(name: str, aq: nn.Module, spec: TensorSpec) -> None:
 
 
 # ------------------------------------------------------------------------------ building from specs
+def _declared_only_uniform(spec: TensorSpec) -> None:
+    if spec.kind == "multibit" and not spec.calibrated:
+        raise LowbitError("a declared multibit spec has no quantizer of its own: DMBQ (lowbit.qat method 'dmbq') "
+                          "fits its alphas on the uniform quantizer it starts from; build from a committed spec")
+
+
 def weight_quantizer(spec: TensorSpec, device: torch.device | str = "cpu") -> nn.Module:
-    """The (enabled, committed) weight quantizer that implements ``spec``."""
+    """The (enabled) weight quantizer that implements ``spec``: committed to the spec's parameters
+    when it is calibrated, fresh (scales 1, zero points 0: nothing calibrated yet) when it is only
+    declared (``quant.declare``)."""
+    _declared_only_uniform(spec)
     if spec.kind == "multibit":
         base = WeightQuantizer(1, spec.channels, "channel", axis=spec.axis).to(device)
         q = DmbqWeight(base, 0)
@@ -116,53 +126,77 @@ def weight_quantizer(spec: TensorSpec, device: torch.device | str = "cpu") -> nn
     if wq.num_groups != spec.num_groups:
         raise LowbitError(f"{spec.num_groups} scale groups do not fit {spec.channels} channels at "
                           f"granularity {spec.granularity!r}")
+    if wq.signed != spec.signed:
+        raise LowbitError(f"uniform weights are signed exactly when symmetric; the spec says signed={spec.signed}, "
+                          f"symmetric={spec.symmetric}")
     if spec.group_bits is not None:
         wq.set_group_bits(spec.group_bits)
-    wq.scale.copy_(spec.scale)
-    wq.zero_point.copy_(spec.zero_point)
+    if spec.calibrated:
+        wq.scale.copy_(spec.scale)
+        wq.zero_point.copy_(spec.zero_point)
     return wq
 
 
 def input_quantizer(spec: TensorSpec, device: torch.device | str = "cpu", symmetric: bool | None = None) -> nn.Module:
-    """The (enabled, calibrated) input quantizer that implements ``spec``; ``symmetric`` (default: the
-    spec's) is the calibration setting of a uniform one (signed codes for negative inputs), not part of its codes."""
+    """The (enabled) input quantizer that implements ``spec``, calibrated as the spec says, or fresh
+    (scale 1, zero point 0, threshold 0) for a declared spec. ``symmetric`` (default: the spec's) is
+    the calibration setting of a uniform one (signed codes for negative inputs), not part of its codes."""
+    _declared_only_uniform(spec)
     if spec.kind == "multibit":
         act = DmbqAct(ActQuantizer(spec.bits).to(device), spec.bits, spec.signed)
         act.alpha.copy_(spec.alphas)
         act.initialized.fill_(True)
         act.frozen = True
         return act
+    if spec.num_groups != 1 or spec.group_bits is not None:
+        raise LowbitError(f"an input quantizer has one scale for the tensor; the spec has {spec.num_groups} groups"
+                          + (" and per-group widths" if spec.group_bits is not None else ""))
     symmetric = spec.symmetric if symmetric is None else symmetric
     aq = (SparseActQuantizer(spec.bits) if spec.kind == "sparse" else ActQuantizer(spec.bits, symmetric)).to(device)
     aq.signed = spec.signed
-    aq.scale.copy_(spec.scale)
-    aq.zero_point.copy_(spec.zero_point)
-    if spec.kind == "sparse":
-        aq.threshold.copy_(spec.threshold)
+    if spec.calibrated:
+        aq.scale.copy_(spec.scale)
+        aq.zero_point.copy_(spec.zero_point)
+        if spec.kind == "sparse":
+            aq.threshold.copy_(spec.threshold)
     return aq
 
 
-def apply_layer_spec(layer: nn.Module, spec: LayerSpec) -> None:
-    """Give a quantized layer (fresh from ``graph.surgery.wrap_layers``) the quantizers ``spec`` describes.
-
-    Float parts keep the layer's own quantizer, disabled. The weight values are the caller's
-    (e.g. the stored codes dequantized with ``quant.spec.dequantize``).
-    """
-    kind = LAYER_KINDS[layer.kind]
+def _check_fits(layer: nn.Module, spec: LayerSpec) -> None:
+    """``spec`` must describe ``layer`` (a float layer of a lowbit kind, or its quantized twin)."""
+    kind = layer_kind(layer)
     ws = spec.weight
-    if (spec.kind != layer.kind or tuple(layer.weight.shape) != spec.weight_shape
+    if (kind is None or spec.kind != kind.name or tuple(layer.weight.shape) != spec.weight_shape
             or spec.out_channels != out_channels(layer)
             or (ws is not None and (ws.axis, ws.channels) != (kind.axis, layer.weight.shape[kind.axis]))):
-        raise LowbitError(f"layer {spec.name!r}: the spec describes another layer than the model's {layer.kind} "
+        what = kind.name if kind is not None else type(layer).__name__
+        raise LowbitError(f"layer {spec.name!r}: the spec describes another layer than the model's {what} "
                           f"of weight {list(layer.weight.shape)} (kind {spec.kind}, weight {list(spec.weight_shape)}, "
                           f"{spec.out_channels} outputs" + (f", {ws.channels} channels on axis {ws.axis})" if ws else ")"))
+
+
+def quantized_layer(layer: nn.Module, spec: LayerSpec, standby: LayerSpec, a_symmetric: bool) -> nn.Module:
+    """The quantized twin of the float ``layer`` (``quant.layers.quantize_layer``) with the quantizers ``spec``
+    describes, declared (``graph.surgery.prepare``) or calibrated (``lowbit.load``), and ``spec``'s role.
+
+    A float part (None in ``spec``) gets the quantizer ``standby`` declares, switched off
+    (``quant.declare.standby``: the config's uniform widths); an input ``standby`` leaves float too
+    (a weight-only config) gets an activation quantizer without a width. ``a_symmetric`` is the
+    config's calibration setting of uniform inputs. The weight values are the caller's.
+    """
+    _check_fits(layer, spec)
     device = layer.weight.device
-    layer.role = spec.role
-    if spec.weight is None:
-        layer.weight_quant.enabled = False
+    if spec.weight is not None:
+        wq = weight_quantizer(spec.weight, device)
     else:
-        layer.weight_quant = weight_quantizer(spec.weight, device)
-    if spec.input is None:
-        layer.input_quant.enabled = False
+        wq = weight_quantizer(standby.weight, device)
+        wq.enabled = False
+    if spec.input is not None:
+        aq = input_quantizer(spec.input, device, a_symmetric)
     else:
-        layer.input_quant = input_quantizer(spec.input, device, getattr(layer.input_quant, "symmetric", None))
+        part = standby.input
+        aq = ActQuantizer(None, a_symmetric).to(device) if part is None else input_quantizer(part, device, a_symmetric)
+        aq.enabled = False
+    new = quantize_layer(layer, wq, aq)
+    new.role = spec.role
+    return new

@@ -16,6 +16,11 @@ A ``TensorSpec`` names a code book (``kind``) and its parameters:
   of each group (0: a pruned channel, every value 0). Codes are level indices: bit ``i`` of a
   code is the state of basis ``i``.
 
+A spec whose parameters (``scale``, ``zero_point``, ``alphas``, ``threshold``) are all None is
+*declared*: the code book a quantizer is built with before calibration (``quant.declare``);
+``calibrated`` tells the two apart. The functions below that need values (codes, dequantization,
+value ranges) refuse a declared spec, and files hold calibrated specs only.
+
 A ``LayerSpec`` puts a layer's weight and input specs together (``None``: that tensor stays
 float). Specs are the one interface between quantized models and deployment: each quantizer
 declares its spec (``spec()``), ``quant.layer_specs`` reads them off a model, exporters read
@@ -126,6 +131,11 @@ class TensorSpec:
     __hash__ = None  # type: ignore[assignment]
 
     @property
+    def calibrated(self) -> bool:
+        """Whether the spec holds its parameters (False: a declared code book, ``quant.declare``)."""
+        return any(getattr(self, f) is not None for f in TENSOR_FIELDS)
+
+    @property
     def binary(self) -> bool:
         """Signed 1-bit uniform codes: the pair ``{-1, +1}`` (no zero level)."""
         return self.kind == "uniform" and self.signed and self.bits == 1
@@ -163,6 +173,9 @@ class TensorSpec:
         extra = sorted(set(tensors) - set(TENSOR_FIELDS))
         if extra:
             raise LowbitError(f"a tensor spec record has unknown tensors {extra}")
+        if not any(f in tensors for f in TENSOR_FIELDS):
+            raise LowbitError("a stored tensor spec must hold its parameters (scale and zero point, alphas); "
+                              "a declared, uncalibrated spec is never stored")
         values = dict(meta)
         gb = values["group_bits"]
         if gb is not None:
@@ -217,9 +230,13 @@ def _check(spec: TensorSpec) -> None:
         if want != spec.bits:
             raise _bad("group_bits", f"widths whose storage width is bits ({spec.bits})", gb)
     g = spec.num_groups
+    if multibit and spec.bits == 0 and spec.group_bits is None:
+        raise _bad("bits", "1..4 for a multibit tensor without group_bits", 0)
+    if spec.kind == "sparse" and (spec.signed or g != 1 or spec.group_bits is not None):
+        raise LowbitError("a sparse tensor spec is per tensor, unsigned, with zero point 0")
+    if not spec.calibrated:  # declared: the code book alone, its parameters come with calibration
+        return
     if multibit:
-        if spec.bits == 0 and spec.group_bits is None:
-            raise _bad("bits", "1..4 for a multibit tensor without group_bits", 0)
         if spec.scale is not None or spec.zero_point is not None or spec.threshold is not None:
             raise LowbitError("a multibit tensor spec holds alphas only (no scale, zero point or threshold)")
         _tensor(spec, "alphas", (g, spec.bits))
@@ -239,7 +256,7 @@ def _check(spec: TensorSpec) -> None:
     if spec.alphas is not None:
         raise LowbitError(f"a {spec.kind} tensor spec has no alphas")
     if spec.kind == "sparse":
-        if spec.signed or spec.num_groups != 1 or bool(zp.ne(0).any()) or spec.group_bits is not None:
+        if bool(zp.ne(0).any()):
             raise LowbitError("a sparse tensor spec is per tensor, unsigned, with zero point 0")
         _tensor(spec, "threshold", (1,))
         if not bool((spec.threshold >= 0).all()):
@@ -249,6 +266,12 @@ def _check(spec: TensorSpec) -> None:
 
 
 # ------------------------------------------------------------------------------ pure functions
+def _calibrated(spec: TensorSpec, what: str) -> None:
+    if not spec.calibrated:
+        raise LowbitError(f"{what} need a calibrated tensor spec; this {spec.kind} one is only declared "
+                          f"(no scale, zero point or alphas yet)")
+
+
 def channel_view(spec: TensorSpec, values: Tensor, ndim: int) -> Tensor:
     """Per-group ``values`` repeated over their channels and shaped to broadcast along ``spec.axis``."""
     shape = tuple(-1 if d == spec.axis else 1 for d in range(ndim))
@@ -303,6 +326,7 @@ def codes(spec: TensorSpec, x: Tensor) -> Tensor:
     computed as the simulation computes them. Multibit: the index of the nearest level per group
     (pruned groups: 0).
     """
+    _calibrated(spec, "codes")
     if spec.kind == "multibit":
         rows = group_rows(spec, x)
         idx = torch.zeros(rows.shape, dtype=torch.int64, device=x.device)
@@ -340,6 +364,7 @@ def levels(spec: TensorSpec) -> Tensor:
 
     Each width's levels are computed from its own alphas, as the DMBQ quantizers compute them.
     """
+    _calibrated(spec, "levels")
     if spec.kind != "multibit":
         raise LowbitError(f"a {spec.kind} tensor spec has no level table")
     out = torch.zeros(spec.num_groups, 2 ** spec.bits, dtype=spec.alphas.dtype)
@@ -351,6 +376,7 @@ def levels(spec: TensorSpec) -> Tensor:
 @torch.no_grad()
 def dequantize(spec: TensorSpec, q: Tensor) -> Tensor:
     """Real values (float32) of integer codes ``q`` (a weight- or activation-shaped tensor)."""
+    _calibrated(spec, "real values")
     if spec.kind == "multibit":
         rows = group_rows(spec, q.to(torch.int64))
         lv = levels(spec).to(q.device)
@@ -378,6 +404,7 @@ def bit_planes(spec: TensorSpec, q: Tensor) -> Tensor:
 
 def value_range(spec: TensorSpec) -> tuple[Tensor, Tensor]:
     """Smallest and largest real value of every group (float32 tensors of ``num_groups``)."""
+    _calibrated(spec, "value ranges")
     if spec.kind == "multibit":
         lv = levels(spec)
         return lv.amin(1), lv.amax(1)
@@ -391,6 +418,7 @@ def value_range(spec: TensorSpec) -> tuple[Tensor, Tensor]:
 def output_channel_scale(spec: TensorSpec, out_channels: int) -> Tensor:
     """The scale of every output channel (group scales repeated, ConvTranspose scales tiled over its
     conv groups): the unit of a uniform weight's int32 bias."""
+    _calibrated(spec, "output channel scales")
     per_axis = spec.scale.repeat_interleave(spec.channels // spec.num_groups)
     return per_axis.repeat(out_channels // spec.channels)
 
@@ -409,7 +437,7 @@ def nbytes(spec: TensorSpec, numel: int) -> int:
         total = sum(spec.widths)
         return (per_group * total + 7) // 8 + 4 * total
     if spec.channels == 1 and numel == 0:  # an activation: its parameters only
-        return 8 + (4 if spec.threshold is not None else 0)
+        return 8 + (4 if spec.kind == "sparse" else 0)
     if spec.group_bits is None:
         return (numel * spec.bits + 7) // 8 + spec.num_groups * 4 * (1 if spec.symmetric else 2)
     per_group = numel // spec.num_groups
