@@ -81,6 +81,7 @@ def main() -> None:
         "table": ("DMBQ, table", "2/2", dict(method="dmbq", w_bits=2, a_bits=2, solver="table")),
         "lsq3": ("Uniform (LSQ)", "3/3", dict(method="lsq", w_bits=3, a_bits=3)),
         "dmbq3": ("DMBQ", "3/3", dict(method="dmbq", w_bits=3, a_bits=3)),
+        "solve3": ("DMBQ, solve per step", "3/3", dict(method="dmbq", w_bits=3, a_bits=3, solver="solve")),
         "lsq4": ("Uniform (LSQ)", "4/4", dict(method="lsq", w_bits=4, a_bits=4)),
         "dmbq4": ("DMBQ", "4/4", dict(method="dmbq", w_bits=4, a_bits=4)),
         "gp": ("DMBQ+LBA GP", "2.0/2", dict(method="dmbq", w_bits=2.0, a_bits=2, lba="global")),
