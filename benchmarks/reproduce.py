@@ -127,7 +127,7 @@ TABLES: tuple[Table, ...] = (
                             "fp,lsq:0,lsq:1,table:0,table:1,lqnet:0,lqnet:1,solve:0,solve:1",
                             "--section", "dmbq-qat-solvers"), None),
         Run("dmbq_qat.py", ("--train", "2000", "--test", "2000", "--epochs", "2", "--lba-every", "2",
-                            "--lba-fraction", "0.02", "--runs", "lp10:0,lsq3:0,dmbq3:0,lsq4:0,dmbq4:0",
+                            "--lba-fraction", "0.02", "--runs", "lp10:0,lsq3:0,lsq3:1,table3:0,table3:1,dmbq3:0,dmbq3:1,lsq4:0,table4:0,dmbq4:0",
                             "--section", "dmbq-qat-bits"), None),
         Run("dmbq_qat.py", ("--train", "2000", "--test", "2000", "--epochs", "2", "--lba-every", "2",
                             "--lba-fraction", "0.02", "--runs", "cp10m:0,cpm:0,cpm:1",

@@ -154,3 +154,27 @@ def test_solvers_reach_no_worse_than_the_table():
         q = quant(x)
         errs[solver] = float((q - x).pow(2).mean())
     assert errs["solve"] <= errs["table"] + 1e-7
+
+
+def test_auto_solver_is_the_table_up_to_two_bases_and_lqnet_above():
+    from lowbit.quant.dmbq_quantizers import AUTO_TABLE_MAX_BASES, solve_alphas
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 200, generator=gen) * torch.rand(6, 1, generator=gen)
+    prev = dmbq.canonical(table_alphas(x, 3, True) * 1.3, True)  # an lqnet start that is not the table
+    for m in range(1, dmbq.MAX_BASES + 1):
+        p = prev[:, :m] if m <= 3 else None
+        auto = solve_alphas(x, m, True, "auto", p)
+        expected = solve_alphas(x, m, True, "table" if m <= AUTO_TABLE_MAX_BASES else "lqnet", p)
+        assert torch.equal(auto, expected), m
+    assert not torch.equal(solve_alphas(x, 3, True, "auto", prev), solve_alphas(x, 3, True, "table"))
+
+
+def test_alternating_step_survives_a_float32_row_with_one_level_in_use():
+    # every sample on one level: the normal equations are singular; a 1e-10 ridge vanishes in float32
+    x = torch.full((2, 50), 0.25)
+    alpha = dmbq.uniform_alphas(torch.ones(2), 3, True)
+    new = dmbq.alternate_step(x, None, alpha, True)
+    assert new.dtype == torch.float32 and torch.isfinite(new).all()
+    q, _ = dmbq.assign(x, new, True)
+    assert torch.allclose(q, x, atol=1e-4)  # the fitted levels still reproduce the constant row

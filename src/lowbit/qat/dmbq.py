@@ -5,8 +5,8 @@ Zhao, Yue, Hu, "Distribution-aware Adaptive Multi-bit Quantization" (CVPR 2021, 
 * Body layers at 1 to 4 bits: weights per output channel with ``b in {-1, 1}``; inputs per tensor
   with ``b in {0, 1}`` when the calibration inputs are non-negative (after ReLU: 0 stays a level)
   and ``{-1, 1}`` otherwise (``quant.dmbq_quantizers``). Alphas from the shipped table
-  (``solver="table"``), a per-tensor fit (``"solve"``) or LQ-Net's one step per iteration
-  (``"lqnet"``). The configured granularity does not apply: DMBQ weights are per channel.
+  (``solver="table"``), a per-tensor fit (``"solve"``), LQ-Net's one step per iteration
+  (``"lqnet"``), or by default (``"auto"``) the table up to 2 bases and LQ-Net's step above. The configured granularity does not apply: DMBQ weights are per channel.
 * Layers above 4 bits (the protocol's 8-bit first and last layers) train with LSQ step sizes.
 * BN stays in the network while it trains (as in LSQ); ``finalize`` folds it into the alphas.
 * ``lba="channel" | "layer" | "global"`` turns the weight bits into a budget (``w_bits`` may then
@@ -44,9 +44,12 @@ class DmbqOptions:
     """Attributes:
         solver: how the alphas are chosen at every step: "table" (DMBQ's offline table, looked
             up from the tensor's shape statistics), "solve" (alternating fit to convergence on
-            the tensor) or "lqnet" (one alternating step from the previous alphas). "table" is the
-            default: on ResNet-20 W2/A2 (2000 images, 2 seeds) it measured 91.00 top-1 against 90.55
-            for both others, and it is the cheapest (benchmarks/RESULTS.md, dmbq-qat-solvers).
+            the tensor), "lqnet" (one alternating step from the previous alphas) or "auto" (the
+            default: the table for tensors and channels of up to 2 bases, LQ-Net's step from 3).
+            On ResNet-20 (2000 images, 2 epochs, 2 seeds, benchmarks/RESULTS.md dmbq-qat-solvers,
+            dmbq-qat-bits) the table led at W2/A2 (91.00 top-1 against 90.55 for both others) and
+            LQ-Net's step at W3/A3 (93.20 against 92.15 for the table); both cost the same per step,
+            "solve" about 2.5x more.
         act_momentum: moving-average momentum of the input alphas.
         lba: bit allocation during training: "channel" (CP), "layer" (LP), "global" (GP), or
             None (every body layer at ``w_bits``).
@@ -61,7 +64,7 @@ class DmbqOptions:
             ``w_bits``; None: ``w_bits``).
     """
 
-    solver: Literal["table", "solve", "lqnet"] = "table"
+    solver: Literal["auto", "table", "solve", "lqnet"] = "auto"
     act_momentum: Annotated[float, Range(ge=0, lt=1)] = 0.9
     lba: Literal["channel", "layer", "global"] | None = None
     lba_every: Annotated[int, Range(ge=1)] = 20

@@ -89,7 +89,8 @@ def alternate_step(x: Tensor, weight: Tensor | None, alpha: Tensor, signed: bool
 
     ``x`` and ``weight`` are ``(R, n)`` (``weight`` None: all ones); returns the new ``(R, m)``
     alphas. A basis that no sample distinguishes (singular normal equations) keeps a tiny ridge
-    instead of blowing up.
+    instead of blowing up; the ridge is at least a few units of the dtype's rounding (1e-10 of the
+    trace vanishes when added to a float32 Gram matrix, which then stays exactly singular).
     """
     m = alpha.shape[-1]
     _, idx = assign(x, alpha, signed)
@@ -101,6 +102,7 @@ def alternate_step(x: Tensor, weight: Tensor | None, alpha: Tensor, signed: bool
     gram = (cb.T * mass.unsqueeze(1)) @ cb  # (R, m, m)
     rhs = first @ cb  # (R, m)
     scale = gram.diagonal(dim1=1, dim2=2).sum(-1, keepdim=True).clamp_min(1e-30)
+    ridge = max(ridge, 16 * torch.finfo(x.dtype).eps)
     eye = torch.eye(m, device=x.device, dtype=x.dtype)
     return torch.linalg.solve(gram + ridge * scale.unsqueeze(-1) * eye, rhs)
 

@@ -2,8 +2,9 @@
 
 Forward pass: the alphas come from the shipped table (``solver="table"``, DMBQ's way), from an
 alternating fit to convergence on the tensor itself (``"solve"``), or from one alternating step
-from the previous alphas (``"lqnet"``, LQ-Net's per-iteration update); then every element takes
-its nearest level. Gradient (straight-through): identity for elements between the lowest and
+from the previous alphas (``"lqnet"``, LQ-Net's per-iteration update); ``"auto"`` (the default)
+takes the table up to 2 bases and LQ-Net's step from 3 on, where the two-statistic table fits real
+weight rows worse (see ``AUTO_TABLE_MAX_BASES``); then every element takes its nearest level. Gradient (straight-through): identity for elements between the lowest and
 the highest level, zero beyond them (an element already clipped gains nothing from moving
 further out). A channel with 0 bases is pruned: its weights quantize to 0 and cost nothing.
 
@@ -21,7 +22,12 @@ from .dmbq_table import table_alphas
 from .quantizer import ActQuantizer, WeightQuantizer, spec_tensor
 from .spec import TensorSpec
 
-SOLVERS = ("table", "solve", "lqnet")
+SOLVERS = ("auto", "table", "solve", "lqnet")
+# "auto": the table up to this many bases, LQ-Net's step above. On the zoo ResNet-20's conv weight rows
+# the table's MSE is 1.05x the per-row optimum at 2 bases but 1.19x at 3 and 1.43x at 4 (mean over
+# layers); in QAT (2000 images, 2 epochs, benchmarks/RESULTS.md dmbq-qat-solvers and dmbq-qat-bits)
+# the table led at 2/2 (91.00 vs 90.55, 2 seeds) and LQ-Net's step at 3/3 (93.20 vs 92.15, 2 seeds).
+AUTO_TABLE_MAX_BASES = 2
 SOLVE_SAMPLES = 1 << 16  # "solve" on activations fits on at most this many (evenly strided) elements
 
 
@@ -31,6 +37,8 @@ def solve_alphas(x: Tensor, m: int, signed: bool, solver: str, previous: Tensor 
     ``previous`` (``(R, m)``, canonical) is the start point of "lqnet"; rows whose previous alphas
     are all zero (never set) start from the table.
     """
+    if solver == "auto":
+        solver = "table" if m <= AUTO_TABLE_MAX_BASES else "lqnet"
     with torch.no_grad():
         x = x.detach()
         if solver == "table":
@@ -79,7 +87,7 @@ class DmbqWeight(nn.Module):
 
     CODE_BOOK = "multibit"  # the quant.spec kind that spec() returns
 
-    def __init__(self, quant: WeightQuantizer, bits: int, solver: str = "table") -> None:
+    def __init__(self, quant: WeightQuantizer, bits: int, solver: str = "auto") -> None:
         super().__init__()
         _check_solver_and_bits(solver, bits, 0, "weights")
         self.quant = quant
@@ -274,7 +282,7 @@ class DmbqAct(nn.Module):
 
     CODE_BOOK = "multibit"  # the quant.spec kind that spec() returns
 
-    def __init__(self, quant: ActQuantizer, bits: int, signed: bool, solver: str = "table",
+    def __init__(self, quant: ActQuantizer, bits: int, signed: bool, solver: str = "auto",
                  momentum: float = 0.9) -> None:
         super().__init__()
         _check_solver_and_bits(solver, bits, 1, "activations")
