@@ -48,7 +48,7 @@ class DmbqOptions:
             default: the table for tensors and channels of up to 2 bases, LQ-Net's step from 3).
             On ResNet-20 (2000 images, 2 epochs, 2 seeds, benchmarks/RESULTS.md dmbq-qat-solvers,
             dmbq-qat-bits) the table led at W2/A2 (91.00 top-1 against 90.55 for both others) and
-            LQ-Net's step at W3/A3 (93.20 against 92.15 for the table); both cost the same per step,
+            LQ-Net's step at W3/A3 (92.80 against 92.15 for the table); both cost the same per step,
             "solve" about 2.5x more.
         act_momentum: moving-average momentum of the input alphas.
         lba: bit allocation during training: "channel" (CP), "layer" (LP), "global" (GP), or

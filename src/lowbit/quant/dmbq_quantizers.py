@@ -26,7 +26,7 @@ SOLVERS = ("auto", "table", "solve", "lqnet")
 # "auto": the table up to this many bases, LQ-Net's step above. On the zoo ResNet-20's conv weight rows
 # the table's MSE is 1.05x the per-row optimum at 2 bases but 1.19x at 3 and 1.43x at 4 (mean over
 # layers); in QAT (2000 images, 2 epochs, benchmarks/RESULTS.md dmbq-qat-solvers and dmbq-qat-bits)
-# the table led at 2/2 (91.00 vs 90.55, 2 seeds) and LQ-Net's step at 3/3 (93.20 vs 92.15, 2 seeds).
+# the table led at 2/2 (91.00 vs 90.55, 2 seeds) and LQ-Net's step at 3/3 (92.80 vs 92.15, 2 seeds).
 AUTO_TABLE_MAX_BASES = 2
 SOLVE_SAMPLES = 1 << 16  # "solve" on activations fits on at most this many (evenly strided) elements
 
