@@ -47,9 +47,10 @@ class QuantRecord:
         layer_order: quantized layers in execution order (empty when unknown, old artifacts).
         layer_bits: every layer's resolved widths (``lowbit.layer_bits``), by layer name.
         declared: every layer's declared spec (``quant.declare``), by layer name: the code books
-            ``graph.surgery.prepare`` built the quantizers from, before calibration and before a
-            method replaced any (``quant.layer_specs.layer_specs`` reads what the model holds now).
-            Empty for a model read from an artifact (its stored specs are calibrated).
+            ``graph.surgery.prepare`` built the quantizers from, before calibration; a QAT method's
+            setup re-declares the parts it trains (multibit, sparse, a settled input sign) and builds
+            its trainable quantizers from them (``quant.layer_specs.layer_specs`` reads what the
+            model holds now). Empty for a model read from an artifact (its stored specs are calibrated).
         fold_pairs: ``(conv, bn)`` pairs whose BN is folded into the conv.
         equalized_pairs: ``(conv, conv)`` pairs whose scales were equalized.
         arch: the zoo architecture (``{"name", "kwargs"}``) when known.
@@ -90,6 +91,14 @@ class QuantRecord:
     tsq: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     method_state: Any = None
+
+    def declaration(self, name: str) -> LayerSpec:
+        """The declared spec of layer ``name`` (LowbitError when the model was not prepared with one)."""
+        spec = self.declared.get(name)
+        if spec is None:
+            raise LowbitError(f"layer {name!r} has no declared spec: a QAT method trains a model from "
+                              "graph.surgery.prepare (lowbit.qat), not one read from a file")
+        return spec
 
     def info(self) -> dict[str, Any]:
         """The dictionary ``lowbit_info`` used to be (JSON-able; ``qat`` only after QAT)."""

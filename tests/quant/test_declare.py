@@ -138,3 +138,117 @@ def test_declared_specs_have_no_values_and_are_never_stored() -> None:
         weight_quantizer(TensorSpec("multibit", 2, True, granularity="channel", channels=3, num_groups=3))
     with pytest.raises(LowbitError, match="sparse tensor spec is per tensor"):
         TensorSpec("sparse", 4, True)
+
+
+# ------------------------------------------------------------------------------ what QAT methods declare
+from lowbit.quant import declare as qdeclare  # noqa: E402
+from lowbit.quant.dmbq_quantizers import DmbqAct, DmbqWeight  # noqa: E402
+from lowbit.quant.layer_specs import (register_trainer, trainers, training_input_quantizer,  # noqa: E402
+                                      training_weight_quantizer)
+from lowbit.quant.learnable import LearnedStepAct, LearnedStepWeight  # noqa: E402
+from lowbit.quant.sparse import SparseStepAct  # noqa: E402
+
+from ..conftest import self_labelled  # noqa: E402
+
+_QAT = dict(epochs=1, batch_size=16, lr=0.01, progress=False, log=lambda s: None)
+
+
+@pytest.mark.parametrize("method, kw, kinds", [
+    ("lsq", dict(w_bits=3, a_bits=3), {"uniform"}),
+    ("dmbq", dict(w_bits=2, a_bits=2), {"uniform", "multibit"}),
+    ("tsq", dict(w_bits=2, a_bits=2, samples=128, iters=1), {"uniform", "sparse"}),
+])
+def test_qat_methods_declare_the_code_books_the_trained_model_holds(method, kw, kinds) -> None:
+    fp, x, y = self_labelled("resnet20", 32)
+    q = lowbit.qat(fp, (x, y), method=method, **kw, **_QAT)
+    declared = lowbit.record_of(q).declared
+    held = {s.name: s for s in layer_specs(q)}
+    assert list(declared) == list(held)
+    seen = set()
+    for name, want in declared.items():
+        for part in ("weight", "input"):
+            w, h = getattr(want, part), getattr(held[name], part)
+            assert _code_book(w) == _code_book(h), (method, name, part)
+            if w is not None:
+                assert not w.calibrated and h.calibrated
+                seen.add(w.kind)
+    assert seen == kinds
+
+
+def test_dmbq_with_lba_declares_its_start_widths() -> None:
+    """LBA moves bases between channels while it trains: everything else stays as declared."""
+    fp, x, y = self_labelled("resnet20", 32)
+    q = lowbit.qat(fp, (x, y), method="dmbq", w_bits=1.5, a_bits=2, lba="channel", lba_every=1, **_QAT)
+    declared = lowbit.record_of(q).declared
+    for s in layer_specs(q):
+        want = declared[s.name].weight
+        if want is None or want.kind != "multibit":
+            continue
+        assert want.group_bits == (2,) * want.channels  # the budget's ceiling, before any move
+        got, exp = _code_book(s.weight), _code_book(want)
+        for key in ("bits", "group_bits"):
+            got.pop(key), exp.pop(key)
+        assert got == exp, s.name
+
+
+def test_training_factory_builds_each_kind_from_its_declaration() -> None:
+    cfg = QuantConfig(w_bits=3, a_bits=3)
+    spec = declare_layer("conv", "conv2d", "body", (6, 2, 3, 3), 6, cfg, LayerBits(3, 3))
+    base_w = weight_quantizer(spec.weight)
+    weight = torch.randn(6, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    mixed = TensorSpec("multibit", 3, True, True, False, "channel", 6, 6, 0, (3, 0, 1, 2, 3, 3))
+    dq = training_weight_quantizer(mixed, base_w, solver="table")
+    assert isinstance(dq, DmbqWeight) and dq.channel_bits.tolist() == [3, 0, 1, 2, 3, 3] and dq.solver == "table"
+    assert isinstance(training_weight_quantizer(spec.weight, base_w, weight=weight), LearnedStepWeight)
+    assert trainers("weight", "uniform")[0] == "lsq" and trainers("input", "sparse") == ["tsq"]
+    signed = qdeclare.multibit_input(spec.input, True)
+    act = training_input_quantizer(signed, input_quantizer(spec.input), momentum=0.5)
+    assert isinstance(act, DmbqAct) and act.signed and act.bits == 3 and act.momentum == 0.5
+    sparse = qdeclare.sparse_input(spec.input)
+    assert isinstance(training_input_quantizer(sparse, input_quantizer(sparse), sparsity=0.1), SparseStepAct)
+    uniform = qdeclare.settled_input(spec.input, False)
+    assert isinstance(training_input_quantizer(uniform, input_quantizer(spec.input)), LearnedStepAct)
+
+
+def _uniform_weight(bits: int = 3, widths=None) -> TensorSpec:
+    return TensorSpec("uniform", bits, True, True, True, "channel", 4, 4, 0, widths)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: qdeclare.multibit_weight(_uniform_weight(8)), "1 to 4 bases"),
+    (lambda: qdeclare.multibit_weight(_uniform_weight(3, (3, 1, 0, 2))), "not from per-channel uniform widths"),
+    (lambda: qdeclare.multibit_weight(None), "a float part has none"),
+    (lambda: qdeclare.multibit_weight(TensorSpec("sparse", 3, False)), "declared uniform code book"),
+    (lambda: qdeclare.multibit_weight(weight_quantizer(_uniform_weight()).spec()), "got a calibrated uniform"),
+    (lambda: qdeclare.multibit_input(TensorSpec("uniform", 6, False, False), False), "1 to 4 bases"),
+    (lambda: qdeclare.multibit_input(TensorSpec("uniform", 3, False, False), 1), "true or false"),
+    (lambda: qdeclare.multibit_input(_uniform_weight(), True), "one code range for the tensor"),
+    (lambda: qdeclare.sparse_input(TensorSpec("uniform", 3, True, True)), "sparse input is unsigned"),
+    (lambda: qdeclare.settled_input(TensorSpec("multibit", 2, True), True), "declared uniform code book"),
+])
+def test_bad_training_declarations_are_refused(make, message) -> None:
+    with pytest.raises(LowbitError, match=message):
+        make()
+
+
+def test_training_factory_refuses_what_does_not_fit() -> None:
+    spec = _uniform_weight()
+    base = weight_quantizer(spec)
+    weight = torch.zeros(4, 2)
+    with pytest.raises(LowbitError, match="differs from the layer's quantizer in \\['bits'\\]"):
+        training_weight_quantizer(_uniform_weight(4), base, weight=weight)
+    with pytest.raises(LowbitError, match="channels and axis"):
+        training_weight_quantizer(TensorSpec("multibit", 2, True, True, False, "channel", 5, 5, 0, (2,) * 5), base)
+    with pytest.raises(LowbitError, match="from a declared spec"):
+        training_weight_quantizer(base.spec(), base, weight=weight)
+    with pytest.raises(LowbitError, match="no trainer 'adaround' for uniform weight code books; known: lsq"):
+        training_weight_quantizer(spec, base, trainer="adaround", weight=weight)
+    with pytest.raises(LowbitError, match="no trainer for sparse weight"):
+        training_weight_quantizer(TensorSpec("sparse", 3, False), base)
+    base.enabled = False
+    with pytest.raises(LowbitError, match="a disabled WeightQuantizer"):
+        training_weight_quantizer(spec, base, weight=weight)
+    with pytest.raises(LowbitError, match="enabled ActQuantizer, got WeightQuantizer"):
+        training_input_quantizer(TensorSpec("uniform", 3, False, False), base)
+    with pytest.raises(LowbitError, match="a part in"):
+        register_trainer("bias", "uniform", "x")

@@ -15,7 +15,7 @@ Zhao, Yue, Hu, "Distribution-aware Adaptive Multi-bit Quantization" (CVPR 2021, 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Literal
 
 from torch import Tensor, nn
@@ -26,10 +26,12 @@ from ..options import Range
 from ..ptq.start import MseOptions
 from ..ptq.common import observe_fp_inputs
 from ..quant import dmbq
-from ..quant.dmbq_quantizers import DmbqAct, DmbqWeight
+from ..quant.declare import multibit_input, multibit_weight, settled_input
+from ..quant.dmbq_quantizers import DmbqWeight
+from ..quant.layer_specs import training_input_quantizer, training_weight_quantizer
 from ..quant.layers import quant_layers
 from ..quant.ranges import lp_search_range
-from ..quant.learnable import LearnedStepAct, LearnedStepWeight, commit_stand_ins
+from ..quant.learnable import commit_stand_ins
 from ..record import record_of
 from .bn import align_bn_signs, fold_steps_into_bn
 from .lba import LbaState
@@ -83,27 +85,34 @@ def dmbq_setup(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: DmbqOpt
     align_bn_signs(qmodel, record.bn_pairs)
     observers = observe_fp_inputs(qmodel, calib, cfg)  # input signs and alphas, 8-bit start points
     managed: list[tuple[nn.Module, DmbqWeight]] = []
+    # each declared part up to 4 bits becomes a multi-bit code book with as many bases; wider ones (the
+    # protocol's 8-bit layers) keep their uniform one and learn its steps; all built from the declaration
     for name, layer in quant_layers(qmodel):
+        spec = record.declaration(name)
+        weight, inp = spec.weight, spec.input
         wq = layer.weight_quant
-        if wq.enabled:
-            if wq.bits <= dmbq.MAX_BASES:
-                layer.weight_quant = DmbqWeight(wq, wq.bits, opts.solver)
+        if weight is not None:
+            if weight.bits <= dmbq.MAX_BASES:
+                weight = multibit_weight(weight)
+                layer.weight_quant = training_weight_quantizer(weight, wq, solver=opts.solver)
                 managed.append((layer, layer.weight_quant))
             else:  # LSQ from the MSE clipping start point (as method "lsq")
                 wq.calibrate(layer.weight, lp_search_range, p=MSE.p_weight, candidates=MSE.candidates,
                              shrink=MSE.shrink)
-                layer.weight_quant = LearnedStepWeight(wq, layer.weight)
+                layer.weight_quant = training_weight_quantizer(weight, wq, weight=layer.weight)
         aq = layer.input_quant
-        if aq.enabled:
-            if aq.bits <= dmbq.MAX_BASES:
-                values = observers[name].values()
-                act = DmbqAct(aq, aq.bits, bool(values.min() < 0), opts.solver, opts.act_momentum)
+        if inp is not None:
+            values = observers[name].values()
+            if inp.bits <= dmbq.MAX_BASES:
+                inp = multibit_input(inp, bool(values.min() < 0))
+                act = training_input_quantizer(inp, aq, solver=opts.solver, momentum=opts.act_momentum)
                 act.start(values)
                 layer.input_quant = act
             else:
-                aq.calibrate(observers[name].values(), lp_search_range, p=MSE.p_act, candidates=MSE.candidates,
-                             shrink=MSE.shrink)
-                layer.input_quant = LearnedStepAct(aq, lsq_grad_scale=True)
+                aq.calibrate(values, lp_search_range, p=MSE.p_act, candidates=MSE.candidates, shrink=MSE.shrink)
+                inp = settled_input(inp, aq.signed)
+                layer.input_quant = training_input_quantizer(inp, aq, lsq_grad_scale=True)
+        record.declared[name] = replace(spec, weight=weight, input=inp)
     for layer, q in managed:  # alphas for the start point (and for LBA's first error estimates)
         q.update_alphas(q.rows(layer.weight.detach()))
     if opts.lba is not None:

@@ -8,14 +8,16 @@ end BN folds into the per-channel steps exactly (``qat.bn``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import Tensor, nn
 
 from ..config import QuantConfig
 from ..ptq.start import mse_start
+from ..quant.declare import settled_input
+from ..quant.layer_specs import training_input_quantizer, training_weight_quantizer
 from ..quant.layers import quant_layers
-from ..quant.learnable import LearnedStepAct, LearnedStepWeight, commit_stand_ins
+from ..quant.learnable import commit_stand_ins
 from ..record import record_of
 from .bn import align_bn_signs, fold_steps_into_bn
 from .registry import register_qat_method
@@ -31,13 +33,20 @@ class LsqOptions:
 
 
 def lsq_setup(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: LsqOptions) -> None:
-    align_bn_signs(qmodel, record_of(qmodel).bn_pairs)  # before calibration: asymmetric grids see final signs
+    record = record_of(qmodel)
+    align_bn_signs(qmodel, record.bn_pairs)  # before calibration: asymmetric grids see final signs
     mse_start(qmodel, calib, cfg)
-    for _, layer in quant_layers(qmodel):
-        if layer.weight_quant.enabled:
-            layer.weight_quant = LearnedStepWeight(layer.weight_quant, layer.weight, opts.grad_scale)
-        if layer.input_quant.enabled:
-            layer.input_quant = LearnedStepAct(layer.input_quant, lsq_grad_scale=opts.grad_scale)
+    # learned steps on the declared uniform code books (inputs with the sign calibration settled)
+    for name, layer in quant_layers(qmodel):
+        spec = record.declaration(name)
+        inp = spec.input
+        if spec.weight is not None:
+            layer.weight_quant = training_weight_quantizer(spec.weight, layer.weight_quant, weight=layer.weight,
+                                                           lsq_grad_scale=opts.grad_scale)
+        if inp is not None:
+            inp = settled_input(inp, layer.input_quant.signed)
+            layer.input_quant = training_input_quantizer(inp, layer.input_quant, lsq_grad_scale=opts.grad_scale)
+        record.declared[name] = replace(spec, input=inp)
 
 
 def lsq_finalize(qmodel: nn.Module, cfg: QuantConfig, opts: LsqOptions) -> QuantConfig:

@@ -52,6 +52,8 @@ from ..progress import progress_bar
 from ..ptq.start import mse_start
 from ..ptq.bitsplit import lloyd_weight_scale
 from ..ptq.layerwise import output_positions, patch_rows, rows_to_weight, scale_group_of_rows, weight_rows
+from ..quant.declare import settled_input, sparse_input
+from ..quant.layer_specs import input_quantizer, training_input_quantizer
 from ..quant.layers import layer_kind, quant_layers
 from ..quant.learnable import LearnedStepAct, LearnedStepWeight, commit_stand_ins
 from ..quant.quantizer import ActQuantizer
@@ -712,8 +714,10 @@ def tsq_setup(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: TsqOptio
     if not cfg.w_symmetric:
         raise LowbitError("tsq produces symmetric (zero-point free) weights: use w_symmetric=True")
     observers = mse_start(qmodel, calib, cfg)
+    record = record_of(qmodel)
     weights = []
     for name, layer in quant_layers(qmodel):
+        spec = record.declaration(name)
         if layer.weight_quant.enabled:
             if layer_kind(layer).transposed and layer.groups > 1:
                 raise LowbitError(f"tsq: layer {name}: a grouped ConvTranspose2d shares each weight scale "
@@ -728,13 +732,19 @@ def tsq_setup(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: TsqOptio
             _, qmax = aq.qrange
             eps = positive_quantile(values, opts.sparsity)
             step = fit_sparse_step(values, eps, qmax, floor=opts.threshold_floor)
-            sparse = SparseActQuantizer.from_quantizer(aq, max(eps, opts.threshold_floor * step))
+            # the declared sparse code book, its quantizer built from it and calibrated, then trained
+            inp = sparse_input(spec.input)
+            sparse = input_quantizer(inp, aq.scale.device)
+            sparse.threshold.fill_(max(eps, opts.threshold_floor * step))
             sparse.scale.fill_(step)
-            layer.input_quant = SparseStepAct(sparse, opts.sparsity, opts.threshold_momentum, opts.track_threshold,
-                                              opts.threshold_floor)
+            layer.input_quant = training_input_quantizer(inp, sparse, sparsity=opts.sparsity,
+                                                         momentum=opts.threshold_momentum,
+                                                         track=opts.track_threshold, floor=opts.threshold_floor)
         else:
-            layer.input_quant = LearnedStepAct(aq, lsq_grad_scale=True)
-    record_of(qmodel).method_state = weights  # the layers finalize fits, by name
+            inp = settled_input(spec.input, aq.signed)
+            layer.input_quant = training_input_quantizer(inp, aq, lsq_grad_scale=True)
+        record.declared[name] = replace(spec, input=inp)
+    record.method_state = weights  # the layers finalize fits, by name
 
 
 def zero_share(qmodel: nn.Module, images: Tensor, batch_size: int = 256) -> dict[str, float]:

@@ -33,8 +33,15 @@ Design:
   the order from hooks on the float layers (``graph.surgery.execution_order``), then declares,
   then wraps.
 
-Only uniform weights and inputs are declared here: DMBQ's multi-bit and TSQ's sparse code books are
-fitted by their methods, which replace the uniform quantizers they start from.
+* **A QAT method re-declares what it trains.** Its setup turns a layer's declared uniform parts into
+  the code books it trains (``multibit_weight`` / ``multibit_input``: DMBQ's binary basis with as
+  many bases as the uniform width; ``sparse_input``: TSQ's threshold codes; ``settled_input``: a
+  uniform input with the sign calibration settled, which LSQ-style learned steps train), stores
+  them in the model's record (``QuantRecord.declared``), and builds the trainable quantizers from
+  them through one factory (``quant.layer_specs.training_weight_quantizer`` /
+  ``training_input_quantizer``, keyed on the spec's kind). A later method adds a kind and its
+  trainer there, not a rewrite. The finished model's ``layer_specs()`` has the re-declared code
+  books, except what a method reallocates while it trains (DMBQ's LBA: the bases per channel).
 """
 from __future__ import annotations
 
@@ -42,6 +49,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import LowbitError
 from ..layer_bits import LayerBits
+from .dmbq import MAX_BASES
 from .layers import LAYER_KINDS, LayerKind
 from .spec import LayerSpec, TensorSpec, effective_groups
 
@@ -110,3 +118,66 @@ def per_channel(spec: TensorSpec) -> TensorSpec:
     widths = None if spec.group_bits is None else tuple(b for b in spec.group_bits for _ in range(rep))
     return TensorSpec("uniform", spec.bits, spec.signed, spec.symmetric, spec.narrow, "channel", spec.channels,
                       spec.channels, spec.axis, widths)
+
+
+# ------------------------------------------------------------------------------ what QAT methods train
+def _declared_uniform(spec: TensorSpec | None, what: str) -> TensorSpec:
+    """``spec`` itself: a declared (uncalibrated) uniform code book, else LowbitError naming ``what``."""
+    if not isinstance(spec, TensorSpec):
+        raise LowbitError(f"{what} needs a declared tensor spec, got {type(spec).__name__} (a float part has none)")
+    if spec.kind != "uniform" or spec.calibrated:
+        state = "calibrated" if spec.calibrated else "declared"
+        raise LowbitError(f"{what} starts from a declared uniform code book, got a {state} {spec.kind} one")
+    return spec
+
+
+def _one_input(spec: TensorSpec, what: str) -> None:
+    if spec.num_groups != 1 or spec.group_bits is not None:
+        raise LowbitError(f"{what}: an input has one code range for the tensor; the spec has {spec.num_groups} "
+                          "groups" + (" and per-group widths" if spec.group_bits is not None else ""))
+
+
+def multibit_weight(spec: TensorSpec | None) -> TensorSpec:
+    """DMBQ's weight code book for the declared uniform weight ``spec``: a binary basis ``sum_i alpha_i b_i``,
+    ``b_i`` in ``{-1, +1}``, per output channel (whatever the uniform granularity), with as many bases as
+    ``spec`` has bits in every channel (``group_bits``; LBA changes them while it trains)."""
+    spec = _declared_uniform(spec, "a multi-bit weight")
+    if spec.group_bits is not None:
+        raise LowbitError("a multi-bit weight takes its bases per channel from its own width (or LBA's budget), "
+                          f"not from per-channel uniform widths ({spec.group_bits[:8]}...)"[:200])
+    if spec.bits > MAX_BASES:
+        raise LowbitError(f"a multi-bit weight has 1 to {MAX_BASES} bases, the uniform width is {spec.bits}")
+    return TensorSpec("multibit", spec.bits, True, True, False, "channel", spec.channels, spec.channels, spec.axis,
+                      (spec.bits,) * spec.channels)
+
+
+def multibit_input(spec: TensorSpec | None, signed: bool) -> TensorSpec:
+    """DMBQ's input code book for the declared uniform input ``spec``: one binary basis for the tensor with as
+    many bases as ``spec`` has bits, ``b_i`` in ``{-1, +1}`` (``signed``: inputs that go negative) or ``{0, 1}``."""
+    spec = _declared_uniform(spec, "a multi-bit input")
+    _one_input(spec, "a multi-bit input")
+    if spec.bits > MAX_BASES:
+        raise LowbitError(f"a multi-bit input has 1 to {MAX_BASES} bases, the uniform width is {spec.bits}")
+    if not isinstance(signed, bool):
+        raise LowbitError(f"a multi-bit input's signed must be true or false, got {signed!r}")
+    return TensorSpec("multibit", spec.bits, signed)
+
+
+def sparse_input(spec: TensorSpec | None) -> TensorSpec:
+    """TSQ's input code book for the declared uniform input ``spec``: 0 up to a threshold, then the uniform
+    levels of an unsigned quantizer with zero point 0 (``quant.sparse``), at ``spec``'s width."""
+    spec = _declared_uniform(spec, "a sparse input")
+    _one_input(spec, "a sparse input")
+    if spec.signed:
+        raise LowbitError("a sparse input is unsigned (non-negative inputs); the declared input is signed")
+    return TensorSpec("sparse", spec.bits, False, False, False)
+
+
+def settled_input(spec: TensorSpec | None, signed: bool) -> TensorSpec:
+    """The declared uniform input ``spec`` with its sign as calibration settled it (``signed``: symmetric
+    codes for an input that goes negative, ``ActQuantizer.set_range``): the code book a learned step trains."""
+    spec = _declared_uniform(spec, "a uniform input")
+    _one_input(spec, "a uniform input")
+    if not isinstance(signed, bool):
+        raise LowbitError(f"a uniform input's signed must be true or false, got {signed!r}")
+    return TensorSpec("uniform", spec.bits, signed, signed, False)

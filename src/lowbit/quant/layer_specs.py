@@ -4,19 +4,26 @@ build a layer's quantizers back from one.
 ``layer_specs`` is the one interface deployment code reads (artifact, ONNX, integer path, multi-bit
 export); ``quantized_layer`` builds a layer's quantizers from its spec, declared (``quant.declare``:
 ``lowbit.quantize`` / ``lowbit.qat`` through ``graph.surgery.prepare``) or calibrated (``lowbit.load``),
-through the two factories ``weight_quantizer`` and ``input_quantizer``. Only this module (and the
-quantizers' own ``spec()`` methods) knows which quantizer class implements which code book.
+through the two factories ``weight_quantizer`` and ``input_quantizer``. A QAT method's trainable
+quantizers come from the code books it declares (``quant.declare``: multibit, sparse, a settled uniform
+input) through ``training_weight_quantizer`` / ``training_input_quantizer``: a trainer registered per
+part and spec kind (``register_trainer``; the first one of a kind is its default) wraps the layer's
+plain quantizer. Only this module (and the quantizers' own ``spec()`` methods) knows which quantizer
+class implements which code book.
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import LowbitError
 from .dmbq_quantizers import DmbqAct, DmbqWeight
 from .layers import layer_kind, out_channels, quant_layers, quantize_layer
+from .learnable import LearnedStepAct, LearnedStepWeight
 from .quantizer import ActQuantizer, WeightQuantizer
-from .sparse import SparseActQuantizer
+from .sparse import SparseActQuantizer, SparseStepAct
 from .spec import LayerSpec, TensorSpec, channel_view, codes, dequantize, fake_quantize, qrange
 
 
@@ -101,8 +108,9 @@ def _verify_input(name: str, aq: nn.Module, spec: TensorSpec) -> None:
 # ------------------------------------------------------------------------------ building from specs
 def _declared_only_uniform(spec: TensorSpec) -> None:
     if spec.kind == "multibit" and not spec.calibrated:
-        raise LowbitError("a declared multibit spec has no quantizer of its own: DMBQ (lowbit.qat method 'dmbq') "
-                          "fits its alphas on the uniform quantizer it starts from; build from a committed spec")
+        raise LowbitError("a declared multibit spec has no plain quantizer: DMBQ (lowbit.qat method 'dmbq') trains "
+                          "its alphas (training_weight_quantizer / training_input_quantizer over the layer's uniform "
+                          "quantizer); build from a committed spec")
 
 
 def weight_quantizer(spec: TensorSpec, device: torch.device | str = "cpu") -> nn.Module:
@@ -200,3 +208,114 @@ def quantized_layer(layer: nn.Module, spec: LayerSpec, standby: LayerSpec, a_sym
     new = quantize_layer(layer, wq, aq)
     new.role = spec.role
     return new
+
+
+# ------------------------------------------------------------------------------ trainable quantizers
+# builder(spec, base, **settings) -> the trainable quantizer of the declared code book ``spec`` over the
+# layer's plain quantizer ``base``; by (part, spec kind), then trainer name (the first registered: the default)
+Trainer = Callable[..., nn.Module]
+_TRAINERS: dict[tuple[str, str], dict[str, Trainer]] = {}
+PARTS = ("weight", "input")
+
+
+def register_trainer(part: str, kind: str, name: str) -> Callable[[Trainer], Trainer]:
+    """Register a trainable quantizer for ``part`` ("weight" or "input") code books of ``kind`` under ``name``
+    (a decorator). ``builder(spec, base, **settings)`` gets the declared spec and the layer's plain quantizer
+    (checked to fit the spec, ``_check_base``) and returns the module that trains in its place; its
+    ``commit`` gives the plain quantizer back (``quant.learnable.commit_stand_ins``)."""
+    from .spec import KINDS
+
+    if part not in PARTS or kind not in KINDS:
+        raise LowbitError(f"a trainer is registered for a part in {PARTS} and a kind in {KINDS}, got {part!r}, {kind!r}")
+
+    def add(builder: Trainer) -> Trainer:
+        _TRAINERS.setdefault((part, kind), {})[name] = builder
+        return builder
+    return add
+
+
+def trainers(part: str, kind: str) -> list[str]:
+    """Names of the trainers registered for ``part`` code books of ``kind`` (the default first)."""
+    return list(_TRAINERS.get((part, kind), {}))
+
+
+def _check_base(part: str, spec: TensorSpec, base: nn.Module) -> None:
+    """``base`` must be the enabled plain quantizer that a trainer of ``spec`` wraps: the same uniform or
+    sparse code book (calibration state aside), or for multibit the uniform one with its geometry and width."""
+    plain = WeightQuantizer if part == "weight" else ActQuantizer
+    if not isinstance(base, plain) or not base.enabled:
+        state = "a disabled " if isinstance(base, plain) else ""
+        raise LowbitError(f"a trainable {part} quantizer wraps the layer's enabled {plain.__name__}, got "
+                          f"{state}{type(base).__name__}")
+    if spec.kind == "multibit":
+        want = (spec.channels, spec.axis) if part == "weight" else (spec.bits,)
+        have = (base.channels, base.axis) if part == "weight" else (base.bits,)
+        if want != have:
+            what = "channels and axis" if part == "weight" else "width"
+            raise LowbitError(f"the multibit {part} spec's {what} {want} do not fit the layer's quantizer ({have})")
+        return
+    have = base.spec().to_record()[0]
+    if have != spec.to_record()[0]:
+        diff = {k: (v, have[k]) for k, v in spec.to_record()[0].items() if have[k] != v}
+        raise LowbitError(f"the declared {spec.kind} {part} code book differs from the layer's quantizer in "
+                          f"{sorted(diff)} (declared, held: {diff})"[:300])
+
+
+def _training_quantizer(part: str, spec: TensorSpec, base: nn.Module, trainer: str | None,
+                        settings: dict[str, Any]) -> nn.Module:
+    if not isinstance(spec, TensorSpec):
+        raise LowbitError(f"a trainable {part} quantizer is built from a declared tensor spec, got "
+                          f"{type(spec).__name__}")
+    if spec.calibrated:
+        raise LowbitError(f"a trainable {part} quantizer is built from a declared spec (quant.declare), not a "
+                          "calibrated one: its parameters are what it learns")
+    known = _TRAINERS.get((part, spec.kind), {})
+    if not known or (trainer is not None and trainer not in known):
+        name = f" {trainer!r}" if trainer is not None else ""
+        raise LowbitError(f"no trainer{name} for {spec.kind} {part} code books"
+                          + (f"; known: {', '.join(known)}" if known else ""))
+    _check_base(part, spec, base)
+    return known[trainer or next(iter(known))](spec, base, **settings)
+
+
+def training_weight_quantizer(spec: TensorSpec, base: nn.Module, trainer: str | None = None, **settings: Any) -> nn.Module:
+    """The trainable weight quantizer of the declared code book ``spec`` over the layer's plain ``base``
+    (built from its uniform declaration), by the trainer registered for ``spec.kind`` (``trainer``: by name)."""
+    return _training_quantizer("weight", spec, base, trainer, settings)
+
+
+def training_input_quantizer(spec: TensorSpec, base: nn.Module, trainer: str | None = None, **settings: Any) -> nn.Module:
+    """The trainable input quantizer of the declared code book ``spec`` over the layer's plain ``base``
+    (a sparse code book: the ``SparseActQuantizer`` ``input_quantizer`` built from it, calibrated)."""
+    return _training_quantizer("input", spec, base, trainer, settings)
+
+
+@register_trainer("weight", "uniform", "lsq")
+def _lsq_weight(spec: TensorSpec, base: WeightQuantizer, weight: Tensor, lsq_grad_scale: bool = True) -> nn.Module:
+    """Learned step sizes (LSQ) on the uniform grid: ``weight`` sets the gradient scale ``1 / sqrt(n Q_P)``."""
+    return LearnedStepWeight(base, weight, lsq_grad_scale)
+
+
+@register_trainer("input", "uniform", "lsq")
+def _lsq_input(spec: TensorSpec, base: ActQuantizer, lsq_grad_scale: bool = True) -> nn.Module:
+    return LearnedStepAct(base, lsq_grad_scale=lsq_grad_scale)
+
+
+@register_trainer("weight", "multibit", "dmbq")
+def _dmbq_weight(spec: TensorSpec, base: WeightQuantizer, solver: str = "auto") -> nn.Module:
+    """DMBQ's per-channel binary bases, as many per channel as the spec's ``group_bits``."""
+    q = DmbqWeight(base, spec.bits, solver)
+    q.channel_bits.copy_(torch.tensor(spec.widths, dtype=torch.int64))
+    return q
+
+
+@register_trainer("input", "multibit", "dmbq")
+def _dmbq_input(spec: TensorSpec, base: ActQuantizer, solver: str = "auto", momentum: float = 0.9) -> nn.Module:
+    return DmbqAct(base, spec.bits, spec.signed, solver, momentum)
+
+
+@register_trainer("input", "sparse", "tsq")
+def _sparse_input(spec: TensorSpec, base: SparseActQuantizer, sparsity: float = 0.0, momentum: float = 0.99,
+                  track: bool = True, floor: float = 0.0) -> nn.Module:
+    """TSQ's step 1: a learned step and a tracked threshold over the calibrated ``SparseActQuantizer``."""
+    return SparseStepAct(base, sparsity, momentum, track, floor)
