@@ -157,6 +157,7 @@ _QAT = dict(epochs=1, batch_size=16, lr=0.01, progress=False, log=lambda s: None
     ("lsq", dict(w_bits=3, a_bits=3), {"uniform"}),
     ("dmbq", dict(w_bits=2, a_bits=2), {"uniform", "multibit"}),
     ("tsq", dict(w_bits=2, a_bits=2, samples=128, iters=1), {"uniform", "sparse"}),
+    ("gdrq", dict(w_bits=3, a_bits=3), {"uniform"}),
 ])
 def test_qat_methods_declare_the_code_books_the_trained_model_holds(method, kw, kinds) -> None:
     fp, x, y = self_labelled("resnet20", 32)
@@ -200,7 +201,8 @@ def test_training_factory_builds_each_kind_from_its_declaration() -> None:
     dq = training_weight_quantizer(mixed, base_w, solver="table")
     assert isinstance(dq, DmbqWeight) and dq.channel_bits.tolist() == [3, 0, 1, 2, 3, 3] and dq.solver == "table"
     assert isinstance(training_weight_quantizer(spec.weight, base_w, weight=weight), LearnedStepWeight)
-    assert trainers("weight", "uniform")[0] == "lsq" and trainers("input", "sparse") == ["tsq"]
+    lowbit.qat_methods()  # GDRQ registers its Scale-Clip trainer; LSQ stays the default of uniform code books
+    assert trainers("weight", "uniform") == ["lsq", "scaleclip"] and trainers("input", "sparse") == ["tsq"]
     signed = qdeclare.multibit_input(spec.input, True)
     act = training_input_quantizer(signed, input_quantizer(spec.input), momentum=0.5)
     assert isinstance(act, DmbqAct) and act.signed and act.bits == 3 and act.momentum == 0.5

@@ -19,7 +19,7 @@ Han et al., "Low-bit Quantization Needs Good Distribution" (CVPRW 2020).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated
 
 import torch
@@ -29,9 +29,12 @@ from ..config import QuantConfig
 from ..errors import LowbitError
 from ..options import Range
 from ..ptq.start import mse_start
+from ..quant.declare import settled_input
+from ..quant.layer_specs import register_trainer, training_input_quantizer, training_weight_quantizer
 from ..quant.layers import quant_layers
 from ..quant.learnable import commit_stand_ins
 from ..quant.quantizer import ActQuantizer, WeightQuantizer
+from ..quant.spec import TensorSpec
 from ..quant.uniform import fake_quantize, qparams_from_range
 from ..record import record_of
 from .bn import align_bn_signs, fold_steps_into_bn
@@ -167,6 +170,17 @@ class ScaleClipAct(nn.Module):
         return self.quant
 
 
+@register_trainer("weight", "uniform", "scaleclip")
+def _scale_clip_weight(spec: TensorSpec, base: WeightQuantizer, k: float | None) -> nn.Module:
+    return ScaleClipWeight(base, k)
+
+
+@register_trainer("input", "uniform", "scaleclip")
+def _scale_clip_input(spec: TensorSpec, base: ActQuantizer, k: float | None, momentum: float,
+                      two_sided: bool) -> nn.Module:
+    return ScaleClipAct(base, k, momentum, two_sided)
+
+
 K_GRID = tuple(0.5 + 0.1 * i for i in range(76))  # 0.5 ... 8.0
 
 
@@ -191,17 +205,21 @@ def _act_k(quant: ActQuantizer, mean_abs: float) -> float:
 
 
 def gdrq_setup(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: GdrqOptions) -> None:
-    pairs = record_of(qmodel).bn_pairs  # found on the FP model by the engine (tracing stops at torch.nn layers)
+    record = record_of(qmodel)
+    pairs = record.bn_pairs  # found on the FP model by the engine (tracing stops at torch.nn layers)
     align_bn_signs(qmodel, pairs)
     observers = mse_start(qmodel, calib, cfg)  # activation signs, per-layer k of the inputs
     chosen = {}
+    # Scale-Clip trains the declared uniform code books (inputs with the sign calibration settled)
     for name, layer in quant_layers(qmodel):
-        if layer.weight_quant.enabled:
+        spec = record.declaration(name)
+        inp = spec.input
+        if spec.weight is not None:
             k = (opts.k_weight or least_error_k(layer.weight_quant, layer.weight)) if opts.scale_clip else None
-            layer.weight_quant = ScaleClipWeight(layer.weight_quant, k)
+            layer.weight_quant = training_weight_quantizer(spec.weight, layer.weight_quant, "scaleclip", k=k)
             chosen[f"{name}.weight"] = round(k, 2) if k is not None else "max"
         aq = layer.input_quant
-        if aq.enabled:
+        if inp is not None:
             two_sided = bool(aq.zero_point.item() > 0 or aq.signed)
             values = observers[name].values().abs()
             if opts.scale_clip:
@@ -209,10 +227,13 @@ def gdrq_setup(qmodel: nn.Module, calib: Tensor, cfg: QuantConfig, opts: GdrqOpt
                 start = k * values.mean().item()
             else:
                 k, start = None, values.max().item()
-            layer.input_quant = ScaleClipAct(aq, k, opts.momentum, two_sided)
+            inp = settled_input(inp, aq.signed)
+            layer.input_quant = training_input_quantizer(inp, aq, "scaleclip", k=k, momentum=opts.momentum,
+                                                         two_sided=two_sided)
             layer.input_quant.start(start)  # the calibration images' threshold, not one batch's
             chosen[f"{name}.input"] = round(k, 2) if k is not None else "max"
-    record_of(qmodel).gdrq_k = chosen
+        record.declared[name] = replace(spec, input=inp)
+    record.gdrq_k = chosen
 
 
 def gdrq_finalize(qmodel: nn.Module, cfg: QuantConfig, opts: GdrqOptions) -> QuantConfig:

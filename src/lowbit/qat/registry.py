@@ -12,7 +12,9 @@ from ..errors import LowbitError
 from ..options import option_types
 from ..ptq.registry import Method
 
-# setup(qmodel, calib, cfg, opts): trainable quantizers in place; finalize(qmodel, cfg, opts): plain
+# setup(qmodel, calib, cfg, opts): trainable quantizers in place, each built from the code book the method
+# declares for it (quant.declare; quant.layer_specs.training_weight_quantizer / training_input_quantizer,
+# stored in the record's ``declared``); finalize(qmodel, cfg, opts): plain
 # quantizers back (exportable), returning the config that describes the final model (or None).
 # A method registered with wants_context=True gets a FinalizeContext as a fourth argument.
 Setup = Callable[[nn.Module, Tensor, QuantConfig, Any], None]
