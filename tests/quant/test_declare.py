@@ -239,8 +239,10 @@ def test_training_factory_refuses_what_does_not_fit() -> None:
     weight = torch.zeros(4, 2)
     with pytest.raises(LowbitError, match="differs from the layer's quantizer in \\['bits'\\]"):
         training_weight_quantizer(_uniform_weight(4), base, weight=weight)
-    with pytest.raises(LowbitError, match="channels and axis"):
-        training_weight_quantizer(TensorSpec("multibit", 2, True, True, False, "channel", 5, 5, 0, (2,) * 5), base)
+    with pytest.raises(LowbitError, match="width, channels and axis \\(3, 5, 0\\)"):
+        training_weight_quantizer(TensorSpec("multibit", 3, True, True, False, "channel", 5, 5, 0, (3,) * 5), base)
+    with pytest.raises(LowbitError, match="width, channels and axis \\(2, 4, 0\\)"):
+        training_weight_quantizer(TensorSpec("multibit", 2, True, True, False, "channel", 4, 4, 0, (2,) * 4), base)
     with pytest.raises(LowbitError, match="from a declared spec"):
         training_weight_quantizer(base.spec(), base, weight=weight)
     with pytest.raises(LowbitError, match="no trainer 'adaround' for uniform weight code books; known: lsq"):

@@ -24,7 +24,7 @@ from .layers import layer_kind, out_channels, quant_layers, quantize_layer
 from .learnable import LearnedStepAct, LearnedStepWeight
 from .quantizer import ActQuantizer, WeightQuantizer
 from .sparse import SparseActQuantizer, SparseStepAct
-from .spec import LayerSpec, TensorSpec, channel_view, codes, dequantize, fake_quantize, qrange
+from .spec import KINDS, LayerSpec, TensorSpec, channel_view, codes, dequantize, fake_quantize, qrange
 
 
 def _spec_of(name: str, quantizer: nn.Module, what: str) -> TensorSpec:
@@ -223,10 +223,9 @@ def register_trainer(part: str, kind: str, name: str) -> Callable[[Trainer], Tra
     (a decorator). ``builder(spec, base, **settings)`` gets the declared spec and the layer's plain quantizer
     (checked to fit the spec, ``_check_base``) and returns the module that trains in its place; its
     ``commit`` gives the plain quantizer back (``quant.learnable.commit_stand_ins``)."""
-    from .spec import KINDS
-
     if part not in PARTS or kind not in KINDS:
-        raise LowbitError(f"a trainer is registered for a part in {PARTS} and a kind in {KINDS}, got {part!r}, {kind!r}")
+        raise LowbitError(f"a trainer is registered for a part in {PARTS} and a kind in {KINDS}, got {part!r}, "
+                          f"{kind!r}")
 
     def add(builder: Trainer) -> Trainer:
         _TRAINERS.setdefault((part, kind), {})[name] = builder
@@ -248,10 +247,10 @@ def _check_base(part: str, spec: TensorSpec, base: nn.Module) -> None:
         raise LowbitError(f"a trainable {part} quantizer wraps the layer's enabled {plain.__name__}, got "
                           f"{state}{type(base).__name__}")
     if spec.kind == "multibit":
-        want = (spec.channels, spec.axis) if part == "weight" else (spec.bits,)
-        have = (base.channels, base.axis) if part == "weight" else (base.bits,)
+        want = (spec.bits, spec.channels, spec.axis) if part == "weight" else (spec.bits,)
+        have = (base.bits, base.channels, base.axis) if part == "weight" else (base.bits,)
         if want != have:
-            what = "channels and axis" if part == "weight" else "width"
+            what = "width, channels and axis" if part == "weight" else "width"
             raise LowbitError(f"the multibit {part} spec's {what} {want} do not fit the layer's quantizer ({have})")
         return
     have = base.spec().to_record()[0]
@@ -278,13 +277,15 @@ def _training_quantizer(part: str, spec: TensorSpec, base: nn.Module, trainer: s
     return known[trainer or next(iter(known))](spec, base, **settings)
 
 
-def training_weight_quantizer(spec: TensorSpec, base: nn.Module, trainer: str | None = None, **settings: Any) -> nn.Module:
+def training_weight_quantizer(spec: TensorSpec, base: nn.Module, trainer: str | None = None,
+                             **settings: Any) -> nn.Module:
     """The trainable weight quantizer of the declared code book ``spec`` over the layer's plain ``base``
     (built from its uniform declaration), by the trainer registered for ``spec.kind`` (``trainer``: by name)."""
     return _training_quantizer("weight", spec, base, trainer, settings)
 
 
-def training_input_quantizer(spec: TensorSpec, base: nn.Module, trainer: str | None = None, **settings: Any) -> nn.Module:
+def training_input_quantizer(spec: TensorSpec, base: nn.Module, trainer: str | None = None,
+                            **settings: Any) -> nn.Module:
     """The trainable input quantizer of the declared code book ``spec`` over the layer's plain ``base``
     (a sparse code book: the ``SparseActQuantizer`` ``input_quantizer`` built from it, calibrated)."""
     return _training_quantizer("input", spec, base, trainer, settings)
