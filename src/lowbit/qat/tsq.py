@@ -52,11 +52,11 @@ from ..progress import progress_bar
 from ..ptq.start import mse_start
 from ..ptq.bitsplit import lloyd_weight_scale
 from ..ptq.layerwise import output_positions, patch_rows, rows_to_weight, scale_group_of_rows, weight_rows
-from ..quant.declare import settled_input, sparse_input
-from ..quant.layer_specs import input_quantizer, training_input_quantizer
 from ..quant.layers import layer_kind, quant_layers
 from ..quant.learnable import LearnedStepAct, LearnedStepWeight, commit_stand_ins
 from ..quant.quantizer import ActQuantizer
+from ..quant.declare import settled_input, sparse_input
+from ..quant.layer_specs import input_quantizer, training_input_quantizer
 from ..quant.ranges import lp_search_range
 from ..quant.sparse import SparseActQuantizer, SparseStepAct, fit_sparse_step, positive_quantile
 from ..record import record_of
