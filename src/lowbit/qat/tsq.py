@@ -849,6 +849,7 @@ def insert_train_bn(qmodel: nn.Module, calib: Tensor, device: torch.device,
         mean = total / n
         var = (sq / n - mean * mean).clamp_min(0)
         bn = _TrainBN(layer.out_channels, mean.float().to(device), var.float().to(device))
+        bn.train(layer.training)  # a new module trains by default: not in an eval-mode model
         layer.tsq_bn = bn
         out.append((layer, bn, layer.register_forward_hook(bn.hook)))
     return out
@@ -858,8 +859,8 @@ def insert_train_bn(qmodel: nn.Module, calib: Tensor, device: torch.device,
 def fold_train_bn(entries: list[tuple[nn.Module, _TrainBN, Any]]) -> None:
     """Fold each ``_TrainBN`` (eval statistics) into its layer's per-channel weight scales and bias, exactly.
 
-    The integer codes stay (negated in a channel whose BN multiplier turned negative: the weight
-    grids are symmetric), the scales take ``|gamma| / sqrt(var + eps)``, and the BN goes away.
+    The integer codes stay (negated in a channel whose BN multiplier turned negative, exact on the
+    symmetric narrow grid), the scales take ``|gamma| / sqrt(var + eps)``, and the BN goes away.
     """
     for layer, tb, handle in entries:
         handle.remove()
@@ -877,8 +878,10 @@ def fold_train_bn(entries: list[tuple[nn.Module, _TrainBN, Any]]) -> None:
         codes = wq.quantize(layer.weight).int_value.to(layer.weight.dtype)
         dead = mult == 0  # the channel is the constant beta: codes 0, the scale kept positive
         sign = torch.where(mult < 0, -1.0, 1.0).to(codes.dtype)
+        qmin, qmax = wq.limits(layer.weight.dim())
+        # a full range's -2^(b-1) has no mirror: clipped (the narrow default is exact)
         codes = torch.where(per_output_channel(layer, dead), torch.zeros_like(codes),
-                            codes * per_output_channel(layer, sign))
+                            (codes * per_output_channel(layer, sign)).clamp(qmin, qmax))
         wq.scale.copy_(torch.where(dead, wq.scale, wq.scale * mult.abs()).to(wq.scale.dtype))
         s, _ = wq.channel_params(layer.weight.dim())
         layer.weight.copy_(codes * s.to(codes.dtype))
