@@ -90,7 +90,16 @@ class TsqOptions:
             codes gave 88.05 after step 2 against 88.38: the identity shortcut carries the block
             output unquantized to the next block, so its FP values matter beyond their codes.
         finetune_epochs: epochs of LSQ fine-tuning after step 2 (0: none).
-        finetune_lr: learning rate of that fine-tune.
+        finetune_lr: learning rate of that fine-tune (cosine). On ResNet-20 W2A2 (2000 images, 1 epoch,
+            2000 test images) 0.03 gave 89.10 against 88.65 at 0.01.
+        finetune_bn: a BatchNorm after every quantized conv during the fine-tune (identity at the start,
+            folded exactly into the per-channel weight scales and biases at the end). Without it
+            the network trains with BN folded (as in step 1), which LSQ itself cannot do from a
+            ternary start (9.4 top-1 against 87.7 with BN, ResNet-20 W2A2, 2000 images, 1 epoch);
+            the fine-tune then recovered 0.1 points (88.40 against 88.65 with it).
+        project_latent: the fine-tune's latent weights start as the step-1 weights clamped into
+            the bins of their step-2 codes (``project_latent_weights``); False: at the codes
+            (bin centres), 87.70 against 88.65 in the same diagnostic.
     """
 
     sparsity: Annotated[float, Range(ge=0, lt=1)] = 0.0
@@ -103,7 +112,7 @@ class TsqOptions:
     error_compensation: bool = True
     residual_targets: bool = False
     finetune_epochs: Annotated[int, Range(ge=0)] = 0
-    finetune_lr: Annotated[float, Range(gt=0)] = 0.005
+    finetune_lr: Annotated[float, Range(gt=0)] = 0.03
     finetune_bn: bool = True
     project_latent: bool = True
 
