@@ -13,7 +13,7 @@ and reports top-1 on the test set, the step-2 solve time per layer and the share
 codes of the body layers (FP network: zeros after ReLU; after TSQ steps 1 and 2). Both methods
 distil from the FP model (``--kd``). Writes the ``tsq-<model>`` section of benchmarks/RESULTS.md.
 
-    OMP_NUM_THREADS=1 python benchmarks/tsq.py --models resnet20 --epochs 2 --train-size 20000
+    OMP_NUM_THREADS=1 python benchmarks/tsq.py --models resnet20 --epochs 2 --train-size 5000 --finetune 2
 """
 from __future__ import annotations
 
@@ -66,8 +66,8 @@ def main() -> None:
     ap.set_defaults(models=["resnet20"])
     ap.add_argument("--configs", nargs="+", default=["W2A2"])
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--finetune", type=int, default=1, help="TSQ fine-tune epochs after step 2")
-    ap.add_argument("--train-size", type=int, default=20000)
+    ap.add_argument("--finetune", type=int, default=2, help="TSQ fine-tune epochs after step 2")
+    ap.add_argument("--train-size", type=int, default=5000)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--kd", type=float, default=1.0, help="distillation weight from the FP model (both methods)")

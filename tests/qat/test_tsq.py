@@ -168,3 +168,35 @@ def test_tsq_finetune_and_options() -> None:
     with pytest.raises(LowbitError, match="granularity"):
         lowbit.qat(fp, (x, y), method="tsq", granularity="tensor", **TINY)
     assert "tsq" in lowbit.qat_methods()
+
+
+def test_finetune_bn_starts_as_identity_and_folds_exactly() -> None:
+    from lowbit.qat.tsq import fold_train_bn, insert_train_bn
+
+    fp, x, _ = _data(32)
+    q = lowbit.quantize(fp, x, w_bits=2, a_bits=2, progress=False).eval()  # per-channel ternary convs
+    with torch.no_grad():
+        before = q(x)
+        entries = insert_train_bn(q, x, torch.device("cpu"))
+        assert len(entries) == sum(1 for _, l in quant_layers(q) if l.weight.dim() == 4)
+        assert torch.allclose(q(x), before, atol=1e-4)  # identity in eval mode
+        gen = torch.Generator().manual_seed(1)
+        for _, tb, _ in entries:  # what a fine-tune might leave, one multiplier negative
+            bn = tb.bn
+            c = bn.num_features
+            bn.weight.mul_(torch.rand(c, generator=gen) + 0.5)
+            bn.weight[0] = -bn.weight[0]
+            bn.bias.add_(torch.randn(c, generator=gen) * 0.1)
+            bn.running_mean.add_(torch.randn(c, generator=gen) * 0.1)
+            bn.running_var.mul_(torch.rand(c, generator=gen) + 0.5)
+        with_bn = q(x)
+        assert not torch.allclose(with_bn, before, atol=1e-3)
+        fold_train_bn(entries)
+        assert not any(hasattr(l, "tsq_bn") or l._forward_hooks for _, l in quant_layers(q))
+        assert torch.allclose(q(x), with_bn, atol=1e-4, rtol=1e-4)
+        for _, layer in quant_layers(q):  # the folded convs still on their (ternary in the body) grid
+            wq = layer.weight_quant
+            if layer.weight.dim() == 4:
+                assert torch.allclose(wq(layer.weight), layer.weight, rtol=1e-6, atol=0)
+            if layer.role == "body":
+                assert set(wq.quantize(layer.weight).int_value.unique().tolist()) <= {-1, 0, 1}
