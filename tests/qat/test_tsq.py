@@ -200,3 +200,14 @@ def test_finetune_bn_starts_as_identity_and_folds_exactly() -> None:
                 assert torch.allclose(wq(layer.weight), layer.weight, rtol=1e-6, atol=0)
             if layer.role == "body":
                 assert set(wq.quantize(layer.weight).int_value.unique().tolist()) <= {-1, 0, 1}
+
+
+def test_default_log_reaches_the_engine_logger(caplog) -> None:
+    """Without ``log=``, TSQ's layer-wise step logs through the ``lowbit.qat.engine`` logger (it called None)."""
+    import logging
+
+    fp, x, y = _data(16)
+    kw = {k: v for k, v in TINY.items() if k != "log"}
+    with caplog.at_level(logging.INFO, logger="lowbit.qat.engine"):
+        lowbit.qat(fp, (x, y), method="tsq", **kw)
+    assert any(r.getMessage().startswith("tsq step 2 ") for r in caplog.records)

@@ -21,7 +21,7 @@ from ..options import check_value
 from ..ptq.start import fp_teacher
 from ..record import publish, record_of
 from ..train.rng import private_global_rng
-from .engine import CONFIG_RESUMABLE, QAT_FIELDS, QatConfig, check_checkpoint_target, fit
+from .engine import CONFIG_RESUMABLE, QAT_FIELDS, QatConfig, check_checkpoint_target, fit, logger
 from .registry import FinalizeContext, get_qat_method, qat_methods
 
 
@@ -147,6 +147,7 @@ def qat(model: nn.Module, train_data: Tensor | Iterable, val_data: Any = None, m
         run[f"option.{key}" if key in run or key in QAT_FIELDS else key] = value
     run["layer_bits"] = graph["layer_bits"]  # a checkpoint resumes only with the same per-layer widths
     teacher = fp_teacher(model) if tcfg.kd_weight > 0 else None  # fit runs it under no_grad
+    log = logger.info if log is None else log  # finalize (TSQ's layer-wise step) logs through it too
     summary = fit(qmodel, x_train, y_train, val, tcfg, run, cfg.seed, torch.device(cfg.device),
                   progress=cfg.progress, log=log, teacher=teacher)
     record.qat = summary

@@ -53,12 +53,12 @@ from ..ptq.start import mse_start
 from ..ptq.bitsplit import lloyd_weight_scale
 from ..ptq.layerwise import output_positions, patch_rows, rows_to_weight, scale_group_of_rows, weight_rows
 from ..quant.layers import layer_kind, per_output_channel, quant_layers
-from ..quant.learnable import LearnedStepAct, LearnedStepWeight, commit_stand_ins
+from ..quant.learnable import commit_stand_ins
 from ..quant.quantizer import ActQuantizer
 from ..quant.declare import settled_input, sparse_input
-from ..quant.layer_specs import input_quantizer, training_input_quantizer
+from ..quant.layer_specs import input_quantizer, training_input_quantizer, training_weight_quantizer
 from ..quant.ranges import lp_search_range
-from ..quant.sparse import SparseActQuantizer, SparseStepAct, fit_sparse_step, positive_quantile
+from ..quant.sparse import SparseActQuantizer, fit_sparse_step, positive_quantile
 from ..record import record_of
 from .registry import FinalizeContext, register_qat_method
 
@@ -918,15 +918,18 @@ def _finetune(qmodel: nn.Module, ctx: FinalizeContext, opts: TsqOptions,
     from .engine import fit
 
     entries = insert_train_bn(qmodel, ctx.calib, ctx.device) if opts.finetune_bn else []
+    record = record_of(qmodel)
     for name, layer in quant_layers(qmodel):
+        spec = record.declaration(name)  # what setup declared: the trainers of those code books
         if step1_weights and name in step1_weights and layer.weight_quant.enabled and opts.project_latent:
             project_latent_weights(layer, step1_weights[name])
         if layer.weight_quant.enabled:
-            layer.weight_quant = LearnedStepWeight(layer.weight_quant, layer.weight)
+            layer.weight_quant = training_weight_quantizer(spec.weight, layer.weight_quant, weight=layer.weight)
         aq = layer.input_quant
         if aq.enabled:
-            layer.input_quant = (SparseStepAct(aq, opts.sparsity, track=False, floor=opts.threshold_floor) if isinstance(aq, SparseActQuantizer)
-                                 else LearnedStepAct(aq, lsq_grad_scale=True))
+            layer.input_quant = (training_input_quantizer(spec.input, aq, sparsity=opts.sparsity, track=False,
+                                                          floor=opts.threshold_floor) if spec.input.kind == "sparse"
+                                 else training_input_quantizer(spec.input, aq, lsq_grad_scale=True))
     tcfg = replace(ctx.train_config, epochs=opts.finetune_epochs, lr=opts.finetune_lr, scale_lr=None, checkpoint=None,
                    resume=False, overwrite=False, log_dir=None, max_steps=None, warmup_steps=0)
     summary = fit(qmodel, ctx.x_train, ctx.y_train, ctx.val, tcfg, {"method": "tsq-finetune"}, ctx.seed + 1,
