@@ -770,18 +770,23 @@ def zero_share(qmodel: nn.Module, images: Tensor, batch_size: int = 256) -> dict
             z[1] += out.numel()
         return fn
 
-    handles = [l.input_quant.register_forward_hook(hook(n)) for n, l in quant_layers(qmodel) if l.input_quant.enabled]
+    observe(qmodel, images, batch_size, device,
+            [l.input_quant.register_forward_hook(hook(n)) for n, l in quant_layers(qmodel) if l.input_quant.enabled])
+    return {n: 100.0 * z / max(t, 1) for n, (z, t) in zeros.items()}
+
+
+@torch.no_grad()
+def observe(qmodel: nn.Module, images: Tensor, batch_size: int, device: torch.device, handles: list[Any]) -> None:
+    """Run ``images`` through ``qmodel`` in eval mode for its forward ``handles``; remove them and restore the mode."""
     was = qmodel.training
     qmodel.eval()
     try:
-        with torch.no_grad():
-            for i in range(0, len(images), batch_size):
-                qmodel(images[i:i + batch_size].to(device))
+        for i in range(0, len(images), batch_size):
+            qmodel(images[i:i + batch_size].to(device))
     finally:
         for h in handles:
             h.remove()
         qmodel.train(was)
-    return {n: 100.0 * z / max(t, 1) for n, (z, t) in zeros.items()}
 
 
 @torch.no_grad()
@@ -852,16 +857,7 @@ def insert_train_bn(qmodel: nn.Module, calib: Tensor, device: torch.device,
             st[2] = st[2] + o.shape[1]
         return hook
 
-    was = qmodel.training
-    qmodel.eval()
-    handles = [l.register_forward_hook(acc(n)) for n, l in layers]
-    try:
-        for i in range(0, len(calib), batch_size):
-            qmodel(calib[i:i + batch_size].to(device))
-    finally:
-        for h in handles:
-            h.remove()
-        qmodel.train(was)
+    observe(qmodel, calib, batch_size, device, [l.register_forward_hook(acc(n)) for n, l in layers])
     out = []
     for name, layer in layers:
         total, sq, n = stats[name]
