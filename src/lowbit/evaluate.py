@@ -12,8 +12,10 @@ def predict(model: nn.Module, images: Tensor, batch_size: int = 500, device: str
     """Logits of ``model`` on ``images`` (batched, eval mode, no gradients)."""
     was_training = model.training
     model.eval()
-    outs = [model(images[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
-    model.train(was_training)
+    try:
+        outs = [model(images[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
+    finally:
+        model.train(was_training)
     return torch.cat(outs)
 
 

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from ..config import QuantConfig
 from ..errors import LowbitError
+from ..evaluate import accuracy, predict
 from ..options import Range
 from ..progress import progress_bar
 from ..ptq.start import mse_start
@@ -775,18 +776,14 @@ def zero_share(qmodel: nn.Module, images: Tensor, batch_size: int = 256) -> dict
     return {n: 100.0 * z / max(t, 1) for n, (z, t) in zeros.items()}
 
 
-@torch.no_grad()
 def observe(qmodel: nn.Module, images: Tensor, batch_size: int, device: torch.device, handles: list[Any]) -> None:
-    """Run ``images`` through ``qmodel`` in eval mode for its forward ``handles``; remove them and restore the mode."""
-    was = qmodel.training
-    qmodel.eval()
+    """Run ``images`` through ``qmodel`` (``evaluate.predict``: eval mode, no grad) for its forward ``handles``,
+    then remove them."""
     try:
-        for i in range(0, len(images), batch_size):
-            qmodel(images[i:i + batch_size].to(device))
+        predict(qmodel, images, batch_size, device)
     finally:
         for h in handles:
             h.remove()
-        qmodel.train(was)
 
 
 @torch.no_grad()
@@ -944,8 +941,6 @@ def tsq_finalize(qmodel: nn.Module, cfg: QuantConfig, opts: TsqOptions, ctx: Fin
     records = transformation_learning(qmodel, ctx.calib, cfg, opts, names, ctx.log, ctx.progress, step1_weights)
     report: dict[str, Any] = {"step2": records, "zero_share_step1": zeros_step1}
     if ctx.val is not None:  # the network after step 2 alone, before any fine-tune
-        from ..evaluate import accuracy
-
         report["step2_val_acc"] = accuracy(qmodel, ctx.val[0], ctx.val[1], device=ctx.device)
     if opts.finetune_epochs:
         report["finetune"] = _finetune(qmodel, ctx, opts, step1_weights)["history"]
